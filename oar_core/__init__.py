@@ -1,0 +1,1 @@
+"""oar_core: the library behind the Ordered Autoregressive (OAR) image-generation pipeline."""

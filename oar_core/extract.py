@@ -1,0 +1,133 @@
+"""Order extraction: for each image, the order in which the any-order model is most confident.
+
+Teacher-forced: at step t every unfilled position is scored in one batched KV-cached forward (see
+`sampling.decode`), the best is appended and its ground-truth token fed. Scores: probability of the
+ground-truth token (`gt_prob`, default), `max_prob`, or `neg_entropy`; greedy or top-k sampled.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from oar_core.io import autocast, file_hash, pick_device
+from oar_core.model import GPT, load_gpt
+from oar_core.order_table import part_is_current, write_part
+from oar_core.params import ExtractParams
+from oar_core.sampling import decode
+from oar_core.shards import list_shards, load_meta, read_shard
+
+
+def position_scores(logits_BCV: torch.Tensor, gt_BC: torch.Tensor, score: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score_BC, log-prob of the ground truth_BC) for every candidate position."""
+    logp_BCV = F.log_softmax(logits_BCV.float(), dim=-1)
+    logp_gt_BC = torch.gather(logp_BCV, 2, gt_BC[..., None])[..., 0]
+    if score == "gt_prob":
+        return logp_gt_BC.exp(), logp_gt_BC
+    if score == "max_prob":
+        return logp_BCV.max(-1).values.exp(), logp_gt_BC
+    if score == "neg_entropy":
+        return (logp_BCV.exp() * logp_BCV).sum(-1), logp_gt_BC
+    raise ValueError(f"unknown score {score!r}; use gt_prob, max_prob or neg_entropy")
+
+
+@torch.no_grad()
+def extract_batch(model: GPT, tokens_BN: torch.Tensor, labels_B: torch.Tensor, p: ExtractParams,
+                  generator: torch.Generator | None = None, use_cache: bool = True) -> dict[str, torch.Tensor]:
+    """Extracted order_BN, step scores_BN and NLL (bits/token) under that order, per image."""
+    nll_B = torch.zeros(len(labels_B), device=tokens_BN.device)
+
+    def choose(t, cand_BC, logits_BCV):
+        nonlocal nll_B
+        score_BC, logp_gt_BC = position_scores(logits_BCV, torch.gather(tokens_BN, 1, cand_BC), p.score)
+        if p.strategy == "greedy" or cand_BC.shape[1] == 1:
+            choice_B = score_BC.argmax(1)
+        else:
+            top = torch.topk(score_BC, min(p.top_k, cand_BC.shape[1]), dim=1)
+            pick = torch.multinomial(F.softmax(top.values / p.temperature, dim=1).cpu(), 1, generator=generator)
+            choice_B = torch.gather(top.indices, 1, pick.to(top.indices.device))[:, 0]
+        rows = torch.arange(len(choice_B), device=choice_B.device)
+        nll_B = nll_B - logp_gt_BC[rows, choice_B]
+        return choice_B, tokens_BN[rows, cand_BC[rows, choice_B]], score_BC[rows, choice_B]
+
+    out = decode(model, labels_B, choose, "confidence", use_cache=use_cache)
+    out["nll_bits"] = nll_B / tokens_BN.shape[1] / math.log(2)
+    return out
+
+
+@torch.no_grad()
+def random_order_bits(model: GPT, tokens_BN, labels_B, generator: torch.Generator) -> torch.Tensor:
+    """Per-image NLL (bits/token) under one random order: the any-order baseline each extracted order beats."""
+    order_BN = torch.argsort(torch.rand(tokens_BN.shape, generator=generator), dim=1).to(tokens_BN.device)
+    logits_BNV, targets_BN = model(tokens_BN, order_BN, labels_B)
+    ce_BN = F.cross_entropy(logits_BNV.float().transpose(1, 2), targets_BN, reduction="none")
+    return ce_BN.mean(1) / math.log(2)
+
+
+def run_extract(p: ExtractParams, shards: str = "data/shards", num_workers: int = 1, worker_index: int = 0,
+                only_parts: list[str] | None = None) -> dict:
+    """Write one Parquet part per shard (skipping parts already current); this worker takes every
+    `num_workers`-th shard starting at `worker_index`, so workers on many machines share one table."""
+    if not 0 <= worker_index < num_workers:
+        raise ValueError(f"worker_index {worker_index} must be in [0, num_workers={num_workers})")
+    device = pick_device()
+    model, _ = load_gpt(p.checkpoint, device)
+    meta = load_meta(shards)
+    if (model.cfg.grid_h, model.cfg.grid_w) != (meta["grid_h"], meta["grid_w"]):
+        raise ValueError(f"{p.checkpoint}: model grid {model.cfg.grid_h}x{model.cfg.grid_w} does not match shards "
+                         f"{meta['grid_h']}x{meta['grid_w']}; retrain it on these shards")
+    ckpt_hash, params_hash = file_hash(p.checkpoint), p.digest()
+    jobs = [(split, s) for split in p.splits for s in list_shards(shards, split)]
+    jobs = [j for i, j in enumerate(jobs) if i % num_workers == worker_index]
+    if only_parts is not None:
+        jobs = [j for j in jobs if Path(j[1]).stem in only_parts]
+    if num_workers == 1 and only_parts is None:  # parts of shards that no longer exist would poison the table
+        keep = {Path(s).stem for _, s in jobs}
+        for old in Path(p.out_dir).glob("*.parquet"):
+            if old.stem not in keep:
+                old.unlink()
+    done = skipped = images = 0
+    t0 = time.time()
+    for split, shard in jobs:
+        part = Path(p.out_dir) / f"{Path(shard).stem}.parquet"
+        if part_is_current(part, ckpt_hash, params_hash):
+            skipped += 1
+            continue
+        d = read_shard(shard)
+        tokens_NN = torch.from_numpy(d["tokens"].astype(np.int64)).flatten(1)
+        labels_N = torch.from_numpy(np.asarray(d["labels"], dtype=np.int64))
+        g = torch.Generator().manual_seed(p.seed)
+        cols = {"order": [], "scores": [], "nll": [], "nll_random": []}
+        for i in tqdm(range(0, len(tokens_NN), p.batch_size), desc=f"extract {part.stem}", unit="batch", mininterval=2):
+            tok_BN, lab_B = tokens_NN[i : i + p.batch_size].to(device), labels_N[i : i + p.batch_size].to(device)
+            with autocast(device):
+                out = extract_batch(model, tok_BN, lab_B, p, g)
+                nll_random_B = random_order_bits(model, tok_BN, lab_B, g)
+            cols["order"].append(out["order"].cpu())
+            cols["scores"].append(out["scores"].cpu())
+            cols["nll"].append(out["nll_bits"].cpu())
+            cols["nll_random"].append(nll_random_B.cpu())
+        n = len(labels_N)
+        table = pa.table({
+            "image_id": pa.array(d["ids"], pa.string()),
+            "split": pa.array([split] * n, pa.string()),
+            "shard": pa.array([Path(shard).name] * n, pa.string()),
+            "label": pa.array(labels_N.numpy(), pa.int64()),
+            "permutation": pa.array(list(torch.cat(cols["order"]).numpy().astype(np.uint16)), pa.list_(pa.uint16())),
+            "step_scores": pa.array(list(torch.cat(cols["scores"]).numpy().astype(np.float32)), pa.list_(pa.float32())),
+            "nll_extracted": pa.array(torch.cat(cols["nll"]).numpy().astype(np.float32), pa.float32()),
+            "nll_random": pa.array(torch.cat(cols["nll_random"]).numpy().astype(np.float32), pa.float32()),
+            "checkpoint_hash": pa.array([ckpt_hash] * n, pa.string()),
+            "params_hash": pa.array([params_hash] * n, pa.string()),
+        })
+        write_part(part, table, ckpt_hash, params_hash)
+        done, images = done + 1, images + n
+    elapsed = time.time() - t0
+    return {"parts_written": done, "parts_skipped": skipped, "images": images,
+            "images_per_s": round(images / elapsed, 2) if images else None, "checkpoint_hash": ckpt_hash}

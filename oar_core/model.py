@@ -1,0 +1,219 @@
+"""Any-order autoregressive transformer over an H x W grid of discrete image tokens.
+
+Sequence for an order s: inputs `[start, x_s(0), ..., x_s(N-2)]`, targets `[x_s(0), ..., x_s(N-1)]`.
+Input t carries its token, the absolute 2-D position of that token, and the (dy, dx) offset to the position it
+must predict next (the dual positional encoding); the start input carries the absolute position of s(0).
+Because "where next" is part of the last input, every candidate next position can be scored in one forward:
+the last token is repeated once per candidate, each copy attending to the cached prefix and to itself.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    grid_h: int = 7
+    grid_w: int = 7
+    vocab_size: int = 256
+    num_classes: int = 10  # 0 = unconditional
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 192
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    @property
+    def n_tokens(self) -> int:
+        return self.grid_h * self.grid_w
+
+
+class KVCache:
+    """Per-layer keys/values of the inputs whose next position is fixed; candidate keys/values wait in
+    `pending` until `commit` keeps the chosen candidate's."""
+
+    def __init__(self, n_layer: int, batch: int, max_len: int):
+        self.n_layer, self.batch, self.max_len = n_layer, batch, max_len
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
+        self.length = 0
+
+    def _alloc(self, layer: int, like_BhTd: torch.Tensor):
+        if self.k[layer] is None:
+            B, h, _, d = like_BhTd.shape
+            shape = (B, h, self.max_len, d)
+            self.k[layer] = like_BhTd.new_zeros(shape)
+            self.v[layer] = like_BhTd.new_zeros(shape)
+
+    def append(self, layer: int, k_BhTd: torch.Tensor, v_BhTd: torch.Tensor):
+        self._alloc(layer, k_BhTd)
+        T = k_BhTd.shape[2]
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.length} + {T} > {self.max_len}")
+        self.k[layer][:, :, self.length : self.length + T] = k_BhTd
+        self.v[layer][:, :, self.length : self.length + T] = v_BhTd
+
+    def prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.k[layer] is None:
+            return None, None
+        return self.k[layer][:, :, : self.length], self.v[layer][:, :, : self.length]
+
+    def commit(self, choice_B: torch.Tensor):
+        """Keep the keys/values of candidate `choice_B[b]` of every row as the next cached input."""
+        rows = torch.arange(self.batch, device=choice_B.device)
+        for layer, (k_BhCd, v_BhCd) in enumerate(self.pending):
+            self._alloc(layer, k_BhCd)
+            self.k[layer][:, :, self.length] = k_BhCd[rows, :, choice_B]
+            self.v[layer][:, :, self.length] = v_BhCd[rows, :, choice_B]
+        self.pending = [None] * self.n_layer
+        self.length += 1
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None, layer: int, mode: str) -> torch.Tensor:
+        B, T, D = x_BTD.shape
+        q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in self.qkv(x_BTD).split(D, dim=2))
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:  # training / uncached: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            k_prev, v_prev = cache.prefix(layer)
+            L = 0 if k_prev is None else k_prev.shape[2]
+            if mode == "prefill":  # T new inputs appended causally after the cache
+                mask_TS = torch.ones(T, L + T, dtype=torch.bool, device=x_BTD.device).tril(L)
+                cache.append(layer, k, v)
+            else:  # "candidates": each of the T rows sees the prefix and itself only
+                mask_TS = torch.cat([torch.ones(T, L, dtype=torch.bool, device=x_BTD.device),
+                                     torch.eye(T, dtype=torch.bool, device=x_BTD.device)], dim=1)
+                cache.pending[layer] = (k, v)
+            if L:
+                k, v = torch.cat([k_prev, k], dim=2), torch.cat([v_prev, v], dim=2)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS, dropout_p=dropout)
+        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
+        self.attn = Attention(cfg)
+        hidden = int(cfg.mlp_ratio * cfg.d_model)
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model), nn.Dropout(cfg.dropout))
+
+    def forward(self, x, cache, layer, mode):
+        x = x + self.attn(self.ln1(x), cache, layer, mode)
+        return x + self.mlp(self.ln2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        H, W, D = cfg.grid_h, cfg.grid_w, cfg.d_model
+        self.tok_emb = nn.Embedding(cfg.vocab_size, D)
+        self.pos_row, self.pos_col = nn.Embedding(H, D), nn.Embedding(W, D)  # where this token is
+        self.off_row, self.off_col = nn.Embedding(2 * H - 1, D), nn.Embedding(2 * W - 1, D)  # where next is, relative
+        self.start_row, self.start_col = nn.Embedding(H, D), nn.Embedding(W, D)  # where the first token is
+        self.cls_emb = nn.Embedding(cfg.num_classes + 1, D)  # last row: no class (unconditional / CFG)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(D)
+        self.head = nn.Linear(D, cfg.vocab_size, bias=False)
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, std=0.02 / (2 * cfg.n_layer) ** 0.5)
+
+    @staticmethod
+    def _init(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @property
+    def null_class(self) -> int:
+        return self.cfg.num_classes
+
+    # ---- inputs -------------------------------------------------------------------------------------
+    def embed_start(self, labels_B: torch.Tensor, next_BT: torch.Tensor) -> torch.Tensor:
+        W = self.cfg.grid_w
+        return self.cls_emb(labels_B)[:, None] + self.start_row(next_BT // W) + self.start_col(next_BT % W)
+
+    def embed_tokens(self, tok_BT: torch.Tensor, pos_BT: torch.Tensor, next_BT: torch.Tensor) -> torch.Tensor:
+        H, W = self.cfg.grid_h, self.cfg.grid_w
+        dy, dx = next_BT // W - pos_BT // W, next_BT % W - pos_BT % W
+        return (self.tok_emb(tok_BT) + self.pos_row(pos_BT // W) + self.pos_col(pos_BT % W)
+                + self.off_row(dy + H - 1) + self.off_col(dx + W - 1))
+
+    def sequence_inputs(self, tokens_BN, order_BT, labels_B) -> torch.Tensor:
+        """Inputs predicting the tokens at `order_BT[:, :T]`: start, then tokens in order (teacher forcing)."""
+        tok_ord_BT = torch.gather(tokens_BN, 1, order_BT)
+        start_B1D = self.embed_start(labels_B, order_BT[:, :1])
+        rest_BTD = self.embed_tokens(tok_ord_BT[:, :-1], order_BT[:, :-1], order_BT[:, 1:])
+        return torch.cat([start_B1D, rest_BTD], dim=1)
+
+    # ---- forward passes -----------------------------------------------------------------------------
+    def run(self, x_BTD: torch.Tensor, cache: KVCache | None = None, mode: str = "causal") -> torch.Tensor:
+        x = self.drop(x_BTD)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer, mode)
+        if cache is not None and mode == "prefill":
+            cache.length += x_BTD.shape[1]
+        return self.head(self.ln_f(x))
+
+    def forward(self, tokens_BN, order_BN, labels_B) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher-forced logits for every step of `order_BN`, and the matching targets."""
+        logits_BNV = self.run(self.sequence_inputs(tokens_BN, order_BN, labels_B))
+        return logits_BNV, torch.gather(tokens_BN, 1, order_BN)
+
+    def loss(self, tokens_BN, order_BN, labels_B) -> torch.Tensor:
+        logits_BNV, targets_BN = self(tokens_BN, order_BN, labels_B)
+        return F.cross_entropy(logits_BNV.float().flatten(0, 1), targets_BN.flatten())
+
+    def new_cache(self, batch: int) -> KVCache:
+        return KVCache(self.cfg.n_layer, batch, self.cfg.n_tokens)
+
+    def candidate_logits(self, cache: KVCache, labels_B, last_tok_B, last_pos_B, cand_BC) -> torch.Tensor:
+        """Logits at every candidate next position in one forward; `last_tok_B is None` at the first step."""
+        if last_tok_B is None:
+            x_BCD = self.embed_start(labels_B, cand_BC)
+        else:
+            C = cand_BC.shape[1]
+            x_BCD = self.embed_tokens(last_tok_B[:, None].expand(-1, C), last_pos_B[:, None].expand(-1, C), cand_BC)
+        return self.run(x_BCD, cache, mode="candidates")
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def save_gpt(path, model: GPT, **extra) -> None:
+    from oar_core.io import save_torch
+
+    raw = model.module if hasattr(model, "module") else model
+    save_torch(path, {"config": asdict(raw.cfg), "state_dict": raw.state_dict(), **extra})
+
+
+def load_gpt(path, device="cpu") -> tuple[GPT, dict]:
+    from oar_core.io import load_torch
+
+    ckpt = load_torch(path, "model checkpoint")
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
+        raise ValueError(f"{path}: not an oar model checkpoint (no config/state_dict); point to a train stage's model.pt")
+    model = GPT(GPTConfig(**ckpt["config"]))
+    try:
+        model.load_state_dict(ckpt["state_dict"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: checkpoint does not match its config ({str(e).splitlines()[0]})") from None
+    return model.to(device).eval(), ckpt

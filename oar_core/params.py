@@ -1,0 +1,174 @@
+"""One pydantic tree that validates `params.yaml`.
+
+Each pipeline stage reads only its own section (`load_section`), so DVC, which tracks params per section,
+reruns only the stages a change touches. Unknown keys and bad values are rejected with the key's path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def digest(self) -> str:
+        """Stable short hash of this section, stored beside artifacts so stale resumes are detected."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class IngestParams(Section):
+    source: str = "fashion-mnist"  # "fashion-mnist", a folder of images, or an s3:// prefix
+    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    out_dir: str = "data/ingest"
+    image_size: int = Field(28, ge=8, le=1024)
+    channels: Literal[1, 3] = 1
+    on_size_mismatch: Literal["resize", "reject"] = "resize"
+    test_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # folders/S3 only; Fashion-MNIST keeps its official split
+    max_train: Optional[int] = Field(None, ge=1)
+    max_test: Optional[int] = Field(None, ge=1)
+    seed: int = 0
+
+
+class TokenizerParams(Section):
+    checkpoint: Optional[str] = None  # a user-supplied tokenizer checkpoint; skips training
+    grid: int = Field(7, ge=2, le=64)
+    codebook_size: int = Field(256, ge=2, le=65536)
+    code_dim: int = Field(32, ge=2)
+    hidden: int = Field(64, ge=8)
+    steps: int = Field(1500, ge=0)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    commitment: float = Field(0.25, ge=0)
+    seed: int = 0
+
+
+class TokenizeParams(Section):
+    out: str = "data/shards"  # local folder or s3:// prefix
+    shard_size: int = Field(5000, ge=1)
+
+
+class ModelParams(Section):
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    d_model: int = Field(192, ge=8)
+    mlp_ratio: float = Field(4.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    class_cond: bool = True
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.d_model % self.n_head:
+            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class TrainParams(Section):
+    order: Literal["raster", "random", "spiral", "center_out", "given"] = "random"
+    model: ModelParams = ModelParams()
+    init_from: Optional[str] = None  # checkpoint to continue from (finetune)
+    orders_dir: Optional[str] = None  # Parquet orders table, for order="given"
+    random_mix: float = Field(0.0, ge=0, le=1)  # fraction of random orders mixed into "given" training
+    out_dir: str = "models/random"
+    steps: int = Field(1500, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    min_lr: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.05, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    cfg_dropout: float = Field(0.1, ge=0, le=1)  # label dropout for classifier-free guidance
+    ckpt_every: int = Field(250, ge=1)
+    eval_every: int = Field(250, ge=1)
+    log_every: int = Field(25, ge=1)
+    eval_batches: int = Field(8, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _given_needs_orders(self):
+        if self.order == "given" and not self.orders_dir:
+            raise ValueError("order='given' needs orders_dir (the extract_orders output folder)")
+        return self
+
+
+class ExtractParams(Section):
+    checkpoint: str = "models/random/model.pt"
+    out_dir: str = "data/orders"
+    score: Literal["gt_prob", "max_prob", "neg_entropy"] = "gt_prob"
+    strategy: Literal["greedy", "topk"] = "greedy"
+    top_k: int = Field(3, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    batch_size: int = Field(256, ge=1)
+    splits: list[Literal["train", "test"]] = ["train", "test"]
+    seed: int = 0
+
+
+class SampleParams(Section):
+    out_dir: str = "samples"
+    n_per_model: int = Field(500, ge=1)
+    batch_size: int = Field(250, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_k: Optional[int] = Field(None, ge=1)
+    cfg_scale: float = Field(1.5, ge=0)
+    seed: int = 0
+
+
+class EvaluateParams(Section):
+    out_dir: str = "reports"
+    inception_weights: Optional[str] = None  # local torch-fidelity Inception weights; standard FID/IS only if set
+    classifier_steps: int = Field(800, ge=1)
+    kid_subset_size: int = Field(100, ge=2)
+    seed: int = 0
+
+
+class Params(Section):
+    ingest: IngestParams = IngestParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+    tokenize: TokenizeParams = TokenizeParams()
+    train_raster: TrainParams = TrainParams(order="raster", out_dir="models/raster")
+    train_random: TrainParams = TrainParams(order="random", out_dir="models/random")
+    extract_orders: ExtractParams = ExtractParams()
+    finetune: TrainParams = TrainParams(
+        order="given", orders_dir="data/orders", init_from="models/random/model.pt", out_dir="models/oar"
+    )
+    sample: SampleParams = SampleParams()
+    evaluate: EvaluateParams = EvaluateParams()
+
+
+class ParamsError(ValueError):
+    pass
+
+
+def _format(err: ValidationError, path: Path) -> str:
+    lines = [f"{path}: invalid parameters ({err.error_count()} problem(s)); fix these keys:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = "unknown key (check spelling; see params.yaml for valid keys)" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise ParamsError(f"{path}: not found; run from the repository root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: top level must be a mapping of stage sections")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(_format(e, path)) from None
+
+
+def load_section(name: str, path: str | Path = "params.yaml") -> Section:
+    """Validate the whole file (so typos anywhere are caught) and return one stage's section."""
+    return getattr(load_params(path), name)

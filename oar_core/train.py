@@ -1,0 +1,212 @@
+"""One training loop for every model: raster / random (any-order) / fixed-order baselines and OAR finetuning.
+
+Deterministic and exactly resumable: the batch, the orders and the dropout noise of step k depend only on
+(seed, k), and the run checkpoint holds model + optimizer + step, so a killed run resumed from its last
+checkpoint ends bit-identical to an uninterrupted one (on CPU). DDP-ready: under `torchrun` each rank takes
+its slice of the same global batch (gloo on CPU, NCCL on CUDA).
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from oar_core.io import autocast, load_torch, pick_device, save_torch, write_bytes_atomic, write_json
+from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
+from oar_core.orders import sample_orders
+from oar_core.params import TrainParams
+from oar_core.shards import load_meta, load_tokens
+
+RESULT_NEUTRAL = {"log_every", "eval_every", "ckpt_every"}  # fields that do not change the trained weights
+
+
+def run_digest(p: TrainParams) -> str:
+    import hashlib
+    import json
+
+    d = {k: v for k, v in p.model_dump(mode="json").items() if k not in RESULT_NEUTRAL}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def lr_at(p: TrainParams, step: int) -> float:
+    if step < p.warmup_steps:
+        return p.lr * (step + 1) / p.warmup_steps
+    frac = (step - p.warmup_steps) / max(1, p.steps - p.warmup_steps)
+    return p.min_lr + 0.5 * (p.lr - p.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+def make_optimizer(model: GPT, p: TrainParams) -> torch.optim.Optimizer:
+    decay = [q for q in model.parameters() if q.dim() >= 2]
+    no_decay = [q for q in model.parameters() if q.dim() < 2]
+    groups = [{"params": decay, "weight_decay": p.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=p.lr, betas=(0.9, 0.95))
+
+
+class OrderSource:
+    """Orders for a batch of image indices: sampled per step, or each image's own extracted order."""
+
+    def __init__(self, p: TrainParams, H: int, W: int, given_NN: torch.Tensor | None):
+        self.p, self.H, self.W, self.given_NN = p, H, W, given_NN
+
+    def __call__(self, idx_B: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        B = len(idx_B)
+        if self.given_NN is None:
+            return sample_orders(self.p.order, B, self.H, self.W, g)
+        order_BN = self.given_NN[idx_B].clone()
+        mix_B = torch.rand(B, generator=g) < self.p.random_mix
+        order_BN[mix_B] = sample_orders("random", int(mix_B.sum()), self.H, self.W, g)
+        return order_BN
+
+
+def load_split(shards: str, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    d = load_tokens(shards, split)
+    tokens_NN = torch.from_numpy(d["tokens"].astype(np.int64)).flatten(1)
+    return tokens_NN, torch.from_numpy(np.asarray(d["labels"], dtype=np.int64)), list(d["ids"])
+
+
+def build_model(p: TrainParams, meta: dict) -> GPT:
+    if p.init_from:
+        model, _ = load_gpt(p.init_from)
+        c = model.cfg
+        if (c.grid_h, c.grid_w, c.vocab_size) != (meta["grid_h"], meta["grid_w"], meta["codebook_size"]):
+            raise ValueError(f"{p.init_from}: checkpoint grid {c.grid_h}x{c.grid_w}/vocab {c.vocab_size} does not match "
+                             f"the shards ({meta['grid_h']}x{meta['grid_w']}/{meta['codebook_size']}); retrain it on these shards")
+        return model.train()
+    m = p.model
+    return GPT(GPTConfig(grid_h=meta["grid_h"], grid_w=meta["grid_w"], vocab_size=meta["codebook_size"],
+                         num_classes=meta["num_classes"] if m.class_cond else 0, n_layer=m.n_layer, n_head=m.n_head,
+                         d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout))
+
+
+@torch.no_grad()
+def heldout_bits(model: GPT, tokens_NN, labels_N, order_source: OrderSource, p: TrainParams, device) -> float:
+    """Bits per token on a fixed held-out subset, under fixed orders, so values are comparable across steps."""
+    model.eval()
+    g = torch.Generator().manual_seed(p.seed + 1)
+    n = min(len(tokens_NN), p.eval_batches * p.batch_size)
+    total, count = 0.0, 0
+    for i in range(0, n, p.batch_size):
+        idx = torch.arange(i, min(n, i + p.batch_size))
+        order_BN = order_source(idx, g)
+        with autocast(device):
+            loss = model.loss(tokens_NN[idx].to(device), order_BN.to(device), labels_N[idx].to(device))
+        total, count = total + float(loss) * len(idx), count + len(idx)
+    model.train()
+    return total / count / math.log(2)
+
+
+def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir: str = "runs",
+              metrics_dir: str = "metrics", plots_dir: str = "plots") -> dict:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = pick_device()
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        if p.batch_size % world:
+            raise ValueError(f"{stage}.batch_size ({p.batch_size}) must be divisible by the number of processes ({world})")
+    is_main = rank == 0
+
+    meta = load_meta(shards)
+    H, W = meta["grid_h"], meta["grid_w"]
+    train_NN, train_labels, train_ids = load_split(shards, "train")
+    test_NN, test_labels, test_ids = load_split(shards, "test")
+    given_train = given_test = None
+    test_p = p
+    if p.order == "given":
+        from oar_core.order_table import orders_for_ids
+
+        given_train = orders_for_ids(p.orders_dir, train_ids, H * W)
+        given_test = orders_for_ids(p.orders_dir, test_ids, H * W, missing_ok=True)
+        # held-out NLL under each test image's own extracted order when the table has them, else random
+        test_p = p.model_copy(update={"random_mix": 0.0, "order": "given" if given_test is not None else "random"})
+    train_orders = OrderSource(p, H, W, given_train)
+    test_orders = OrderSource(test_p, H, W, given_test)
+
+    torch.manual_seed(p.seed)
+    model = build_model(p, meta).to(device)
+    opt = make_optimizer(model, p)
+    run_ckpt = Path(runs_dir) / stage / "last.pt"
+    digest, start, history = run_digest(p), 0, {"loss": [], "test_bits": []}
+    if run_ckpt.exists():
+        state = load_torch(run_ckpt, "run checkpoint")
+        if state.get("digest") == digest and state["step"] < p.steps:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["opt"])
+            start, history = state["step"], state["history"]
+            if is_main:
+                print(f"[{stage}] resuming from {run_ckpt} at step {start}/{p.steps}", flush=True)
+        elif is_main:
+            print(f"[{stage}] ignoring {run_ckpt}: from a finished run or other params; starting fresh", flush=True)
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    def checkpoint(step: int):
+        if is_main:
+            save_torch(run_ckpt, {"digest": digest, "model": model.state_dict(), "opt": opt.state_dict(),
+                                  "step": step, "history": history})
+
+    local_B = p.batch_size // world
+    bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc=stage, disable=not is_main, mininterval=2)
+    t0, tokens_seen = time.time(), 0
+    for step in bar:
+        g = torch.Generator().manual_seed(p.seed * 1_000_003 + step)
+        torch.manual_seed(p.seed * 1_000_003 + step)  # dropout noise, per step
+        idx_B = torch.randint(len(train_NN), (p.batch_size,), generator=g)
+        order_BN = train_orders(idx_B, g)
+        labels_B = train_labels[idx_B].clone()
+        labels_B[torch.rand(p.batch_size, generator=g) < p.cfg_dropout] = model.null_class
+        mine = slice(rank * local_B, (rank + 1) * local_B)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(p, step)
+        with autocast(device):  # through forward(), which is where DDP hooks its gradient sync
+            logits_BNV, targets_BN = ddp_model(train_NN[idx_B][mine].to(device), order_BN[mine].to(device),
+                                               labels_B[mine].to(device))
+            loss = F.cross_entropy(logits_BNV.float().flatten(0, 1), targets_BN.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
+        opt.step()
+        tokens_seen += p.batch_size * H * W
+        if (step + 1) % p.log_every == 0 or step + 1 == p.steps:
+            history["loss"].append((step + 1, float(loss)))
+            rate = tokens_seen / (time.time() - t0)
+            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:,.0f}")
+            if is_main and not bar.disable and os.environ.get("OAR_LOG_PLAIN"):
+                print(f"[{stage}] step {step + 1}/{p.steps} loss {float(loss):.4f} {rate:,.0f} tok/s", flush=True)
+        if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
+            history["test_bits"].append((step + 1, heldout_bits(model, test_NN, test_labels, test_orders, p, device)))
+        if (step + 1) % p.ckpt_every == 0 or step + 1 == p.steps:
+            checkpoint(step + 1)
+    bar.close()
+
+    summary = {}
+    if is_main:
+        elapsed = time.time() - t0
+        out = Path(p.out_dir) / "model.pt"
+        save_gpt(out, model, stage=stage, order=p.order, digest=digest, steps=p.steps)
+        summary = {"steps": p.steps, "order": p.order, "params": model.num_params(),
+                   "train_loss": history["loss"][-1][1] if history["loss"] else None,
+                   "test_bits_per_token": history["test_bits"][-1][1] if history["test_bits"] else None,
+                   "tokens_per_s": round(tokens_seen / elapsed) if tokens_seen else None}
+        write_json(Path(metrics_dir) / f"{stage}.json", summary)
+        plots = Path(plots_dir) / stage
+        write_bytes_atomic(plots / "loss.csv", _csv("step,train_loss", history["loss"]))
+        write_bytes_atomic(plots / "test_bits.csv", _csv("step,test_bits_per_token", history["test_bits"]))
+        run_ckpt.unlink(missing_ok=True)  # finished: a later run with new code must not "resume" it
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return summary
+
+
+def _csv(header: str, rows) -> bytes:
+    return ("\n".join([header] + [f"{s},{v:.6f}" for s, v in rows]) + "\n").encode()

@@ -1,0 +1,94 @@
+"""The model and its decoding paths, on a small random-weight model (no data needed)."""
+import pytest
+import torch
+
+from oar_core.model import GPT, GPTConfig
+from oar_core.orders import is_permutation, sample_orders
+from oar_core.sampling import generate, uncached_candidate_logits
+
+N = 16
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(grid_h=4, grid_w=4, vocab_size=32, num_classes=3, n_layer=2, n_head=2, d_model=32)).eval()
+
+
+def test_prefix_is_causal_and_next_position_matters(model):
+    tokens = torch.randint(0, 32, (1, N))
+    a = torch.arange(N)[None]
+    b = torch.cat([a[:, :5], a[:, 5:].flip(1)], dim=1)  # same first 5 steps, then another order
+    la, _ = model(tokens, a, torch.tensor([1]))
+    lb, _ = model(tokens, b, torch.tensor([1]))
+    assert torch.allclose(la[:, :5], lb[:, :5], atol=1e-5)  # nothing leaks back from later steps
+    assert not torch.allclose(la[:, 5], lb[:, 5], atol=1e-3)  # the offset to the next position changes the prediction
+
+
+def test_every_candidate_scored_in_one_forward_equals_its_own_order(model):
+    """Equivariance: the batch of candidate predictions is the same set a full forward gives for each order
+    that continues the prefix with that candidate."""
+    torch.manual_seed(1)
+    tokens = torch.randint(0, 32, (2, N))
+    labels = torch.tensor([0, 2])
+    prefix = sample_orders("random", 2, 4, 4, torch.Generator().manual_seed(0))[:, :6]
+    filled = torch.zeros(2, N, dtype=torch.bool).scatter(1, prefix, True)
+    cand = torch.sort(filled.to(torch.int8), dim=1, stable=True).indices[:, : N - 6]
+
+    cache = model.new_cache(2)
+    model.run(model.sequence_inputs(tokens, prefix, labels), cache, mode="prefill")
+    last = prefix[:, -1]
+    batched = model.candidate_logits(cache, labels, tokens.gather(1, last[:, None])[:, 0], last, cand)
+    for c in range(cand.shape[1]):
+        order = torch.cat([prefix, cand[:, c : c + 1]], dim=1)
+        full, _ = model(tokens, order, labels)
+        assert torch.allclose(batched[:, c], full[:, -1], atol=1e-5)
+    assert torch.allclose(batched, uncached_candidate_logits(model, labels, tokens.gather(1, prefix), prefix, cand), atol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["confidence", "raster", "random", "spiral", "center_out"])
+def test_kv_cached_sampling_equals_uncached(model, order):
+    labels = torch.tensor([0, 1, 2])
+    run = lambda cache: generate(model, labels, order=order, cfg_scale=1.0, top_k=8,  # noqa: E731
+                                 generator=torch.Generator().manual_seed(3), use_cache=cache)
+    a, b = run(True), run(False)
+    assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["order"], b["order"])
+    assert torch.allclose(a["scores"], b["scores"], atol=1e-5)
+    assert is_permutation(a["order"], N).all()
+
+
+def test_confidence_order_picks_the_most_confident_position(model):
+    out = generate(model, torch.tensor([0, 1]), order="confidence", generator=torch.Generator().manual_seed(0))
+    # first step: the start token scores all N positions; the chosen one has the highest max-probability
+    cache = model.new_cache(2)
+    logits = model.candidate_logits(cache, torch.tensor([0, 1]), None, None, torch.arange(N).expand(2, -1))
+    conf = torch.softmax(logits, -1).max(-1).values
+    assert torch.equal(out["order"][:, 0], conf.argmax(1))
+
+
+@pytest.mark.parametrize("region", ["inpaint", "outpaint"])
+def test_known_tokens_are_kept_and_go_first(model, region):
+    known = torch.randint(0, 32, (2, N))
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    if region == "inpaint":  # known: everything but the centre
+        mask[:] = True
+        mask[1:3, 1:3] = False
+    else:  # outpaint: only the centre is known
+        mask[1:3, 1:3] = True
+    mask = mask.flatten().expand(2, -1)
+    out = generate(model, torch.tensor([0, 1]), known_tokens_BN=known, known_mask_BN=mask,
+                   generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out["tokens"][mask], known[mask])
+    K = int(mask[0].sum())
+    assert mask.gather(1, out["order"][:, :K]).all() and is_permutation(out["order"], N).all()
+    ref = generate(model, torch.tensor([0, 1]), known_tokens_BN=known, known_mask_BN=mask,
+                   generator=torch.Generator().manual_seed(0), use_cache=False)
+    assert torch.equal(out["tokens"], ref["tokens"])
+
+
+def test_unequal_known_counts_are_rejected(model):
+    mask = torch.zeros(2, N, dtype=torch.bool)
+    mask[0, :3] = True
+    mask[1, :5] = True
+    with pytest.raises(ValueError, match="same number of known tokens"):
+        generate(model, torch.tensor([0, 1]), known_tokens_BN=torch.zeros(2, N, dtype=torch.long), known_mask_BN=mask)
