@@ -33,44 +33,35 @@ class GPTConfig:
 
 
 class KVCache:
-    """Per-layer keys/values of the inputs whose next position is fixed; candidate keys/values wait in
-    `pending` until `commit` keeps the chosen candidate's."""
+    """Per-layer keys/values of the inputs whose next position is fixed (slots [0, length)). Candidate inputs
+    are written just after them (slots [length, length + C)) so attention reads one contiguous buffer, and
+    `commit` moves the chosen candidate into slot `length`."""
 
     def __init__(self, n_layer: int, batch: int, max_len: int):
-        self.n_layer, self.batch, self.max_len = n_layer, batch, max_len
+        self.batch, self.max_len = batch, max_len
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
-        self.pending: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
         self.length = 0
 
-    def _alloc(self, layer: int, like_BhTd: torch.Tensor):
+    def write(self, layer: int, k_BhTd: torch.Tensor, v_BhTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store T inputs after the committed prefix; return keys/values of prefix + them."""
         if self.k[layer] is None:
-            B, h, _, d = like_BhTd.shape
-            shape = (B, h, self.max_len, d)
-            self.k[layer] = like_BhTd.new_zeros(shape)
-            self.v[layer] = like_BhTd.new_zeros(shape)
-
-    def append(self, layer: int, k_BhTd: torch.Tensor, v_BhTd: torch.Tensor):
-        self._alloc(layer, k_BhTd)
-        T = k_BhTd.shape[2]
-        if self.length + T > self.max_len:
-            raise ValueError(f"KV cache overflow: {self.length} + {T} > {self.max_len}")
-        self.k[layer][:, :, self.length : self.length + T] = k_BhTd
-        self.v[layer][:, :, self.length : self.length + T] = v_BhTd
-
-    def prefix(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k[layer] is None:
-            return None, None
-        return self.k[layer][:, :, : self.length], self.v[layer][:, :, : self.length]
+            B, h, _, d = k_BhTd.shape
+            self.k[layer] = k_BhTd.new_zeros(B, h, 2 * self.max_len, d)  # room for a prefix and all candidates
+            self.v[layer] = v_BhTd.new_zeros(B, h, 2 * self.max_len, d)
+        end = self.length + k_BhTd.shape[2]
+        if end > self.k[layer].shape[2]:
+            raise ValueError(f"KV cache overflow: {end} > {self.k[layer].shape[2]}")
+        self.k[layer][:, :, self.length : end] = k_BhTd
+        self.v[layer][:, :, self.length : end] = v_BhTd
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
     def commit(self, choice_B: torch.Tensor):
-        """Keep the keys/values of candidate `choice_B[b]` of every row as the next cached input."""
-        rows = torch.arange(self.batch, device=choice_B.device)
-        for layer, (k_BhCd, v_BhCd) in enumerate(self.pending):
-            self._alloc(layer, k_BhCd)
-            self.k[layer][:, :, self.length] = k_BhCd[rows, :, choice_B]
-            self.v[layer][:, :, self.length] = v_BhCd[rows, :, choice_B]
-        self.pending = [None] * self.n_layer
+        """Keep candidate `choice_B[b]` of every row as the next committed input."""
+        rows, src = torch.arange(self.batch, device=choice_B.device), self.length + choice_B
+        for k, v in zip(self.k, self.v):
+            k[:, :, self.length] = k[rows, :, src]
+            v[:, :, self.length] = v[rows, :, src]
         self.length += 1
 
 
@@ -88,17 +79,13 @@ class Attention(nn.Module):
         if cache is None:  # training / uncached: plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
-            k_prev, v_prev = cache.prefix(layer)
-            L = 0 if k_prev is None else k_prev.shape[2]
+            L = cache.length
+            k, v = cache.write(layer, k, v)
             if mode == "prefill":  # T new inputs appended causally after the cache
                 mask_TS = torch.ones(T, L + T, dtype=torch.bool, device=x_BTD.device).tril(L)
-                cache.append(layer, k, v)
             else:  # "candidates": each of the T rows sees the prefix and itself only
                 mask_TS = torch.cat([torch.ones(T, L, dtype=torch.bool, device=x_BTD.device),
                                      torch.eye(T, dtype=torch.bool, device=x_BTD.device)], dim=1)
-                cache.pending[layer] = (k, v)
-            if L:
-                k, v = torch.cat([k_prev, k], dim=2), torch.cat([v_prev, v], dim=2)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS, dropout_p=dropout)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 

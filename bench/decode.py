@@ -1,0 +1,89 @@
+"""Decoding and training throughput, KV-cached vs uncached, measured side by side in one run.
+
+    python -m bench.decode [--layers 4 --d-model 192 --grid 7 --batch 64]
+
+Uncached = a full causal forward over prefix + candidate for every candidate at every step (what a model
+without the dual positional encoding's one-forward candidate scoring, or without a cache, has to do).
+"""
+import argparse
+import time
+
+import torch
+
+from oar_core.extract import extract_batch
+from oar_core.io import autocast, pick_device
+from oar_core.model import GPT, GPTConfig
+from oar_core.params import ExtractParams
+from oar_core.sampling import generate
+
+
+def timed(fn, repeat=1):
+    fn()  # warm-up
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t) / repeat
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-model", type=int, default=192)
+    ap.add_argument("--grid", type=int, default=7)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--uncached-batch", type=int, default=8, help="uncached is slow: time it on fewer images")
+    a = ap.parse_args(argv)
+    device = pick_device()
+    torch.manual_seed(0)
+    cfg = GPTConfig(grid_h=a.grid, grid_w=a.grid, vocab_size=256, num_classes=10, n_layer=a.layers,
+                    n_head=max(1, a.d_model // 64), d_model=a.d_model)
+    model = GPT(cfg).to(device).eval()
+    N = cfg.n_tokens
+    print(f"device={device.type} layers={a.layers} d_model={a.d_model} grid={a.grid}x{a.grid} "
+          f"params={model.num_params() / 1e6:.2f}M threads={torch.get_num_threads()}")
+
+    def images_per_s(fn, B):
+        return B / timed(lambda: fn(B))
+
+    rows = []
+    for name, order in [("sample confidence", "confidence"), ("sample raster", "raster")]:
+        def run(B, cache, order=order):
+            labels = torch.arange(B, device=device) % 10
+            with autocast(device):
+                generate(model, labels, order=order, generator=torch.Generator().manual_seed(0), use_cache=cache)
+        rows.append((name, images_per_s(lambda B: run(B, True), a.batch),
+                     images_per_s(lambda B: run(B, False), a.uncached_batch)))
+
+    def extract(B, cache):
+        tokens = torch.randint(0, 256, (B, N), device=device)
+        with autocast(device):
+            extract_batch(model, tokens, torch.arange(B, device=device) % 10, ExtractParams(), use_cache=cache)
+    rows.append(("extract orders", images_per_s(lambda B: extract(B, True), a.batch),
+                 images_per_s(lambda B: extract(B, False), a.uncached_batch)))
+
+    print(f"\n| path | KV-cached img/s | uncached img/s | speed-up |\n|---|---|---|---|")
+    for name, cached, naive in rows:
+        print(f"| {name} | {cached:.1f} | {naive:.2f} | {cached / naive:.1f}x |")
+
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    tokens = torch.randint(0, 256, (a.batch, N), device=device)
+    order = torch.argsort(torch.rand(a.batch, N), dim=1).to(device)
+    labels = torch.arange(a.batch, device=device) % 10
+
+    def step():
+        with autocast(device):
+            loss = model.loss(tokens, order, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    sec = timed(step, repeat=5)
+    print(f"\ntrain: {1 / sec:.2f} steps/s, {a.batch * N / sec:,.0f} tokens/s (batch {a.batch}, any-order)")
+
+
+if __name__ == "__main__":
+    main()
