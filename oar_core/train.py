@@ -177,7 +177,7 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
         opt.step()
         tokens_seen += p.batch_size * H * W
         if (step + 1) % p.log_every == 0 or step + 1 == p.steps:
-            history["loss"].append((step + 1, float(loss)))
+            history["loss"].append((step + 1, loss.item()))
             rate = tokens_seen / (time.time() - t0)
             bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:,.0f}")
             if is_main and not bar.disable and os.environ.get("OAR_LOG_PLAIN"):

@@ -9,7 +9,8 @@ from typing import Callable
 from oar_core.params import load_section
 
 
-def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args: Callable | None = None):
+def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args: Callable | None = None,
+               summary: Callable[[dict], str] | None = None):
     ap = argparse.ArgumentParser(description=doc)
     ap.add_argument("--params", default="params.yaml")
     if section is None:
@@ -23,5 +24,5 @@ def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: [{name}] {e}", file=sys.stderr)
         sys.exit(1)
-    print(f"{name}: {json.dumps(result, default=str)}")
+    print(f"{name}: {summary(result) if summary else json.dumps(result, default=str)}")
     return result

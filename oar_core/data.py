@@ -1,0 +1,267 @@
+"""Ingest: turn an image source into fixed-size uint8 arrays with labels, ids and a train/test split.
+
+Sources: Fashion-MNIST idx files (official split), a local folder of images, or an s3:// prefix.
+Folders may hold one level of class sub-folders (labels = sorted folder names) or be flat (one class).
+Output (in p.out_dir): train.npz / test.npz {images (N,H,W,C) uint8, labels (N,) int64, ids (N,) str},
+manifest.json, report.json (skipped files and why).
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from oar_core.io import fs_for, is_remote, read_bytes, write_bytes_atomic, write_json
+from oar_core.params import IngestParams
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+SPLITS = ("train", "test")
+
+
+# ----------------------------------------------------------------------------- image normalization
+
+def normalize_image(img: Image.Image, p: IngestParams) -> tuple[np.ndarray | None, str | None]:
+    """PIL image -> (H,W,C) uint8 at p.image_size/p.channels, or (None, reason) when it must be skipped."""
+    img = img.convert("L" if p.channels == 1 else "RGB")
+    if img.size != (p.image_size, p.image_size):
+        if p.on_size_mismatch == "reject":
+            return None, f"size {img.size[0]}x{img.size[1]} != {p.image_size}x{p.image_size} (on_size_mismatch=reject)"
+        img = _square_resize(img, p.image_size)
+    arr_HWC = np.asarray(img, dtype=np.uint8).reshape(p.image_size, p.image_size, p.channels)
+    return arr_HWC, None
+
+
+def _square_resize(img: Image.Image, size: int) -> Image.Image:
+    # center-crop to a square first so non-square photos are not squashed; LANCZOS is the best
+    # anti-aliasing filter when shrinking, BICUBIC avoids LANCZOS ringing when enlarging
+    w, h = img.size
+    if w != h:
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        img = img.crop((left, top, left + s, top + s))
+    resample = Image.LANCZOS if img.size[0] > size else Image.BICUBIC
+    return img.resize((size, size), resample)
+
+
+def decode_image(data: bytes, p: IngestParams) -> tuple[np.ndarray | None, str | None]:
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # force full decode: a truncated file only fails here, not at open()
+            return normalize_image(img, p)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        return None, f"unreadable image ({type(e).__name__}: {e})"
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: Fashion-MNIST file not found; install the Debian package `dataset-fashion-mnist` "
+            f"or set ingest.fashion_mnist_dir to the folder holding the idx .gz files"
+        )
+    with gzip.open(path, "rb") as f:
+        raw = f.read()
+    got_magic, n = int.from_bytes(raw[0:4], "big"), int.from_bytes(raw[4:8], "big")
+    if got_magic != magic:
+        raise ValueError(f"{path}: not an idx file (magic {got_magic:#x}, expected {magic:#x}); re-install the dataset")
+    if magic == 2051:  # images: n, rows, cols
+        rows, cols = int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big")
+        return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
+    return np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64)  # labels
+
+
+def ingest_fashion_mnist(p: IngestParams) -> tuple[dict, list[dict], list[str]]:
+    root = Path(p.fashion_mnist_dir)
+    splits, skipped = {}, []
+    for split, stem, limit in (("train", "train", p.max_train), ("test", "t10k", p.max_test)):
+        images_NHW = _read_idx(root / f"{stem}-images-idx3-ubyte.gz", 2051)
+        labels_N = _read_idx(root / f"{stem}-labels-idx1-ubyte.gz", 2049)
+        if limit is not None:  # the official files are already class-mixed, so a prefix is a fair subset
+            images_NHW, labels_N = images_NHW[:limit], labels_N[:limit]
+        ids = [f"fmnist-{split}-{i:05d}" for i in range(len(labels_N))]
+        if p.image_size == images_NHW.shape[1] and p.channels == 1:
+            images_NHWC = images_NHW[..., None].copy()
+        elif p.on_size_mismatch == "reject" and p.image_size != images_NHW.shape[1]:
+            raise ValueError(
+                f"ingest.image_size={p.image_size} but Fashion-MNIST is {images_NHW.shape[1]}x{images_NHW.shape[2]} "
+                f"and ingest.on_size_mismatch=reject; set image_size: 28 or on_size_mismatch: resize"
+            )
+        else:
+            images_NHWC = np.stack([
+                normalize_image(Image.fromarray(im, mode="L"), p)[0]
+                for im in tqdm(images_NHW, desc=f"resize {split}", unit="img", leave=False)
+            ])
+        splits[split] = (images_NHWC, labels_N, ids)
+    return splits, skipped, list(FASHION_MNIST_CLASSES)
+
+
+# ----------------------------------------------------------------------------- folders / S3 prefixes
+
+def split_of(rel: str, test_fraction: float, seed: int) -> tuple[str, int]:
+    """Deterministic split from a hash of the relative path: adding or removing images never moves others.
+    Returns (split, hash) and the hash also orders images, so max_train/max_test prefixes mix classes."""
+    h = int.from_bytes(hashlib.sha1(f"{seed}:{rel}".encode()).digest()[:8], "big")
+    return ("test" if h / 2**64 < test_fraction else "train"), h
+
+
+def scan_folder(source: str) -> tuple[list[tuple[str, str, str | None]], list[dict], list[str]]:
+    """List (full_path, relative_path, class_name) for every image under `source`, plus skipped entries
+    and class names. Raises a clear error when the folder is missing or has no images."""
+    fs, root = fs_for(source)
+    root = root.rstrip("/")
+    if not fs.exists(root) or not fs.isdir(root):
+        raise FileNotFoundError(
+            f"{source}: image folder not found; set ingest.source to an existing folder, an s3:// prefix, "
+            f"or 'fashion-mnist'"
+        )
+    files = sorted(fs.find(root))
+    entries, skipped = [], []
+    for full in files:
+        rel = full[len(root) + 1:]
+        parts = rel.split("/")
+        if any(part.startswith(".") for part in parts):
+            continue  # hidden files (.DS_Store, editor temp files) are never data
+        if Path(rel).suffix.lower() not in IMAGE_EXTS:
+            skipped.append({"file": rel, "reason": f"unsupported extension (expected one of {sorted(IMAGE_EXTS)})"})
+        elif len(parts) > 2:
+            skipped.append({"file": rel, "reason": "nested deeper than one class sub-folder"})
+        else:
+            entries.append((full, rel, parts[0] if len(parts) == 2 else None))
+    if not entries:
+        raise ValueError(
+            f"{source}: no images found (looked for {sorted(IMAGE_EXTS)} at the top level or in one level of "
+            f"class sub-folders); put images there or point ingest.source elsewhere"
+        )
+    class_names = sorted({c for _, _, c in entries if c is not None})
+    if class_names:
+        # mixing class folders with loose top-level files would leave the loose ones without a label
+        for _, rel, c in entries:
+            if c is None:
+                skipped.append({"file": rel, "reason": "top-level file beside class sub-folders has no class; move it into one"})
+        entries = [e for e in entries if e[2] is not None]
+    else:
+        class_names = [Path(root).name or "images"]
+    if is_remote(source):
+        scheme = source.split("://", 1)[0]
+        entries = [(f"{scheme}://{full}", rel, c) for full, rel, c in entries]
+    return entries, skipped, class_names
+
+
+def _fetch(paths: list[str]) -> dict[str, bytes | Exception]:
+    """Bulk read; s3fs fetches a list concurrently, which matters for thousands of small objects."""
+    fs, _ = fs_for(paths[0])
+    stripped = [fs_for(path)[1] for path in paths]
+    got = fs.cat(stripped, on_error="return")
+    return {path: got.get(s, FileNotFoundError(s)) for path, s in zip(paths, stripped)}
+
+
+def ingest_folder(p: IngestParams, chunk: int = 256) -> tuple[dict, list[dict], list[str]]:
+    entries, skipped, class_names = scan_folder(p.source)
+    label_of = {c: i for i, c in enumerate(class_names)}
+    by_split: dict[str, list] = {s: [] for s in SPLITS}
+    for full, rel, c in entries:
+        split, h = split_of(rel, p.test_fraction, p.seed)
+        by_split[split].append((h, rel, full, label_of.get(c, 0)))
+    splits = {}
+    for split, limit in (("train", p.max_train), ("test", p.max_test)):
+        todo = sorted(by_split[split])
+        images, labels, ids = [], [], []
+        bar = tqdm(total=limit or len(todo), desc=f"ingest {split}", unit="img", leave=False)
+        # decode in chunks and stop once `limit` usable images are in, so a small subset of a big bucket is cheap
+        for start in range(0, len(todo), chunk):
+            if limit is not None and len(ids) >= limit:
+                break
+            batch = todo[start:start + chunk]
+            data = _fetch([full for _, _, full, _ in batch])
+            for _, rel, full, label in batch:
+                if limit is not None and len(ids) >= limit:
+                    break
+                blob = data[full]
+                if isinstance(blob, Exception):
+                    skipped.append({"file": rel, "reason": f"unreadable file ({type(blob).__name__}: {blob})"})
+                    continue
+                arr_HWC, reason = decode_image(blob, p)
+                if arr_HWC is None:
+                    skipped.append({"file": rel, "reason": reason})
+                    continue
+                images.append(arr_HWC)
+                labels.append(label)
+                ids.append(rel)
+                bar.update(1)
+        bar.close()
+        images_NHWC = np.stack(images) if images else np.zeros((0, p.image_size, p.image_size, p.channels), np.uint8)
+        splits[split] = (images_NHWC, np.asarray(labels, dtype=np.int64), ids)
+    return splits, skipped, class_names
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def _npz_bytes(images_NHWC: np.ndarray, labels_N: np.ndarray, ids: list[str]) -> bytes:
+    buf = io.BytesIO()  # np.savez on a path would append ".npz" to our temp name, so go through bytes
+    np.savez(buf, images=images_NHWC, labels=labels_N, ids=np.asarray(ids, dtype=str))
+    return buf.getvalue()
+
+
+def _join(base: str, name: str) -> str:
+    return f"{base.rstrip('/')}/{name}" if is_remote(base) else str(Path(base) / name)
+
+
+def run_ingest(p: IngestParams) -> dict:
+    if p.source == "fashion-mnist":
+        splits, skipped, class_names = ingest_fashion_mnist(p)
+    else:
+        splits, skipped, class_names = ingest_folder(p)
+    counts = {s: int(len(splits[s][2])) for s in SPLITS}
+    report = {"skipped": skipped, "n_skipped": len(skipped)}
+    for s in SPLITS:
+        if counts[s] == 0:
+            # write the report anyway so the user can see why every file was rejected
+            write_json(_join(p.out_dir, "report.json"), report)
+            if not any(counts.values()):
+                hint = "every image was skipped; see report.json in ingest.out_dir for the reasons"
+            elif s == "test":
+                hint = f"the hash split put no image in test; raise ingest.test_fraction (now {p.test_fraction}) or add images"
+            else:
+                hint = f"lower ingest.test_fraction (now {p.test_fraction}) or add images"
+            raise ValueError(f"{p.source}: no usable {s} images after ingest ({len(skipped)} skipped); {hint}")
+    for s in SPLITS:
+        write_bytes_atomic(_join(p.out_dir, f"{s}.npz"), _npz_bytes(*splits[s]))
+    manifest = {
+        "source": p.source, "image_size": p.image_size, "channels": p.channels,
+        "class_names": class_names, "num_classes": len(class_names), "counts": counts,
+    }
+    write_json(_join(p.out_dir, "report.json"), report)
+    write_json(_join(p.out_dir, "manifest.json"), manifest)  # written last: its presence means the rest is complete
+    return {**manifest, "n_skipped": len(skipped), "out_dir": p.out_dir}
+
+
+def load_manifest(in_dir: str | os.PathLike) -> dict:
+    path = _join(str(in_dir), "manifest.json")
+    try:
+        return json.loads(read_bytes(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: ingest manifest not found; run `dvc repro ingest` (or python -m pipeline.ingest)") from None
+
+
+def load_split(in_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images_NHWC uint8, labels_N int64, ids_N str) of one split of an ingest output folder."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    path = _join(str(in_dir), f"{split}.npz")
+    try:
+        data = read_bytes(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: ingest output not found; run `dvc repro ingest` (or python -m pipeline.ingest)") from None
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        return z["images"], z["labels"].astype(np.int64), z["ids"]

@@ -1,0 +1,185 @@
+import gzip
+import json
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from oar_core.data import FASHION_MNIST_CLASSES, load_manifest, load_split, run_ingest, split_of
+from oar_core.params import IngestParams
+
+from .conftest import FMNIST_DIR
+
+
+def save_png(path, size=(28, 28), mode="L", value=None, ext_format=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(zlib.crc32(str(path.name).encode()))
+    shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+    arr = rng.integers(0, 256, shape, dtype=np.uint8) if value is None else np.full(shape, value, np.uint8)
+    Image.fromarray(arr, mode=mode).save(path, format=ext_format)
+    return arr
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    """Two classes of 28x28 images, plus one wrong-size JPEG, one corrupt PNG, one truncated PNG, a text file."""
+    root = tmp_path / "imgs"
+    for cls, n in (("cat", 12), ("dog", 10)):
+        for i in range(n):
+            save_png(root / cls / f"{i:02d}.png", mode="L" if i % 2 else "RGB")
+    save_png(root / "dog" / "big.photo.jpg", size=(56, 40), mode="RGB", value=200, ext_format="JPEG")
+    (root / "cat" / "broken.png").write_bytes(b"not a png at all")
+    good = (root / "cat" / "00.png").read_bytes()
+    (root / "dog" / "cut.png").write_bytes(good[: len(good) // 2])
+    (root / "dog" / "notes.txt").write_text("hello")
+    return root
+
+
+def params(src, out, **kw):
+    return IngestParams(source=str(src), out_dir=str(out), test_fraction=0.3, **kw)
+
+
+def test_folder_with_classes_corrupt_and_resize(image_folder, tmp_path):
+    out = tmp_path / "out"
+    r = run_ingest(params(image_folder, out))
+    m = load_manifest(out)
+    assert m["class_names"] == ["cat", "dog"] and m["num_classes"] == 2 and m["channels"] == 1
+    assert m["counts"]["train"] + m["counts"]["test"] == 23  # 22 good + the resized jpg
+    assert r["n_skipped"] == 3
+    report = json.loads((out / "report.json").read_text())
+    reasons = {s["file"]: s["reason"] for s in report["skipped"]}
+    assert set(reasons) == {"cat/broken.png", "dog/cut.png", "dog/notes.txt"}
+    assert "unreadable" in reasons["cat/broken.png"] and "unreadable" in reasons["dog/cut.png"]
+    assert "extension" in reasons["dog/notes.txt"]
+    ids, labels = [], []
+    for split in ("train", "test"):
+        images, lab, idx = load_split(out, split)
+        assert images.dtype == np.uint8 and images.shape[1:] == (28, 28, 1) and lab.dtype == np.int64
+        assert len(images) == len(lab) == len(idx) == m["counts"][split]
+        for i in idx:  # the split is a pure function of the relative path
+            assert split_of(i, 0.3, 0)[0] == split
+        ids += list(idx)
+        labels += list(lab)
+    label_of = dict(zip(ids, labels))
+    assert label_of["cat/01.png"] == 0 and label_of["dog/big.photo.jpg"] == 1
+    # the resized uniform JPEG stays (almost) uniform
+    for split in ("train", "test"):
+        images, _, idx = load_split(out, split)
+        if "dog/big.photo.jpg" in list(idx):
+            img = images[list(idx).index("dog/big.photo.jpg")]
+            assert abs(int(img.mean()) - 200) <= 3
+    assert not list(out.glob("*.tmp")) and not list(out.glob(".*"))
+
+
+def test_pixels_preserved_when_size_matches(tmp_path):
+    root = tmp_path / "flat"
+    arr = save_png(root / "a.png")
+    save_png(root / "b.png")
+    save_png(root / "c.png")
+    out = tmp_path / "out"
+    run_ingest(IngestParams(source=str(root), out_dir=str(out), test_fraction=0.5))
+    m = load_manifest(out)
+    assert m["class_names"] == ["flat"] and m["num_classes"] == 1
+    for split in ("train", "test"):
+        images, labels, ids = load_split(out, split)
+        assert (labels == 0).all()
+        if "a.png" in list(ids):
+            np.testing.assert_array_equal(images[list(ids).index("a.png"), :, :, 0], arr)
+
+
+def test_reject_mode_skips_wrong_size(image_folder, tmp_path):
+    out = tmp_path / "out"
+    r = run_ingest(params(image_folder, out, on_size_mismatch="reject"))
+    report = json.loads((out / "report.json").read_text())
+    reasons = {s["file"]: s["reason"] for s in report["skipped"]}
+    assert "56x40" in reasons["dog/big.photo.jpg"] and "reject" in reasons["dog/big.photo.jpg"]
+    assert r["counts"]["train"] + r["counts"]["test"] == 22
+
+
+def test_rgb_output_and_max_prefix(image_folder, tmp_path):
+    out = tmp_path / "out"
+    run_ingest(params(image_folder, out, channels=3, image_size=16, max_train=5, max_test=2))
+    images, labels, ids = load_split(out, "train")
+    assert images.shape == (5, 16, 16, 3)
+    full = tmp_path / "full"
+    run_ingest(params(image_folder, full, channels=3, image_size=16))
+    _, _, all_ids = load_split(full, "train")
+    assert list(ids) == list(all_ids[:5])  # max_train is a prefix of the full, hash-ordered split
+
+
+def test_adding_images_does_not_reshuffle(image_folder, tmp_path):
+    run_ingest(params(image_folder, tmp_path / "a"))
+    for i in range(20):
+        save_png(image_folder / "cat" / f"new{i}.png")
+    run_ingest(params(image_folder, tmp_path / "b"))
+    for split in ("train", "test"):
+        before = set(load_split(tmp_path / "a", split)[2])
+        after = set(load_split(tmp_path / "b", split)[2])
+        assert before <= after
+
+
+def test_missing_and_empty_folder_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="image folder not found.*ingest.source"):
+        run_ingest(IngestParams(source=str(tmp_path / "nope"), out_dir=str(tmp_path / "o")))
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images found"):
+        run_ingest(IngestParams(source=str(tmp_path / "empty"), out_dir=str(tmp_path / "o")))
+
+
+def test_all_corrupt_errors_and_reports(tmp_path):
+    root = tmp_path / "bad"
+    root.mkdir()
+    for i in range(4):
+        (root / f"{i}.png").write_bytes(b"garbage")
+    out = tmp_path / "o"
+    with pytest.raises(ValueError, match="every image was skipped; see report.json"):
+        run_ingest(IngestParams(source=str(root), out_dir=str(out)))
+    assert json.loads((out / "report.json").read_text())["n_skipped"] == 4
+    assert not (out / "manifest.json").exists()
+
+
+def test_ingest_from_s3_matches_local(image_folder, tmp_path, s3_prefix):
+    import s3fs
+
+    s3fs.S3FileSystem().put(str(image_folder) + "/", s3_prefix.removeprefix("s3://") + "/", recursive=True)
+    run_ingest(params(image_folder, tmp_path / "local"))
+    r = run_ingest(params(s3_prefix, tmp_path / "remote"))
+    assert r["n_skipped"] == 3 and load_manifest(tmp_path / "remote")["class_names"] == ["cat", "dog"]
+    for split in ("train", "test"):
+        a, b = load_split(tmp_path / "local", split), load_split(tmp_path / "remote", split)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_fashion_mnist_small(fmnist_small):
+    m = load_manifest(fmnist_small)
+    assert m["class_names"] == FASHION_MNIST_CLASSES and m["counts"] == {"train": 512, "test": 128}
+    images, labels, ids = load_split(fmnist_small, "train")
+    assert images.shape == (512, 28, 28, 1) and images.dtype == np.uint8
+    assert ids[0] == "fmnist-train-00000" and ids[511] == "fmnist-train-00511"
+    with gzip.open(FMNIST_DIR / "train-labels-idx1-ubyte.gz") as f:
+        raw_labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    np.testing.assert_array_equal(labels, raw_labels[:512])
+    _, _, test_ids = load_split(fmnist_small, "test")
+    assert test_ids[0] == "fmnist-test-00000" and len(test_ids) == 128
+
+
+def test_fashion_mnist_resize_rgb(tmp_path):
+    if not FMNIST_DIR.exists():
+        pytest.skip("no Fashion-MNIST")
+    out = tmp_path / "o"
+    run_ingest(IngestParams(out_dir=str(out), image_size=32, channels=3, max_train=8, max_test=4))
+    images, _, _ = load_split(out, "train")
+    assert images.shape == (8, 32, 32, 3)
+    np.testing.assert_array_equal(images[..., 0], images[..., 2])  # grey replicated to RGB
+
+
+def test_ingest_script_summary(image_folder, tmp_path, capsys):
+    from pipeline.ingest import main
+
+    path = tmp_path / "params.yaml"
+    path.write_text(f"ingest:\n  source: {image_folder}\n  out_dir: {tmp_path / 'o'}\n  test_fraction: 0.3\n")
+    main(["--params", str(path)])
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("ingest:") and "skipped=3" in out and "\n" not in out

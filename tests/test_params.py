@@ -1,0 +1,76 @@
+import pytest
+
+from oar_core.params import IngestParams, ParamsError, TokenizerParams, load_params, load_section
+
+
+def write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_empty_file_gives_defaults(tmp_path):
+    p = load_section("ingest", write(tmp_path, ""))
+    assert isinstance(p, IngestParams) and p.source == "fashion-mnist" and p.image_size == 28
+
+
+def test_section_values_are_read(tmp_path):
+    p = load_section("tokenizer", write(tmp_path, "tokenizer:\n  grid: 4\n  steps: 10\n"))
+    assert isinstance(p, TokenizerParams) and (p.grid, p.steps) == (4, 10)
+
+
+def test_unknown_key_reported_with_dotted_path(tmp_path):
+    path = write(tmp_path, "train_raster:\n  model:\n    n_layr: 3\n")
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    msg = str(e.value)
+    assert "train_raster.model.n_layr" in msg and "unknown key" in msg and str(path) in msg
+
+
+def test_unknown_section_reported(tmp_path):
+    with pytest.raises(ParamsError, match=r"tokeniser: unknown key"):
+        load_params(write(tmp_path, "tokeniser:\n  grid: 7\n"))
+
+
+def test_bad_value_named_with_input(tmp_path):
+    with pytest.raises(ParamsError) as e:
+        load_section("ingest", write(tmp_path, "ingest:\n  image_size: 3\n  channels: 2\n"))
+    msg = str(e.value)
+    assert "ingest.image_size" in msg and "got 3" in msg
+    assert "ingest.channels" in msg and "got 2" in msg
+    assert "2 problem(s)" in msg
+
+
+def test_typo_in_another_section_still_caught(tmp_path):
+    # every stage validates the whole file, so a typo cannot hide in a section nobody reads yet
+    with pytest.raises(ParamsError, match="sample.temprature"):
+        load_section("ingest", write(tmp_path, "sample:\n  temprature: 0.5\n"))
+
+
+def test_cross_field_rule(tmp_path):
+    with pytest.raises(ParamsError, match="divisible"):
+        load_params(write(tmp_path, "train_random:\n  model:\n    d_model: 100\n    n_head: 3\n"))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="not found.*--params"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_invalid_yaml_and_non_mapping(tmp_path):
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(write(tmp_path, "ingest: [unclosed\n"))
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(write(tmp_path, "- a\n- b\n"))
+
+
+@pytest.mark.parametrize("module", ["pipeline.ingest", "pipeline.tokenizer", "pipeline.tokenize"])
+def test_scripts_print_one_line_error_and_exit_1(tmp_path, capsys, module):
+    import importlib
+
+    main = importlib.import_module(module).main
+    with pytest.raises(SystemExit) as e:
+        main(["--params", str(write(tmp_path, "ingest:\n  image_sise: 28\n"))])
+    assert e.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "ingest.image_sise" in err
