@@ -1,0 +1,323 @@
+"""Prefect flows that drive the DVC pipeline: one per stage, one for the whole DAG, one extraction fan-out.
+
+The DAG of record is `dvc.yaml`; these flows only orchestrate. A flow run
+  1. writes its parameter section(s) into params.yaml (atomically, only the keys that differ; comments,
+     key order and the other sections are kept),
+  2. runs `dvc repro <stage>` in a subprocess whose output lines stream into the run's logs, so DVC decides
+     what is stale (an up-to-date stage is skipped, a changed one reruns with what it feeds) and records every
+     artifact in dvc.lock,
+  3. pushes to the default DVC remote when one is configured and `push` is true.
+A failing stage fails its task and the flow run with the stage's last error line. DVC leaves dvc.lock and the
+cache of the last good run untouched, so `dvc checkout` restores those artifacts.
+
+The repository is the current directory, or $OAR_REPO. Parameter forms are prefilled from its params.yaml
+as read when this module is imported (a served deployment: when `python -m flows.serve` started).
+"""
+from __future__ import annotations
+
+import graphlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
+from ruamel.yaml import YAML
+
+from oar_core.io import atomic_path
+from oar_core.params import (EvaluateParams, ExtractParams, IngestParams, Params, SampleParams, Section,
+                             TokenizeParams, TokenizerParams, TrainParams, load_params)
+
+RAN = re.compile(r"^Running stage '([^']+)'")
+
+
+class StageFailed(RuntimeError):
+    pass
+
+
+def repo_dir() -> Path:
+    return Path(os.environ.get("OAR_REPO", ".")).resolve()
+
+
+def _defaults() -> Params:
+    path = repo_dir() / "params.yaml"
+    return load_params(path) if path.exists() else Params()
+
+
+DEFAULTS = _defaults()
+
+
+# ---------------------------------------------------------------- params.yaml
+
+
+def _diff(old: dict, new: dict, prefix: tuple = ()) -> dict[tuple, tuple]:
+    """{key path: (old, new)} for every leaf that differs (dicts are recursed, lists compared whole)."""
+    out = {}
+    for k, v in new.items():
+        o = old.get(k)
+        if isinstance(v, dict) and isinstance(o, dict):
+            out |= _diff(o, v, prefix + (k,))
+        elif o != v:
+            out[prefix + (k,)] = (o, v)
+    return out
+
+
+def _round_trip_yaml() -> YAML:
+    y = YAML()  # round-trip mode: comments, order and flow style survive
+    y.width = 4096  # never re-wrap long flow-style lines
+    y.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return y
+
+
+def write_params(repo: Path, sections: dict[str, Section]) -> dict[str, tuple]:
+    """Write the given sections into repo/params.yaml, touching only keys whose value differs from the
+    file's (validated) value. Returns {"section.key": (old, new)}; an empty dict means nothing was written."""
+    path = repo / "params.yaml"
+    current = load_params(path)
+    changes = {(name, *key): ch for name, sec in sections.items()
+               for key, ch in _diff(getattr(current, name).model_dump(mode="json"), sec.model_dump(mode="json")).items()}
+    if not changes:
+        return {}
+    y = _round_trip_yaml()
+    doc = y.load(path.read_text())
+    for key, (_, new) in changes.items():
+        node = doc
+        for k in key[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[key[-1]] = new
+    with atomic_path(path) as tmp:
+        with open(tmp, "w") as f:
+            y.dump(doc, f)
+        load_params(tmp)  # never leave a params.yaml that the stages would reject
+    return {".".join(map(str, k)): v for k, v in changes.items()}
+
+
+# ---------------------------------------------------------------- dvc.yaml
+
+
+def _paths(spec: dict, key: str) -> list[str]:
+    return [next(iter(e)) if isinstance(e, dict) else e for e in spec.get(key) or []]
+
+
+def stage_graph(repo: Path) -> dict[str, set[str]]:
+    """{stage: the stages whose outputs it depends on}, from dvc.yaml."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    produced = {p.rstrip("/"): s for s, spec in stages.items() for k in ("outs", "metrics", "plots") for p in _paths(spec, k)}
+
+    def feeds(out: str, dep: str) -> bool:
+        dep = dep.rstrip("/")
+        return dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
+
+    return {s: {src for d in _paths(spec, "deps") for out, src in produced.items() if feeds(out, d)} - {s}
+            for s, spec in stages.items()}
+
+
+def stage_order(repo: Path) -> list[str]:
+    return list(graphlib.TopologicalSorter(stage_graph(repo)).static_order())
+
+
+# ---------------------------------------------------------------- subprocesses
+
+
+def _env() -> dict[str, str]:
+    # stage commands say `python ...`: make that this interpreter even when the venv is not activated
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, "PYTHONUNBUFFERED": "1"}
+
+
+def last_error(lines: list[str]) -> str:
+    """The stage's own last error line (`error: ...`, or a traceback's last line), then DVC's summary."""
+    dvc_err = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("ERROR:")), None)
+    own = [ln for ln in lines if ln.startswith("error:")]
+    if own:
+        stage_err = own[-1]
+    elif dvc_err:
+        stage_err = lines[dvc_err - 1]
+    else:
+        stage_err = lines[-1] if lines else "(no output)"
+    return stage_err if dvc_err is None or stage_err == lines[dvc_err] else f"{stage_err} [{lines[dvc_err]}]"
+
+
+def stream(cmd: list[str], cwd: Path) -> list[str]:
+    """Run `cmd`, logging each output line (stdout and stderr) to the Prefect run; raise StageFailed with the
+    last error line if it exits non-zero. Returns all output lines."""
+    log = get_run_logger()
+    log.info("$ %s  (in %s)", " ".join(cmd), cwd)
+    lines: list[str] = []
+    with subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          bufsize=1, errors="replace") as proc:
+        for line in proc.stdout:  # text mode splits on \r too, so progress bars arrive as separate lines
+            line = line.rstrip()
+            if line:
+                log.info(line)
+                lines.append(line)
+    if proc.returncode:
+        raise StageFailed(f"`{' '.join(cmd[2:] if cmd[:2] == [sys.executable, '-m'] else cmd)}` failed "
+                          f"(exit {proc.returncode}): {last_error(lines)}")
+    return lines
+
+
+def dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+# ---------------------------------------------------------------- tasks
+
+
+@task(cache_policy=NO_CACHE, task_run_name="write params.yaml")
+def apply_params(names: list[str], params: Params | dict, repo: str) -> dict[str, tuple]:
+    sections = {n: (getattr(params, n) if isinstance(params, Params) else params[n]) for n in names}
+    changes = write_params(Path(repo), sections)
+    log = get_run_logger()
+    for key, (old, new) in changes.items():
+        log.info("params.yaml: %s: %r -> %r", key, old, new)
+    if not changes:
+        log.info("params.yaml already has these values for %s", ", ".join(names))
+    return changes
+
+
+def _repro_name() -> str:
+    from prefect.runtime import task_run
+
+    return "dvc repro " + " ".join(task_run.parameters["targets"])
+
+
+@task(cache_policy=NO_CACHE, task_run_name=_repro_name)
+def repro(targets: list[str], repo: str) -> list[str]:
+    """`dvc repro` the targets (and whatever upstream is stale); returns the stages that actually ran."""
+    return [m.group(1) for ln in stream(dvc("repro", *targets), Path(repo)) if (m := RAN.match(ln))]
+
+
+@task(cache_policy=NO_CACHE, task_run_name="dvc push")
+def push_if_remote(repo: str) -> bool:
+    remotes = subprocess.run(dvc("remote", "list"), cwd=repo, env=_env(), capture_output=True, text=True, check=True)
+    if not remotes.stdout.strip():
+        get_run_logger().info("no DVC remote configured; nothing to push")
+        return False
+    stream(dvc("push"), Path(repo))
+    return True
+
+
+@task(cache_policy=NO_CACHE, task_run_name="extract_orders worker {worker_index}/{num_workers}")
+def extract_worker(worker_index: int, num_workers: int, repo: str) -> None:
+    stream([sys.executable, "-m", "pipeline.extract_orders", "--num-workers", str(num_workers),
+            "--worker-index", str(worker_index)], Path(repo))
+
+
+def is_current(stage: str, repo: str) -> bool:
+    out = subprocess.run(dvc("status", "--json", stage), cwd=repo, env=_env(), capture_output=True, text=True, check=True)
+    return out.stdout.strip() in ("", "{}")
+
+
+# ---------------------------------------------------------------- flows
+
+
+def run_stage(stage: str, params: Section, push: bool) -> dict:
+    repo = str(repo_dir())
+    changed = apply_params([stage], {stage: params}, repo)
+    ran = repro([stage], repo)
+    pushed = push_if_remote(repo) if push else False
+    return {"stage": stage, "params_changed": sorted(changed), "ran": ran, "pushed": pushed}
+
+
+@flow(name="ingest")
+def ingest(params: IngestParams = DEFAULTS.ingest, push: bool = True) -> dict:
+    """Images -> normalized arrays + split manifest (data/ingest)."""
+    return run_stage("ingest", params, push)
+
+
+@flow(name="tokenizer")
+def tokenizer(params: TokenizerParams = DEFAULTS.tokenizer, push: bool = True) -> dict:
+    """Train (or adopt) the VQ tokenizer (models/tokenizer.pt)."""
+    return run_stage("tokenizer", params, push)
+
+
+@flow(name="tokenize")
+def tokenize(params: TokenizeParams = DEFAULTS.tokenize, push: bool = True) -> dict:
+    """Images -> WebDataset token shards (data/shards)."""
+    return run_stage("tokenize", params, push)
+
+
+@flow(name="train_raster")
+def train_raster(params: TrainParams = DEFAULTS.train_raster, push: bool = True) -> dict:
+    """Raster-order baseline (models/raster)."""
+    return run_stage("train_raster", params, push)
+
+
+@flow(name="train_random")
+def train_random(params: TrainParams = DEFAULTS.train_random, push: bool = True) -> dict:
+    """Any-order (random permutation) model (models/random)."""
+    return run_stage("train_random", params, push)
+
+
+@flow(name="extract_orders")
+def extract_orders(params: ExtractParams = DEFAULTS.extract_orders, push: bool = True) -> dict:
+    """Per-image generation orders from the any-order model (data/orders), in one process."""
+    return run_stage("extract_orders", params, push)
+
+
+@flow(name="finetune")
+def finetune(params: TrainParams = DEFAULTS.finetune, push: bool = True) -> dict:
+    """Finetune the any-order model on the extracted orders (models/oar)."""
+    return run_stage("finetune", params, push)
+
+
+@flow(name="sample")
+def sample(params: SampleParams = DEFAULTS.sample, push: bool = True) -> dict:
+    """Generate images from each checkpoint."""
+    return run_stage("sample", params, push)
+
+
+@flow(name="evaluate")
+def evaluate(params: EvaluateParams = DEFAULTS.evaluate, push: bool = True) -> dict:
+    """Metrics, plots and grids for the samples."""
+    return run_stage("evaluate", params, push)
+
+
+@flow(name="extract_orders_fanout", task_runner=ThreadPoolTaskRunner(max_workers=64))
+def extract_orders_fanout(params: ExtractParams = DEFAULTS.extract_orders, num_workers: int = 2,
+                          push: bool = True) -> dict:
+    """extract_orders split over `num_workers` parallel workers (one task each, every one writing the Parquet
+    parts of its share of the shards), then `dvc repro extract_orders`, which finds every part current and
+    only records the result in dvc.lock. Locally the tasks are threads running subprocesses; on a cluster
+    swap the task runner (see docs/prefect.md)."""
+    repo = str(repo_dir())
+    changed = apply_params(["extract_orders"], {"extract_orders": params}, repo)
+    upstream = sorted(stage_graph(Path(repo))["extract_orders"])
+    ran = repro(upstream, repo) if upstream else []  # shards and the any-order checkpoint must be current
+    if is_current("extract_orders", repo):
+        get_run_logger().info("extract_orders is up to date; no workers started")
+    else:
+        extract_worker.map(range(num_workers), num_workers=unmapped(num_workers), repo=unmapped(repo)).result()
+        ran += repro(["extract_orders"], repo)
+    pushed = push_if_remote(repo) if push else False
+    return {"stage": "extract_orders", "params_changed": sorted(changed), "ran": ran, "pushed": pushed,
+            "num_workers": num_workers}
+
+
+@flow(name="oar-pipeline")
+def oar_pipeline(params: Params = DEFAULTS, extract_workers: int = 1, push: bool = True) -> dict:
+    """The whole DAG: each stage of dvc.yaml in dependency order (`dvc repro <stage>`, so up-to-date stages
+    are skipped); extract_orders fans out over `extract_workers` when that is more than 1."""
+    repo = str(repo_dir())
+    stages = stage_order(Path(repo))
+    changed = apply_params(list(Params.model_fields), params, repo)
+    ran: list[str] = []
+    for stage in stages:
+        if stage == "extract_orders" and extract_workers > 1:
+            ran += extract_orders_fanout(params.extract_orders, num_workers=extract_workers, push=False)["ran"]
+        else:
+            ran += repro([stage], repo)
+    pushed = push_if_remote(repo) if push else False
+    return {"stages": stages, "params_changed": sorted(changed), "ran": ran, "pushed": pushed}
+
+
+STAGE_FLOWS = {f.name: f for f in (ingest, tokenizer, tokenize, train_raster, train_random, extract_orders, finetune,
+                                   sample, evaluate)}
+ALL_FLOWS = [oar_pipeline, extract_orders_fanout, *STAGE_FLOWS.values()]

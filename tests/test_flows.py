@@ -1,0 +1,276 @@
+"""Prefect flows over the DVC pipeline, on a tiny real copy of the pipeline (256 train / 64 test images).
+
+One `prefect_test_harness` (a temporary Prefect server) serves the whole session; the tiny repository is built
+once with the CLI (`dvc repro`), and every test leaves it reproduced (`dvc status` clean) for the next one.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+
+# before prefect is imported anywhere: keep its home, database and logs out of ~/.prefect, send no analytics
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="oar-prefect-home-"))
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CORE_STAGES = ["ingest", "tokenizer", "tokenize", "train_raster", "train_random", "extract_orders", "finetune"]
+TINY = {
+    "ingest": {"max_train": 256, "max_test": 64},
+    "tokenizer": {"steps": 30, "batch_size": 64, "hidden": 16, "code_dim": 8, "codebook_size": 32},
+    "tokenize": {"shard_size": 128},  # 2 train shards + 1 test shard: something to fan out
+    "extract_orders": {"batch_size": 64},
+}
+TINY_TRAIN = {"steps": 10, "batch_size": 16, "warmup_steps": 2, "eval_every": 10, "ckpt_every": 10, "log_every": 5,
+              "eval_batches": 1, "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "mlp_ratio": 2.0}}
+
+
+def sh(cmd: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    r = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    if check and r.returncode:
+        raise AssertionError(f"{cmd} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def dvc(repo: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return sh([sys.executable, "-m", "dvc", *args], repo, check)
+
+
+def ran_stages(output: str) -> list[str]:
+    return [ln.split("'")[1] for ln in output.splitlines() if ln.startswith("Running stage '")]
+
+
+def assert_clean(repo: Path) -> None:
+    status = json.loads(dvc(repo, "status", "--json").stdout or "{}")
+    assert status == {}, status
+
+
+def lock_md5(repo: Path, stage: str, path: str) -> str:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return next(o["md5"] for o in lock["stages"][stage]["outs"] if o["path"] == path)
+
+
+def set_params(repo: Path, section: str, **values) -> None:
+    """A hand edit of params.yaml, as a user at the CLI would make it."""
+    p = yaml.safe_load((repo / "params.yaml").read_text())
+    p[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory) -> Path:
+    """A git + DVC repo holding this checkout's pipeline with tiny sizes, fully reproduced by `dvc repro`."""
+    if not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST missing (install the Debian package dataset-fashion-mnist)")
+    repo = tmp_path_factory.mktemp("tiny_repo")
+    for d in ("pipeline", "oar_core"):
+        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
+    dag = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    dag["stages"] = {s: dag["stages"][s] for s in CORE_STAGES}  # sample/evaluate are tested by their owners
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dag, sort_keys=False))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    for section in ("train_raster", "train_random", "finetune"):
+        model = {**params[section]["model"], **TINY_TRAIN["model"]} if "model" in params[section] else None
+        params[section].update({**TINY_TRAIN, "model": model} if model else {k: v for k, v in TINY_TRAIN.items() if k != "model"})
+    params["finetune"]["steps"] = 5
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], repo)
+    dvc(repo, "init", "-q")
+    # two cores shared by everything: one thread per stage process avoids oversubscription (10x faster here)
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t0 = time.time()
+    out = dvc(repo, "repro").stdout
+    assert ran_stages(out) == CORE_STAGES, out
+    print(f"tiny pipeline: full `dvc repro` in {time.time() - t0:.0f}s")
+    commit(repo)
+    assert_clean(repo)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+
+
+@pytest.fixture
+def in_repo(tiny_repo, monkeypatch):
+    """Flows act on $OAR_REPO."""
+    monkeypatch.setenv("OAR_REPO", str(tiny_repo))
+    assert_clean(tiny_repo)
+    yield tiny_repo
+    assert_clean(tiny_repo)
+    commit(tiny_repo)
+
+
+def commit(repo: Path) -> None:
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "test", "--allow-empty"], repo)
+
+
+# ---------------------------------------------------------------- no server needed
+
+
+def test_write_params_touches_only_changed_keys(tmp_path):
+    from flows.pipeline import write_params
+    from oar_core.params import load_params
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", path)
+    before = path.read_text()
+    p = load_params(path)
+    new = p.train_random.model_copy(update={"steps": 7, "model": p.train_random.model.model_copy(update={"d_model": 64})})
+    changes = write_params(tmp_path, {"train_random": new, "ingest": p.ingest})
+    assert changes == {"train_random.steps": (p.train_random.steps, 7), "train_random.model.d_model": (192, 64)}
+    after = load_params(path)
+    assert after.train_random == new and after.train_raster == p.train_raster and after.ingest == p.ingest
+    changed_lines = [(a, b) for a, b in zip(before.splitlines(), path.read_text().splitlines()) if a != b]
+    assert len(before.splitlines()) == len(path.read_text().splitlines())  # comments and layout kept
+    assert len(changed_lines) == 2 and "d_model: 64" in changed_lines[0][1] and "steps: 7" in changed_lines[1][1]
+    mtime = path.stat().st_mtime_ns
+    assert write_params(tmp_path, {"train_random": new}) == {}  # same values: the file is not rewritten
+    assert path.stat().st_mtime_ns == mtime
+
+
+def test_stage_graph_follows_dvc_yaml():
+    from flows.pipeline import stage_graph, stage_order
+
+    graph = stage_graph(ROOT)
+    assert graph["ingest"] == set() and graph["tokenizer"] == {"ingest"}
+    assert graph["extract_orders"] == {"tokenize", "train_random"}
+    assert graph["finetune"] == {"tokenize", "extract_orders", "train_random"}
+    order = stage_order(ROOT)
+    assert all(order.index(up) < order.index(s) for s, ups in graph.items() for up in ups)
+
+
+def test_last_error_prefers_the_stage_message():
+    from flows.pipeline import last_error
+
+    lines = ["Running stage 'tokenizer':", "> python -m pipeline.tokenizer", "error: /x.pt: tokenizer checkpoint not found",
+             "ERROR: failed to reproduce 'tokenizer': failed to run: python -m pipeline.tokenizer, exited with 1"]
+    assert last_error(lines).startswith("error: /x.pt: tokenizer checkpoint not found [ERROR: failed to reproduce")
+    tb = ["Traceback (most recent call last):", '  File "x.py", line 1', "ZeroDivisionError: division by zero",
+          "ERROR: failed to reproduce 'x': failed to run: python x.py, exited with 1"]
+    assert last_error(tb).startswith("ZeroDivisionError: division by zero [ERROR:")
+
+
+def test_cli_param_change_reruns_the_stage_and_only_its_downstream(tiny_repo):
+    assert_clean(tiny_repo)
+    set_params(tiny_repo, "train_random", seed=101)
+    out = dvc(tiny_repo, "repro").stdout
+    assert ran_stages(out) == ["train_random", "extract_orders", "finetune"], out
+    for s in ("ingest", "tokenizer", "tokenize", "train_raster"):
+        assert f"Stage '{s}' didn't change, skipping" in out
+    assert ran_stages(dvc(tiny_repo, "repro").stdout) == []  # and nothing is redone a second time
+    assert_clean(tiny_repo)
+
+
+# ---------------------------------------------------------------- flows against the test server
+
+
+def test_stage_flow_reruns_only_that_stage_and_pushes(in_repo, prefect_api, s3):
+    from flows.pipeline import DEFAULTS, train_raster
+    from oar_core.params import load_params
+
+    dvc(in_repo, "remote", "add", "-d", "s3remote", "s3://oar-test/flows-dvcstore")
+    dvc(in_repo, "remote", "modify", "s3remote", "endpointurl", s3)
+    try:
+        params = load_params(in_repo / "params.yaml").train_raster.model_copy(update={"steps": 12})
+        assert params != DEFAULTS.train_raster
+        result = train_raster(params=params, push=True)
+        assert result == {"stage": "train_raster", "params_changed": ["train_raster.steps"], "ran": ["train_raster"],
+                          "pushed": True}
+        assert load_params(in_repo / "params.yaml").train_raster.steps == 12
+        assert json.loads((in_repo / "metrics/train_raster.json").read_text())["steps"] == 12
+        cloud = dvc(in_repo, "status", "--cloud", "--json", "train_raster").stdout
+        assert json.loads(cloud or "{}") == {}, cloud  # the new model is on the remote
+        again = train_raster(params=params, push=False)  # up to date: nothing is redone
+        assert again["ran"] == [] and again["params_changed"] == []
+    finally:
+        dvc(in_repo, "remote", "remove", "s3remote")
+
+
+def test_pipeline_flow_fans_out_extraction_and_reruns_downstream_only(in_repo, prefect_api):
+    from flows.pipeline import oar_pipeline
+    from oar_core.order_table import scan
+    from oar_core.params import load_params
+
+    params = load_params(in_repo / "params.yaml")
+    params = params.model_copy(update={"extract_orders": params.extract_orders.model_copy(update={"seed": 7,
+                                                                                                  "score": "max_prob"})})
+    result = oar_pipeline(params=params, extract_workers=2, push=False)
+    assert result["params_changed"] == ["extract_orders.score", "extract_orders.seed"]
+    assert result["ran"] == ["extract_orders", "finetune"], result
+    parts = sorted(p.name for p in (in_repo / "data/orders").glob("*.parquet"))
+    assert parts == ["test-000000.parquet", "train-000000.parquet", "train-000001.parquet"]
+    hashes = scan(in_repo / "data/orders").select("params_hash").unique().collect()["params_hash"].to_list()
+    assert hashes == [params.extract_orders.digest()]  # every part written by the workers, under the new params
+
+
+def test_failed_stage_fails_the_run_and_keeps_versioned_artifacts(in_repo, prefect_api):
+    from flows.pipeline import tokenizer
+    from oar_core.params import load_params
+
+    lock_before = (in_repo / "dvc.lock").read_bytes()
+    md5 = lock_md5(in_repo, "tokenizer", "models/tokenizer.pt")
+    params = load_params(in_repo / "params.yaml").tokenizer.model_copy(update={"checkpoint": "/nonexistent/tok.pt"})
+    state = tokenizer(params=params, push=False, return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RuntimeError, match=r"error: .*/nonexistent/tok.pt: tokenizer checkpoint not found"):
+        state.result()
+    assert (in_repo / "dvc.lock").read_bytes() == lock_before  # nothing recorded for the failed run
+    assert (in_repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).exists()  # last good tokenizer still cached
+    # restore the last good state: params and git-tracked metrics back (git), outputs back from the DVC cache
+    sh(["git", "checkout", "--", "params.yaml", "metrics/tokenizer.json"], in_repo)
+    dvc(in_repo, "checkout")
+    assert (in_repo / "dvc.lock").read_bytes() == lock_before
+    assert lock_md5(in_repo, "tokenizer", "models/tokenizer.pt") == md5
+    import hashlib
+
+    assert hashlib.md5((in_repo / "models/tokenizer.pt").read_bytes()).hexdigest() == md5
+
+
+def test_served_deployment_runs_when_triggered_through_the_api(in_repo, prefect_api):
+    """What the UI's Run button does: create a flow run from a deployment; a runner (as started by
+    `python -m flows.serve`) picks it up and executes it in a subprocess."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.deployments import run_deployment
+    from prefect.runner import Runner
+
+    from flows.serve import deployments
+
+    deployment = next(d for d in deployments() if d.flow_name == "ingest")
+
+    async def trigger_and_serve():
+        runner = Runner(limit=1, query_seconds=1)
+        await runner.add_deployment(deployment)
+        flow_run = await run_deployment(f"ingest/{deployment.name}", timeout=0)  # returns once scheduled
+        await runner.start(run_once=True)  # one poll: picks up the scheduled run and waits for it
+        async with get_client() as client:
+            flow_run = await client.read_flow_run(flow_run.id)
+            from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+            logs = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+        return flow_run, [log.message for log in logs]
+
+    t0 = time.time()
+    flow_run, messages = asyncio.run(trigger_and_serve())
+    assert flow_run.state.is_completed(), flow_run.state
+    assert any("Stage 'ingest' didn't change, skipping" in m for m in messages), messages  # DVC output streamed
+    assert time.time() - t0 < 60
