@@ -177,11 +177,9 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
         opt.step()
         tokens_seen += p.batch_size * H * W
         if (step + 1) % p.log_every == 0 or step + 1 == p.steps:
-            history["loss"].append((step + 1, loss.item()))
-            rate = tokens_seen / (time.time() - t0)
-            bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{rate:,.0f}")
-            if is_main and not bar.disable and os.environ.get("OAR_LOG_PLAIN"):
-                print(f"[{stage}] step {step + 1}/{p.steps} loss {float(loss):.4f} {rate:,.0f} tok/s", flush=True)
+            loss_value, rate = loss.item(), tokens_seen / (time.time() - t0)
+            history["loss"].append((step + 1, loss_value))
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
         if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
             history["test_bits"].append((step + 1, heldout_bits(model, test_NN, test_labels, test_orders, p, device)))
         if (step + 1) % p.ckpt_every == 0 or step + 1 == p.steps:
