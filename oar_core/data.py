@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from oar_core.io import fs_for, is_remote, read_bytes, write_bytes_atomic, write_json
+from oar_core.io import fs_for, is_remote, read_bytes, storage_errors, write_bytes_atomic, write_json
 from oar_core.params import IngestParams
 
 FASHION_MNIST_CLASSES = [
@@ -32,13 +32,24 @@ SPLITS = ("train", "test")
 
 def normalize_image(img: Image.Image, p: IngestParams) -> tuple[np.ndarray | None, str | None]:
     """PIL image -> (H,W,C) uint8 at p.image_size/p.channels, or (None, reason) when it must be skipped."""
-    img = img.convert("L" if p.channels == 1 else "RGB")
+    img = _to_8bit(img).convert("L" if p.channels == 1 else "RGB")
     if img.size != (p.image_size, p.image_size):
         if p.on_size_mismatch == "reject":
             return None, f"size {img.size[0]}x{img.size[1]} != {p.image_size}x{p.image_size} (on_size_mismatch=reject)"
         img = _square_resize(img, p.image_size)
     arr_HWC = np.asarray(img, dtype=np.uint8).reshape(p.image_size, p.image_size, p.channels)
     return arr_HWC, None
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16/32-bit grayscale (16-bit PNG/TIFF) -> 8-bit "L" by scaling; PIL's convert("L") would clip every value
+    above 255 to white. Mode "I" is taken as 16-bit data when any value exceeds 255."""
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
+        return img
+    a = np.asarray(img).astype(np.float64)
+    if img.mode != "I" or a.max() > 255:
+        a = a / 257.0
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
 
 
 def _square_resize(img: Image.Image, size: int) -> Image.Image:
@@ -118,14 +129,15 @@ def split_of(rel: str, test_fraction: float, seed: int) -> tuple[str, int]:
 def scan_folder(source: str) -> tuple[list[tuple[str, str, str | None]], list[dict], list[str]]:
     """List (full_path, relative_path, class_name) for every image under `source`, plus skipped entries
     and class names. Raises a clear error when the folder is missing or has no images."""
-    fs, root = fs_for(source)
-    root = root.rstrip("/")
-    if not fs.exists(root) or not fs.isdir(root):
-        raise FileNotFoundError(
-            f"{source}: image folder not found; set ingest.source to an existing folder, an s3:// prefix, "
-            f"or 'fashion-mnist'"
-        )
-    files = sorted(fs.find(root))
+    with storage_errors(source, "list images"):
+        fs, root = fs_for(source)
+        root = root.rstrip("/")
+        if not fs.exists(root) or not fs.isdir(root):
+            raise FileNotFoundError(
+                f"{source}: image folder not found; set ingest.source to an existing folder, an s3:// prefix, "
+                f"or 'fashion-mnist'"
+            )
+        files = sorted(fs.find(root))
     entries, skipped = [], []
     for full in files:
         rel = full[len(root) + 1:]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from oar_core.io import autocast, file_hash, pick_device
+from oar_core.io import autocast, file_hash, pick_device, remove_stale_temps
 from oar_core.model import GPT, load_gpt
 from oar_core.order_table import part_is_current, write_part
 from oar_core.params import ExtractParams
@@ -82,12 +82,16 @@ def run_extract(p: ExtractParams, shards: str = "data/shards", num_workers: int 
     if (model.cfg.grid_h, model.cfg.grid_w) != (meta["grid_h"], meta["grid_w"]):
         raise ValueError(f"{p.checkpoint}: model grid {model.cfg.grid_h}x{model.cfg.grid_w} does not match shards "
                          f"{meta['grid_h']}x{meta['grid_w']}; retrain it on these shards")
+    if model.cfg.vocab_size != meta["codebook_size"]:  # a smaller vocab would crash mid-extraction on a gather
+        raise ValueError(f"{p.checkpoint}: model vocab {model.cfg.vocab_size} does not match the shards' codebook "
+                         f"{meta['codebook_size']} ({shards}); retrain it on these shards")
     ckpt_hash, params_hash = file_hash(p.checkpoint), p.digest()
     jobs = [(split, s) for split in p.splits for s in list_shards(shards, split)]
     jobs = [j for i, j in enumerate(jobs) if i % num_workers == worker_index]
     if only_parts is not None:
         jobs = [j for j in jobs if Path(j[1]).stem in only_parts]
     if num_workers == 1 and only_parts is None:  # parts of shards that no longer exist would poison the table
+        remove_stale_temps(p.out_dir)  # temp files of a killed earlier run (no other writer in this mode)
         keep = {Path(s).stem for _, s in jobs}
         for old in Path(p.out_dir).glob("*.parquet"):
             if old.stem not in keep:

@@ -25,6 +25,50 @@ def fs_for(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, p
 
 
+class StorageError(ValueError):
+    """A remote-storage failure turned into one actionable line (a ValueError, so stage scripts print it)."""
+
+
+@contextlib.contextmanager
+def storage_errors(path: str | os.PathLike, action: str = "access") -> Iterator[None]:
+    """Turn botocore/s3fs failures on an s3:// path (unreachable endpoint, bad credentials, denied access)
+    into a StorageError naming the path and what to check. FileNotFoundError passes through untouched (its
+    callers add their own hint). Retries stay bounded: botocore retries connection errors AWS_MAX_ATTEMPTS
+    times (default 5, ~5-10 s against a closed port) before we get here."""
+    if not is_remote(path):
+        yield
+        return
+    try:
+        yield
+    except (FileNotFoundError, StorageError):
+        raise
+    except Exception as e:  # botocore is imported lazily: it is only there with s3fs
+        raise _storage_error(path, action, e) from None
+
+
+def _storage_error(path, action: str, e: Exception) -> Exception:
+    try:
+        from botocore import exceptions as bx
+    except ImportError:  # pragma: no cover
+        bx = None
+    endpoint = os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
+    detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
+    if bx is not None and isinstance(e, bx.NoCredentialsError):
+        return StorageError(f"{path}: cannot {action}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
+                            f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+    if bx is not None and isinstance(e, (bx.ConnectionError, bx.HTTPClientError)) or isinstance(e, (ConnectionError, TimeoutError)):
+        attempts = os.environ.get("AWS_MAX_ATTEMPTS") or "5"  # botocore's legacy-mode default
+        return StorageError(f"{path}: cannot {action}: S3 endpoint {endpoint} unreachable after {attempts} attempts "
+                            f"({detail}); check AWS_ENDPOINT_URL, the network/proxy, and that the server is up")
+    if isinstance(e, PermissionError) or (bx is not None and isinstance(e, bx.ClientError)):
+        return StorageError(f"{path}: cannot {action}: S3 refused the request ({detail}); check AWS_ACCESS_KEY_ID / "
+                            f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), the endpoint {endpoint}, and the bucket's permissions")
+    if isinstance(e, OSError) or (bx is not None and isinstance(e, bx.BotoCoreError)):
+        return StorageError(f"{path}: cannot {action}: S3 request failed ({detail}); check AWS_ENDPOINT_URL "
+                            f"({endpoint}) and your AWS_* credentials")
+    return e
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary local path beside `path`; rename it over `path` only if the block succeeds,
@@ -41,21 +85,33 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.remove(tmp)
 
 
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete the hidden `.NAME.*.tmp` files that a process killed inside `atomic_path` leaves behind.
+    Call it only where no other process writes into `folder` at the same time."""
+    folder = Path(folder)
+    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return stale
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Atomic for local paths; for S3 a single PUT is already all-or-nothing."""
     if is_remote(path):
-        fs, p = fs_for(path)
-        with fs.open(p, "wb") as f:
-            f.write(data)
+        with storage_errors(path, "write"):
+            fs, p = fs_for(path)
+            with fs.open(p, "wb") as f:
+                f.write(data)
         return
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
 
 
 def read_bytes(path: str | os.PathLike) -> bytes:
-    fs, p = fs_for(path)
-    with fs.open(p, "rb") as f:
-        return f.read()
+    with storage_errors(path, "read"):
+        fs, p = fs_for(path)
+        with fs.open(p, "rb") as f:
+            return f.read()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -85,8 +141,9 @@ def file_hash(path: str | os.PathLike) -> str:
 
 def list_files(prefix: str | os.PathLike, pattern: str) -> list[str]:
     """Sorted files matching `pattern` under a local folder or URL prefix, returned as usable paths/URLs."""
-    fs, p = fs_for(prefix)
-    found = sorted(fs.glob(f"{p.rstrip('/')}/{pattern}"))
+    with storage_errors(prefix, "list"):
+        fs, p = fs_for(prefix)
+        found = sorted(fs.glob(f"{p.rstrip('/')}/{pattern}"))
     if is_remote(prefix):
         scheme = str(prefix).split("://", 1)[0]
         return [f"{scheme}://{f}" for f in found]
@@ -99,6 +156,6 @@ def pick_device() -> torch.device:
 
 def autocast(device: torch.device):
     """bf16 autocast on CUDA; plain fp32 on CPU (where bf16 is faster but changes numerics we test against)."""
-    if device.type == "cuda":
+    if torch.device(device).type == "cuda":  # also accepts "cpu"/"cuda" strings (metrics' default device="cpu")
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()

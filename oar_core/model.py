@@ -202,5 +202,9 @@ def load_gpt(path, device="cpu") -> tuple[GPT, dict]:
     try:
         model.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise ValueError(f"{path}: checkpoint does not match its config ({str(e).splitlines()[0]})") from None
+        # torch's first line is only "Error(s) in loading state_dict for GPT:"; the next one names the tensor
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = (lines[1] if len(lines) > 1 else lines[0])[:300]
+        raise ValueError(f"{path}: checkpoint does not match its config ({detail}); it was altered or written by "
+                         f"other code: rerun the stage that produces it") from None
     return model.to(device).eval(), ckpt

@@ -17,7 +17,8 @@ import time
 import numpy as np
 
 from oar_core.data import load_manifest, load_split
-from oar_core.io import file_hash, fs_for, is_remote, list_files, pick_device, read_bytes, write_bytes_atomic, write_json
+from oar_core.io import (file_hash, fs_for, is_remote, list_files, pick_device, read_bytes, storage_errors,
+                         write_bytes_atomic, write_json)
 from oar_core.params import TokenizeParams
 from oar_core.tokenizer import encode_all, load_tokenizer
 
@@ -173,9 +174,10 @@ def run_tokenize(p: TokenizeParams, ingest_dir="data/ingest", tokenizer="models/
         )
     t0 = time.time()
     meta_path = _join(p.out, "meta.json")
-    fs, mp = fs_for(meta_path)
-    if fs.exists(mp):
-        fs.rm(mp)  # while shards are being replaced, no meta.json may vouch for them
+    with storage_errors(meta_path, "replace"):
+        fs, mp = fs_for(meta_path)
+        if fs.exists(mp):
+            fs.rm(mp)  # while shards are being replaced, no meta.json may vouch for them
     shards, shard_counts, counts = {}, {}, {}
     for split in ("train", "test"):
         images_NHWC, labels_N, ids_N = load_split(ingest_dir, split)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from oar_core.io import autocast, load_torch, pick_device, save_torch, write_bytes_atomic, write_json
+from oar_core.io import autocast, load_torch, pick_device, remove_stale_temps, save_torch, write_bytes_atomic, write_json
 from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
 from oar_core.orders import sample_orders
 from oar_core.params import TrainParams
@@ -137,6 +137,8 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
     opt = make_optimizer(model, p)
     run_ckpt = Path(runs_dir) / stage / "last.pt"
     digest, start, history = run_digest(p), 0, {"loss": [], "test_bits": []}
+    if is_main:
+        remove_stale_temps(run_ckpt.parent)  # a kill during a checkpoint write leaves its temp file behind
     if run_ckpt.exists():
         state = load_torch(run_ckpt, "run checkpoint")
         if state.get("digest") == digest and state["step"] < p.steps:

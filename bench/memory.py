@@ -1,0 +1,140 @@
+"""Memory and throughput of the data path at Fashion-MNIST scale: ingest -> tokenize -> extract_orders
+(streamed shard by shard) -> sampling, with the peak resident memory (RSS) of each phase.
+
+    OMP_NUM_THREADS=1 python -m bench.memory                  # the full 60k train set (slow on CPU)
+    OMP_NUM_THREADS=1 python -m bench.memory --images 2000    # measure, then extrapolate to 60k
+
+The tokenizer and the AR model are untrained unless --tokenizer / --model are given: memory and speed do not
+depend on the weights, only on the shapes (default: 7x7 grid, 256 codes, 4 layers x 192). The memory bound
+checked: extraction adds at most --bound-mb over the RSS before it, whatever the number of images, because
+run_extract holds one shard (shard_size token grids + their outputs) at a time. Writes into a temp folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import torch
+
+from oar_core.data import run_ingest
+from oar_core.extract import run_extract
+from oar_core.model import GPT, GPTConfig, save_gpt
+from oar_core.params import ExtractParams, IngestParams, ModelParams, SampleModelParams, SampleParams, TokenizeParams
+from oar_core.samples import sample_model
+from oar_core.shards import load_tokens, run_tokenize
+from oar_core.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
+
+FULL = 60000
+MB = 2**20
+
+
+class PeakRSS:
+    """Samples this process's RSS every `every` seconds in a thread; .peak is the max seen inside the block."""
+
+    def __init__(self, every: float = 0.02):
+        self.proc, self.every, self.peak, self._stop = psutil.Process(), every, 0, threading.Event()
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            self._stop.wait(self.every)
+
+    def __enter__(self):
+        self.start = self.proc.memory_info().rss
+        self.peak = self.start
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=FULL, help="train images to ingest, tokenize and extract")
+    ap.add_argument("--test-images", type=int, default=500)
+    ap.add_argument("--sample", type=int, default=None, help="images to sample (default: --images)")
+    ap.add_argument("--shard-size", type=int, default=TokenizeParams().shard_size)
+    ap.add_argument("--batch", type=int, default=ExtractParams().batch_size)
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--fashion-mnist-dir", default=IngestParams().fashion_mnist_dir)
+    ap.add_argument("--bound-mb", type=float, default=1024.0, help="allowed RSS growth during extraction/sampling")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    a = ap.parse_args(argv)
+    n_sample = a.sample if a.sample is not None else a.images
+    torch.manual_seed(0)
+    rows, fig = [], {"images": a.images, "threads": torch.get_num_threads(), "shard_size": a.shard_size}
+
+    def phase(name, n, fn):
+        with PeakRSS() as m:
+            out = fn()
+        rows.append((name, n, m.seconds, n / m.seconds if n else float("nan"), m.start / MB, m.peak / MB))
+        fig[name] = {"n": n, "seconds": round(m.seconds, 2), "images_per_s": round(n / m.seconds, 2) if n else None,
+                     "rss_before_mb": round(m.start / MB, 1), "peak_rss_mb": round(m.peak / MB, 1),
+                     "growth_mb": round((m.peak - m.start) / MB, 1)}
+        return out
+
+    with tempfile.TemporaryDirectory(prefix="oar-bench-memory-") as tmp:
+        tmp = Path(tmp)
+        fig["baseline_rss_mb"] = round(psutil.Process().memory_info().rss / MB, 1)
+        phase("ingest", a.images, lambda: run_ingest(IngestParams(
+            fashion_mnist_dir=a.fashion_mnist_dir, out_dir=str(tmp / "ingest"), max_train=a.images, max_test=a.test_images)))
+        tok_path = a.tokenizer or tmp / "tokenizer.pt"
+        if not a.tokenizer:
+            save_tokenizer(tok_path, VQTokenizer(28, 1, 7, codebook_size=256))
+        phase("tokenize", a.images + a.test_images, lambda: run_tokenize(
+            TokenizeParams(out=str(tmp / "shards"), shard_size=a.shard_size), tmp / "ingest", tok_path))
+        tokens = load_tokens(tmp / "shards", "train")["tokens"]
+        fig["token_array_mb"] = {"uint16_on_disk": round(tokens.nbytes / MB, 2),
+                                 "int64_in_train": round(tokens.size * 8 / MB, 2),
+                                 "int64_at_60k": round(FULL * tokens[0].size * 8 / MB, 2)}
+        del tokens
+        tokenizer = load_tokenizer(tok_path)
+        model_path = a.model or tmp / "model.pt"
+        if not a.model:
+            m = ModelParams()
+            save_gpt(model_path, GPT(GPTConfig(grid_h=tokenizer.grid, grid_w=tokenizer.grid,
+                                               vocab_size=tokenizer.codebook_size, num_classes=10, n_layer=m.n_layer,
+                                               n_head=m.n_head, d_model=m.d_model, mlp_ratio=m.mlp_ratio)), order="random")
+        p = ExtractParams(checkpoint=str(model_path), out_dir=str(tmp / "orders"), batch_size=a.batch, splits=["train"])
+        phase("extract_orders", a.images, lambda: run_extract(p, str(tmp / "shards")))
+        from oar_core.model import load_gpt
+
+        model, _ = load_gpt(model_path)
+        sp = SampleParams(n_per_model=max(1, n_sample), batch_size=min(a.batch, max(1, n_sample)))
+        spec = SampleModelParams(name="bench", checkpoint=str(model_path), order="confidence")
+        if n_sample:
+            phase("sample_confidence", n_sample, lambda: sample_model(model, tokenizer, spec, sp, "cpu", progress=False))
+    fig["ru_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+
+    print(f"threads={fig['threads']} shard_size={a.shard_size} baseline RSS {fig['baseline_rss_mb']} MB")
+    print(f"{'phase':<18}{'images':>8}{'seconds':>10}{'img/s':>9}{'RSS before':>12}{'peak RSS':>10}{'growth':>9}"
+          f"{'60k est.':>11}")
+    for name, n, sec, rate, before, peak in rows:
+        est = f"{FULL / rate / 3600:.2f} h" if rate == rate and rate > 0 else "-"
+        print(f"{name:<18}{n:>8}{sec:>10.1f}{rate:>9.1f}{before:>10.0f}MB{peak:>8.0f}MB{peak - before:>7.0f}MB{est:>11}")
+    print(f"process peak (ru_maxrss) {fig['ru_maxrss_mb']} MB; token arrays: {fig['token_array_mb']}")
+    growth = max(fig[k]["growth_mb"] for k in ("extract_orders", "sample_confidence") if k in fig)
+    fig["bound_ok"] = growth <= a.bound_mb
+    print(f"extraction/sampling RSS growth {growth:.0f} MB {'<=' if fig['bound_ok'] else '>'} bound {a.bound_mb:.0f} MB")
+    if a.json:
+        Path(a.json).write_text(json.dumps(fig, indent=2))
+    return fig
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,355 @@
+"""Bad input: every case fails (or degrades) with one clear line naming the file/field and the fix, and
+leaves no partial artifact behind."""
+from __future__ import annotations
+
+import io
+import os
+import socket
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from oar_core.data import run_ingest
+from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
+from oar_core.order_table import orders_for_ids
+from oar_core.params import ExtractParams, IngestParams, TrainParams
+from oar_core.shards import load_tokens, read_shard
+from tests.fixtures_pipeline import TINY_MODEL, tiny_train_params
+from tests.reliability.conftest import error_line, files_under, run_module, single_thread, write_params
+
+N = 49
+
+
+# ---------------------------------------------------------------------------------------------- params.yaml
+@pytest.mark.parametrize("body,keys", [
+    ("ingest:\n  image_size: 3\n  on_size_mismatch: crop\n", ["ingest.image_size", "ingest.on_size_mismatch"]),
+    ("ingest:\n  out_dir: out\n  image_sise: 28\ntokenizer:\n  grid: 7\n  codebok_size: 64\n",
+     ["ingest.image_sise", "tokenizer.codebok_size"]),
+], ids=["bad-values", "unknown-keys"])
+def test_invalid_params_fail_before_any_work(tmp_path, body, keys):
+    (tmp_path / "params.yaml").write_text(body)
+    r = run_module(["pipeline.ingest", "--params", "params.yaml"], tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    head, *problems = r.stderr.strip().splitlines()
+    # one header line naming the file, then one line per offending key (dotted path + what is wrong)
+    assert head.startswith("error: [ingest] params.yaml: invalid parameters") and "fix these keys" in head
+    assert len(problems) == len(keys)
+    for key, line in zip(sorted(keys), sorted(problems)):
+        assert line.strip().startswith(f"{key}:"), line
+    if "image_sise" in body:
+        assert all("unknown key (check spelling" in ln for ln in problems)
+    else:
+        assert "greater than or equal to 8" in r.stderr and "'resize' or 'reject'" in r.stderr
+    assert files_under(tmp_path) == {"params.yaml"}  # nothing was written (not even out_dir)
+
+
+def test_params_yaml_not_yaml_or_missing(tmp_path):
+    (tmp_path / "params.yaml").write_text("ingest: [unclosed\n")
+    r = run_module(["pipeline.tokenize", "--params", "params.yaml"], tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "params.yaml: not valid YAML" in r.stderr
+    r = run_module(["pipeline.tokenize", "--params", "nope.yaml"], tmp_path)
+    assert "nope.yaml: not found; run from the repository root or pass --params" in error_line(r, "tokenize")
+
+
+# ---------------------------------------------------------------------------------------------- image folders
+def _png(arr, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, **kw).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def test_missing_and_empty_image_folder(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(FileNotFoundError, match=r"nope: image folder not found; set ingest.source"):
+        run_ingest(IngestParams(source=str(tmp_path / "nope"), out_dir=str(out)))
+    (tmp_path / "empty" / "Coat").mkdir(parents=True)
+    (tmp_path / "empty" / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(ValueError, match=r"empty: no images found .* put images there or point ingest.source elsewhere"):
+        run_ingest(IngestParams(source=str(tmp_path / "empty"), out_dir=str(out)))
+    assert not out.exists()
+    # and as a stage: one line
+    write_params(tmp_path / "params.yaml", ingest=IngestParams(source=str(tmp_path / "empty"), out_dir="out"))
+    assert "no images found" in error_line(run_module(["pipeline.ingest"], tmp_path), "ingest")
+    assert not out.exists()
+
+
+def test_corrupt_and_truncated_images_are_skipped_and_reported(tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    good = [rng.integers(0, 256, (28, 28), dtype=np.uint8) for _ in range(40)]
+    for c in ("Bag", "Coat"):
+        (src / c).mkdir(parents=True)
+    for i, a in enumerate(good):
+        (src / ("Bag" if i % 2 else "Coat") / f"ok{i:02d}.png").write_bytes(_png(a))
+    full = _png(good[0])
+    bad = {"Bag/truncated.png": full[: len(full) // 2], "Bag/empty.png": b"", "Coat/text.jpg": b"not an image\n",
+           "Coat/truncated.jpg": _jpeg(Image.fromarray(good[1]))[:300], "Coat/notes.txt": b"hello"}
+    for rel, data in bad.items():
+        (src / rel).write_bytes(data)
+    out = tmp_path / "out"
+    s = run_ingest(IngestParams(source=str(src), out_dir=str(out), test_fraction=0.25))
+    assert s["counts"]["train"] + s["counts"]["test"] == 40 and s["n_skipped"] == len(bad)
+    import json
+
+    report = {e["file"]: e["reason"] for e in json.loads((out / "report.json").read_text())["skipped"]}
+    assert set(report) == set(bad)
+    assert report["Coat/notes.txt"].startswith("unsupported extension")
+    for rel in ("Bag/truncated.png", "Bag/empty.png", "Coat/text.jpg", "Coat/truncated.jpg"):
+        assert report[rel].startswith("unreadable image ("), report[rel]
+    assert files_under(out) == {"train.npz", "test.npz", "report.json", "manifest.json"}
+
+    # fatal only when nothing usable is left: then only report.json (the reasons) is written
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    for rel, data in bad.items():
+        (only_bad / rel.replace("/", "_")).write_bytes(data)
+    out2 = tmp_path / "out2"
+    write_params(tmp_path / "params.yaml", ingest=IngestParams(source=str(only_bad), out_dir=str(out2)))
+    line = error_line(run_module(["pipeline.ingest"], tmp_path), "ingest")
+    assert "no usable train images after ingest (5 skipped); every image was skipped; see report.json" in line
+    assert files_under(out2) == {"report.json"}
+
+
+def _mixed_folder(root: Path) -> dict[str, bytes]:
+    rng = np.random.default_rng(1)
+    files = {
+        "gray28.png": _png(rng.integers(0, 256, (28, 28), dtype=np.uint8)),
+        "rgb28.png": _png(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)),
+        "rgba40x30.png": _png(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8)),
+        "gray16bit28.png": _png((np.arange(784).reshape(28, 28) * 80).astype(np.uint16)),
+        "palette28.png": None,
+        "cmyk64.jpg": _jpeg(Image.new("CMYK", (64, 64), (0, 128, 0, 0))),
+        "la100x20.png": None,
+    }
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).convert("P").save(buf, "PNG")
+    files["palette28.png"] = buf.getvalue()
+    buf = io.BytesIO()
+    Image.new("LA", (100, 20), (200, 255)).save(buf, "PNG")
+    files["la100x20.png"] = buf.getvalue()
+    root.mkdir()
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_mixed_sizes_and_modes_are_converted(tmp_path, channels):
+    files = _mixed_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    s = run_ingest(IngestParams(source=str(tmp_path / "src"), out_dir=str(out), channels=channels, test_fraction=0.5))
+    assert s["n_skipped"] == 0 and s["counts"]["train"] + s["counts"]["test"] == len(files)
+    images, ids = [], []
+    for split in ("train", "test"):
+        with np.load(out / f"{split}.npz") as z:
+            images.append(z["images"])
+            ids += list(z["ids"])
+    images = np.concatenate(images)
+    assert images.shape == (len(files), 28, 28, channels) and images.dtype == np.uint8
+    if channels == 1:  # 16-bit data is scaled to 8 bits, not clipped to white
+        img = images[ids.index("gray16bit28.png")][..., 0]
+        assert 100 < img.mean() < 140 and (img == 255).mean() < 0.05
+
+
+def test_mixed_sizes_rejected_when_asked(tmp_path):
+    _mixed_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    s = run_ingest(IngestParams(source=str(tmp_path / "src"), out_dir=str(out), on_size_mismatch="reject",
+                                test_fraction=0.5))
+    import json
+
+    report = {e["file"]: e["reason"] for e in json.loads((out / "report.json").read_text())["skipped"]}
+    assert set(report) == {"rgba40x30.png", "cmyk64.jpg", "la100x20.png"}
+    assert report["rgba40x30.png"] == "size 40x30 != 28x28 (on_size_mismatch=reject)"
+    assert s["counts"]["train"] + s["counts"]["test"] == 4
+
+
+# ---------------------------------------------------------------------------------------------- shards
+def test_truncated_shard_is_a_clear_error_and_train_writes_nothing(tiny_shards, tmp_path):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    shard = shards / "train-000001.tar"
+    data = shard.read_bytes()
+    for cut in (len(data) // 2 + 100, len(data) // 2 + 700, 20):  # cut mid-member, mid-header, in the first header
+        shard.write_bytes(data[:cut])
+        with pytest.raises(ValueError, match=r"train-000001.tar: .*(corrupt or truncated shard|truncated or foreign "
+                                             r"shard).*rerun `dvc repro tokenize`"):
+            read_shard(shard)
+    # cut exactly at a sample boundary: tar cannot tell, meta.json's per-shard count does
+    import tarfile
+
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        members = tar.getmembers()
+    cut = members[3 * 100].offset  # the 101st sample's first member (3 fields per sample)
+    shard.write_bytes(data[:cut] + b"\0" * 1024)
+    with pytest.raises(ValueError, match=r"has 100 samples, meta.json says 256 \(truncated\)"):
+        load_tokens(shards, "train")
+
+    write_params(tmp_path / "params.yaml", train_random=tiny_train_params("models/m"))
+    line = error_line(run_module(["pipeline.train", "--stage", "train_random", "--shards", str(shards)], tmp_path),
+                      "train_random")
+    assert "train-000001.tar" in line and "rerun `dvc repro tokenize`" in line
+    assert not (tmp_path / "models").exists() and not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_checkpoint_from_another_config(any_order_model, tiny_shards, tmp_path):
+    ckpt_path = any_order_model[0]
+    other = tmp_path / "other_vocab.pt"
+    save_gpt(other, GPT(GPTConfig(grid_h=7, grid_w=7, vocab_size=32, num_classes=10, n_layer=2, n_head=2, d_model=64)))
+    # finetune initialised from a model of another vocab (as a stage: one line, nothing written)
+    p = tiny_train_params("models/oar", init_from=str(other), steps=5)
+    write_params(tmp_path / "params.yaml", finetune=p)
+    line = error_line(run_module(["pipeline.train", "--stage", "finetune", "--shards", str(tiny_shards)], tmp_path),
+                      "finetune")
+    assert "other_vocab.pt: checkpoint grid 7x7/vocab 32 does not match the shards (7x7/64)" in line
+    assert "retrain it on these shards" in line
+    assert files_under(tmp_path) == {"params.yaml", "other_vocab.pt"}
+
+    # extraction with a model of another vocab (crashed mid-run on an index error before the check was added)
+    with pytest.raises(ValueError, match=r"model vocab 32 does not match the shards' codebook 64"):
+        from oar_core.extract import run_extract
+
+        run_extract(ExtractParams(checkpoint=str(other), out_dir=str(tmp_path / "orders")), str(tiny_shards))
+    assert not (tmp_path / "orders").exists()
+    # ... and another grid
+    grid5 = tmp_path / "grid5.pt"
+    save_gpt(grid5, GPT(GPTConfig(grid_h=5, grid_w=5, vocab_size=64, num_classes=10, n_layer=1, n_head=2, d_model=16)))
+    with pytest.raises(ValueError, match=r"model grid 5x5 does not match shards 7x7"):
+        run_extract(ExtractParams(checkpoint=str(grid5), out_dir=str(tmp_path / "orders")), str(tiny_shards))
+
+    # a state_dict tampered to another shape than its config says
+    ckpt = torch.load(ckpt_path, weights_only=False)
+    key = next(k for k in ckpt["state_dict"] if k.endswith("weight") and ckpt["state_dict"][k].dim() == 2)
+    ckpt["state_dict"][key] = ckpt["state_dict"][key][:, :-1].clone()
+    torch.save(ckpt, tmp_path / "tampered.pt")
+    with pytest.raises(ValueError, match=r"tampered.pt: checkpoint does not match its config \(.*size mismatch"):
+        load_gpt(tmp_path / "tampered.pt")
+    # a truncated file and something that is not a model checkpoint
+    (tmp_path / "cut.pt").write_bytes(ckpt_path.read_bytes()[:5000])
+    with pytest.raises(ValueError, match=r"cut.pt: unreadable model checkpoint .*delete it and rerun its stage"):
+        load_gpt(tmp_path / "cut.pt")
+    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    with pytest.raises(ValueError, match=r"foreign.pt: not an oar model checkpoint"):
+        load_gpt(tmp_path / "foreign.pt")
+    with pytest.raises(FileNotFoundError, match=r"missing.pt: model checkpoint not found; run the stage"):
+        load_gpt(tmp_path / "missing.pt")
+
+
+# ---------------------------------------------------------------------------------------------- orders table
+def _orders_table(folder: Path, ids: list[str], perms: list[list[int]]) -> Path:
+    folder.mkdir(exist_ok=True)
+    pq.write_table(pa.table({"image_id": ids, "permutation": pa.array(perms, pa.list_(pa.uint16()))}),
+                   folder / "train-000000.parquet")
+    return folder
+
+
+def test_orders_table_that_does_not_fit_the_grid(tiny_shards, tmp_path):
+    ids = load_tokens(tiny_shards, "train")["ids"]
+    ok = list(range(N))
+    dup = [0] + list(range(N - 1))  # 0 twice, 48 missing
+    out_of_range = list(range(1, N + 1))  # 49 is no grid position
+    for name, bad in (("dup", dup), ("range", out_of_range)):
+        perms = [ok] * len(ids)
+        perms[7] = bad
+        d = _orders_table(tmp_path / name, ids, perms)
+        with pytest.raises(ValueError, match=rf"1 row\(s\) are not permutations of 0..48, e.g. image '{ids[7]}'"):
+            orders_for_ids(d, ids, N)
+    short = _orders_table(tmp_path / "short", ids, [list(range(36))] * len(ids))  # from a 6x6 grid
+    # through finetune: one clear error, before any checkpoint or model is written
+    p = tiny_train_params(tmp_path / "models/oar", order="given", orders_dir=str(short), steps=5)
+    from oar_core.train import run_train
+
+    with single_thread(), pytest.raises(ValueError, match=r"permutations have \[36\] entries but the grid has 49"):
+        run_train(p, "finetune", str(tiny_shards), tmp_path / "runs", tmp_path / "metrics", tmp_path / "plots")
+    assert not any((tmp_path / d).exists() for d in ("models", "runs", "metrics", "plots"))
+
+
+# ---------------------------------------------------------------------------------------------- S3
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: connections are refused
+    return port
+
+
+class _Deny(BaseHTTPRequestHandler):
+    """An S3 endpoint that rejects every request the way AWS does for an unknown access key."""
+
+    def _deny(self):
+        body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InvalidAccessKeyId</Code><Message>The AWS '
+                b"Access Key Id you provided does not exist in our records.</Message></Error>")
+        self.send_response(403)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    do_GET = do_PUT = do_HEAD = do_POST = do_DELETE = _deny
+
+    def log_message(self, *a):
+        pass
+
+
+@pytest.fixture
+def deny_endpoint():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Deny)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_port}"
+    srv.shutdown()
+
+
+def _s3_env(endpoint: str) -> dict:
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong",
+            "AWS_DEFAULT_REGION": "us-east-1", "AWS_MAX_ATTEMPTS": "2", "AWS_RETRY_MODE": "standard"}
+
+
+@pytest.mark.parametrize("kind", ["unreachable", "wrong-credentials"])
+def test_s3_failures_are_bounded_and_clear(tmp_path, kind, request):
+    endpoint = f"http://127.0.0.1:{_closed_port()}" if kind == "unreachable" else request.getfixturevalue("deny_endpoint")
+    write_params(tmp_path / "params.yaml", ingest=IngestParams(source="s3://oar-data/images", out_dir="out"))
+    env = {**os.environ, **_s3_env(endpoint)}
+    env.pop("AWS_PROFILE", None)
+    env.pop("AWS_SESSION_TOKEN", None)
+    t0 = time.time()
+    r = _run(["pipeline.ingest"], tmp_path, env)
+    line = error_line(r, "ingest")
+    assert line.startswith("error: [ingest] s3://oar-data/images: cannot list images: ")
+    if kind == "unreachable":
+        assert f"S3 endpoint {endpoint} unreachable after 2 attempts" in line and "check AWS_ENDPOINT_URL" in line
+    else:
+        assert "S3 refused the request" in line and "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in line
+    assert not (tmp_path / "out").exists()
+    # reading shards from S3 (train) fails the same way
+    write_params(tmp_path / "params.yaml", train_random=tiny_train_params("models/m"))
+    r = _run(["pipeline.train", "--stage", "train_random", "--shards", "s3://oar-data/shards"], tmp_path, env)
+    line = error_line(r, "train_random")
+    assert "s3://oar-data/shards/meta.json: cannot read: " in line
+    assert not (tmp_path / "models").exists() and not (tmp_path / "runs").exists()
+    assert time.time() - t0 < 90  # bounded retries, no hang
+
+
+def _run(args, cwd, env):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env={**env, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)
