@@ -56,7 +56,7 @@ class TokenizeParams(Section):
 class ModelParams(Section):
     n_layer: int = Field(4, ge=1)
     n_head: int = Field(4, ge=1)
-    d_model: int = Field(192, ge=8)
+    d_model: int = Field(128, ge=8)
     mlp_ratio: float = Field(4.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     class_cond: bool = True
@@ -75,7 +75,7 @@ class TrainParams(Section):
     orders_dir: Optional[str] = None  # Parquet orders table, for order="given"
     random_mix: float = Field(0.0, ge=0, le=1)  # fraction of random orders mixed into "given" training
     out_dir: str = "models/random"
-    steps: int = Field(1500, ge=1)
+    steps: int = Field(1200, ge=1)
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-4, ge=0)
@@ -108,8 +108,24 @@ class ExtractParams(Section):
     seed: int = 0
 
 
+class SampleModelParams(Section):
+    name: str  # folder name under sample.out_dir and the key in metrics/evaluate.json
+    checkpoint: str
+    order: Literal["raster", "random", "spiral", "center_out", "confidence"]
+
+
+DEFAULT_SAMPLE_MODELS = [
+    SampleModelParams(name="raster", checkpoint="models/raster/model.pt", order="raster"),
+    SampleModelParams(name="any-order", checkpoint="models/random/model.pt", order="random"),
+    SampleModelParams(name="any-order-confidence", checkpoint="models/random/model.pt", order="confidence"),
+    SampleModelParams(name="oar", checkpoint="models/oar/model.pt", order="confidence"),
+]
+
+
 class SampleParams(Section):
     out_dir: str = "samples"
+    tokenizer: str = "models/tokenizer.pt"
+    models: list[SampleModelParams] = DEFAULT_SAMPLE_MODELS
     n_per_model: int = Field(500, ge=1)
     batch_size: int = Field(250, ge=1)
     temperature: float = Field(1.0, gt=0)
@@ -117,12 +133,24 @@ class SampleParams(Section):
     cfg_scale: float = Field(1.5, ge=0)
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names) or any(not n or "/" in n or n.startswith(".") for n in names):
+            raise ValueError(f"sample.models names must be unique plain folder names, got {names}")
+        return self
+
 
 class EvaluateParams(Section):
     out_dir: str = "reports"
     inception_weights: Optional[str] = None  # local torch-fidelity Inception weights; standard FID/IS only if set
+    classifier: Optional[str] = None  # reuse this in-domain classifier checkpoint instead of training one
     classifier_steps: int = Field(800, ge=1)
+    classifier_batch_size: int = Field(128, ge=1)
+    classifier_lr: float = Field(2e-3, gt=0)
     kid_subset_size: int = Field(100, ge=2)
+    nll_batch_size: int = Field(250, ge=1)
+    strip_steps: int = Field(8, ge=2)  # partial canvases in the generation-order strip
     seed: int = 0
 
 

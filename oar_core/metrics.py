@@ -1,0 +1,402 @@
+"""Sample quality without internet: FID / KID / IS through torch-fidelity, in two feature spaces.
+
+- in-domain (always): a small CNN classifier trained here on the ingest train split's labels. Its pooled
+  features feed FID/KID and its logits feed IS. Registered with torch-fidelity as `oar-indomain-cnn`,
+  its weights passed as `feature_extractor_weights_path`, so nothing is ever downloaded.
+- Inception (optional): torch-fidelity's standard `inception-v3-compat`, only when a local weights file is
+  given (torch-fidelity would otherwise download it at first use).
+torch-fidelity 0.4 takes a torch Dataset whose items are uint8 tensors of shape (3, H, W); grayscale images
+are repeated to 3 channels and the in-domain extractor converts them back.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+import polars as pl
+from tqdm import tqdm
+
+from oar_core.io import load_torch, save_torch
+
+INDOMAIN_NAME = "oar-indomain-cnn"
+INCEPTION_NAME = "inception-v3-compat"
+
+
+# ---- the in-domain classifier -----------------------------------------------------------------------
+class SmallCNN(nn.Module):
+    """Three conv stages (full, 1/2, 1/4 resolution) + global average pool: size-agnostic, ~25k params,
+    ~2M multiply-adds per 28x28 image so it trains in about a minute on 2 CPU cores (~90% on Fashion-MNIST)."""
+
+    def __init__(self, channels: int = 1, num_classes: int = 10, width: int = 16, feat_dim: int = 64,
+                 image_size: int = 28):
+        super().__init__()
+        self.config = dict(channels=channels, num_classes=num_classes, width=width, feat_dim=feat_dim,
+                           image_size=image_size)
+        w = width
+        self.body = nn.Sequential(
+            nn.Conv2d(channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, feat_dim, 3, padding=1), nn.BatchNorm2d(feat_dim), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(feat_dim, num_classes)
+
+    def features(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feat_BF = self.body(x_BCHW * 2 - 1)
+        return feat_BF, self.head(feat_BF)
+
+    def forward(self, x_BCHW):
+        return self.features(x_BCHW)[1]
+
+
+def _float_BCHW(images_NHWC: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images_NHWC)).permute(0, 3, 1, 2).float().div_(255)
+
+
+def train_classifier(images_NHWC: np.ndarray, labels_N: np.ndarray, steps: int, batch_size: int = 128,
+                     lr: float = 2e-3, seed: int = 0, progress: bool = True) -> SmallCNN:
+    """Train on uint8 images with random horizontal flips (label-preserving for products/objects)."""
+    torch.manual_seed(seed)
+    N, H, W, C = images_NHWC.shape
+    num_classes = int(labels_N.max()) + 1
+    model = SmallCNN(C, max(2, num_classes), image_size=H)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+    g = torch.Generator().manual_seed(seed)
+    x_all, y_all = _float_BCHW(images_NHWC), torch.as_tensor(labels_N, dtype=torch.long)
+    model.train()
+    for _ in tqdm(range(steps), desc="in-domain classifier", unit="step", disable=not progress, mininterval=2):
+        idx = torch.randint(N, (min(batch_size, N),), generator=g)
+        x, y = x_all[idx], y_all[idx]
+        flip = torch.rand(len(idx), generator=g) < 0.5
+        x[flip] = x[flip].flip(-1)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def classifier_accuracy(model: SmallCNN, images_NHWC: np.ndarray, labels_N: np.ndarray, batch: int = 500) -> float:
+    model.eval()
+    correct = 0
+    for i in range(0, len(images_NHWC), batch):
+        pred = model(_float_BCHW(images_NHWC[i: i + batch])).argmax(1)
+        correct += int((pred == torch.as_tensor(labels_N[i: i + batch])).sum())
+    return correct / len(images_NHWC)
+
+
+def save_classifier(path, model: SmallCNN, **extra) -> None:
+    save_torch(path, {"kind": "oar-indomain-cnn", "config": model.config, "state_dict": model.state_dict(), **extra})
+
+
+def load_classifier(path) -> tuple[SmallCNN, dict]:
+    ckpt = load_torch(path, "in-domain classifier")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != "oar-indomain-cnn":
+        raise ValueError(f"{path}: not an in-domain classifier checkpoint (written by save_classifier); "
+                         "unset evaluate.classifier to train one")
+    model = SmallCNN(**ckpt["config"])
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), ckpt
+
+
+# ---- torch-fidelity plumbing ------------------------------------------------------------------------
+def _import_fidelity():
+    import torch_fidelity
+    from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    return torch_fidelity, FeatureExtractorBase
+
+
+def indomain_extractor_class():
+    """The FeatureExtractorBase subclass, built lazily so importing this module does not import torch-fidelity."""
+    _, FeatureExtractorBase = _import_fidelity()
+
+    class InDomainExtractor(FeatureExtractorBase):
+        def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+            super().__init__(name, features_list)
+            if not feature_extractor_weights_path:
+                # never fall back to a download: this extractor only exists as a local file
+                raise ValueError(f"{INDOMAIN_NAME} needs feature_extractor_weights_path (a save_classifier file)")
+            self.net, _ = load_classifier(feature_extractor_weights_path)
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("pool", "logits")
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits", "fid": "pool", "kid": "pool", "prc": "pool"}[metric]
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros(1, 3, 28, 28, dtype=torch.uint8)
+
+        def forward(self, x_B3HW: torch.Tensor):
+            if x_B3HW.dtype != torch.uint8 or x_B3HW.dim() != 4 or x_B3HW.shape[1] != 3:
+                raise ValueError(f"expected uint8 (B,3,H,W) images, got {x_B3HW.dtype} {tuple(x_B3HW.shape)}")
+            x = x_B3HW.float() / 255
+            cfg = self.net.config
+            if cfg["channels"] == 1:  # torch-fidelity speaks RGB; our gray images were repeated to 3 channels
+                x = x.mean(1, keepdim=True)
+            if x.shape[-1] != cfg["image_size"] or x.shape[-2] != cfg["image_size"]:
+                x = F.interpolate(x, size=(cfg["image_size"],) * 2, mode="bilinear", antialias=True)
+            feat_BF, logits_BK = self.net.features(x)
+            by_name = {"pool": feat_BF, "logits": logits_BK}
+            return tuple(by_name[f] for f in self.features_list)
+
+    return InDomainExtractor
+
+
+def register_indomain() -> None:
+    """Register once per process (torch-fidelity refuses a second registration under the same name)."""
+    _import_fidelity()
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
+
+    if INDOMAIN_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(INDOMAIN_NAME, indomain_extractor_class())
+
+
+class UInt8Images(Dataset):
+    """(N,H,W,C) uint8 array -> items of uint8 (3,H,W) tensors, the input torch-fidelity 0.4 expects."""
+
+    def __init__(self, images_NHWC: np.ndarray):
+        if images_NHWC.dtype != np.uint8 or images_NHWC.ndim != 4:
+            raise ValueError(f"expected uint8 (N,H,W,C) images, got {images_NHWC.dtype} {images_NHWC.shape}")
+        self.images_NHWC = images_NHWC
+
+    def __len__(self):
+        return len(self.images_NHWC)
+
+    def __getitem__(self, i):
+        x_CHW = torch.from_numpy(np.ascontiguousarray(self.images_NHWC[i])).permute(2, 0, 1)
+        return x_CHW.expand(3, -1, -1).contiguous() if x_CHW.shape[0] == 1 else x_CHW
+
+
+def fidelity_metrics(gen_NHWC: np.ndarray, real_NHWC: np.ndarray, feature_extractor: str, weights_path: str,
+                     kid_subset_size: int = 100, seed: int = 0, batch_size: int = 250, cache_dir: str | None = None,
+                     real_cache_name: str | None = None) -> dict:
+    """FID / KID / IS of generated vs real images. IS is computed on the generated images only.
+
+    `real_cache_name` lets torch-fidelity reuse the real images' features across models (in `cache_dir`)."""
+    torch_fidelity, _ = _import_fidelity()
+    register_indomain()
+    n = min(len(gen_NHWC), len(real_NHWC))
+    subset = min(kid_subset_size, n)  # torch-fidelity rejects a KID subset larger than either set
+    kw = dict(input1=UInt8Images(gen_NHWC), input2=UInt8Images(real_NHWC), cuda=torch.cuda.is_available(),
+              fid=True, kid=True, isc=True, feature_extractor=feature_extractor,
+              feature_extractor_weights_path=weights_path, kid_subset_size=subset,
+              isc_splits=max(1, min(10, len(gen_NHWC) // 50)), batch_size=batch_size, rng_seed=seed,
+              save_cpu_ram=True,  # no DataLoader worker processes: pointless for in-memory arrays on 2 cores
+              datasets_download=False, verbose=False, cache=cache_dir is not None and real_cache_name is not None)
+    if feature_extractor == INDOMAIN_NAME:
+        kw.update(feature_layer_fid="pool", feature_layer_kid="pool", feature_layer_isc="logits")
+    if kw["cache"]:
+        kw.update(cache_root=cache_dir, input2_cache_name=real_cache_name)
+    m = torch_fidelity.calculate_metrics(**kw)
+    return {"fid": m["frechet_inception_distance"], "kid": m["kernel_inception_distance_mean"],
+            "kid_std": m["kernel_inception_distance_std"], "is": m["inception_score_mean"],
+            "is_std": m["inception_score_std"]}
+
+
+def check_inception_weights(path: str) -> str:
+    if not Path(path).is_file():
+        raise ValueError(f"evaluate.inception_weights={path!r}: file not found; point it at a local "
+                         "pt_inception-2015-12-05 weights file (torch-fidelity's) or set it to null to skip "
+                         "standard Inception metrics")
+    return path
+
+
+# ---- reading generated images -----------------------------------------------------------------------
+def load_image_folder(folder, image_size: int, channels: int) -> np.ndarray:
+    """All `*.png` in `folder` except grid.png, as (N,H,W,C) uint8; clear errors for missing/mis-sized images."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: generated-images folder not found; run `dvc repro sample` "
+                         "(or python -m pipeline.sample) first")
+    files = sorted(f for f in folder.glob("*.png") if f.name != "grid.png")
+    if not files:
+        raise ValueError(f"{folder}: no generated images (*.png); rerun `dvc repro sample`")
+    images = []
+    for f in files:
+        with Image.open(f) as im:
+            if im.size != (image_size, image_size):
+                raise ValueError(f"{folder}: {f.name} is {im.size[0]}x{im.size[1]} but the real test images are "
+                                 f"{image_size}x{image_size}; regenerate the samples with the current tokenizer "
+                                 "(`dvc repro sample`) so both sets have the ingest size")
+            im = im.convert("L" if channels == 1 else "RGB")
+            images.append(np.asarray(im, dtype=np.uint8).reshape(image_size, image_size, channels))
+    return np.stack(images)
+
+
+# ---- held-out NLL -----------------------------------------------------------------------------------
+@torch.no_grad()
+def nll_bits_per_token(model, tokens_NN: torch.Tensor, labels_N: torch.Tensor, order_NN: torch.Tensor | None,
+                       order: str = "random", batch_size: int = 250, seed: int = 0, device="cpu") -> float:
+    """Mean bits/token of held-out token grids under `order_NN` (one order per image) or a sampled `order`."""
+    from oar_core.io import autocast
+    from oar_core.orders import sample_orders
+
+    model.eval()
+    H, W = model.cfg.grid_h, model.cfg.grid_w
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for i in range(0, len(tokens_NN), batch_size):
+        tok_BN, lab_B = tokens_NN[i: i + batch_size], labels_N[i: i + batch_size]
+        order_BN = order_NN[i: i + batch_size] if order_NN is not None else sample_orders(order, len(tok_BN), H, W, g)
+        with autocast(device):
+            loss = model.loss(tok_BN.to(device), order_BN.to(device), lab_B.to(device))
+        total += float(loss) * len(tok_BN)
+    return total / len(tokens_NN) / math.log(2)
+
+
+def in_space(m: dict, space: str) -> dict:
+    """{"fid": .., "kid_std": ..} -> {"fid_<space>": .., "kid_<space>_std": ..}: keys say the feature space."""
+    return {(f"{k[:-4]}_{space}_std" if k.endswith("_std") else f"{k}_{space}"): v for k, v in m.items()}
+
+
+def temp_cache_dir() -> tempfile.TemporaryDirectory:
+    """A per-run torch-fidelity cache (never $TORCH_HOME): real features computed once, reused per model."""
+    return tempfile.TemporaryDirectory(prefix="oar-fidelity-", dir=os.environ.get("TMPDIR"))
+
+
+# ---- the evaluate stage -----------------------------------------------------------------------------
+def model_folders(samples_dir) -> list[tuple[str, dict]]:
+    """(name, meta) of every sampled model, in the order the sample stage listed them."""
+    from oar_core.samples import load_meta
+
+    root = Path(samples_dir)
+    if not root.is_dir():
+        raise ValueError(f"{root}: samples folder not found; run `dvc repro sample` (or python -m pipeline.sample) "
+                         "before evaluating")
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not folders:
+        raise ValueError(f"{root}: no model sub-folders; run `dvc repro sample` (or python -m pipeline.sample)")
+    found = [(d.name, load_meta(d)) for d in folders]
+    listed = [m["name"] for m in found[0][1].get("params", {}).get("models", [])]
+    rank = {n: i for i, n in enumerate(listed)}
+    return sorted(found, key=lambda x: (rank.get(x[0], len(rank)), x[0]))
+
+
+def nll_order_for(meta: dict, test_ids: list[str], N: int, orders_dir) -> tuple[str, torch.Tensor | None, str]:
+    """How a model is scored: under the order it samples in. Confidence-order models are scored under the
+    test images' extracted orders (their teacher-forced confidence orders) when the table has them."""
+    order = meta["order"]
+    if order != "confidence":
+        return order, None, order
+    if orders_dir and Path(orders_dir).is_dir() and any(Path(orders_dir).glob("*.parquet")):
+        from oar_core.order_table import orders_for_ids
+
+        given = orders_for_ids(orders_dir, test_ids, N, missing_ok=True)
+        if given is not None:
+            return "given", given, "extracted test orders (data/orders)"
+    return "random", None, "random (no extracted test orders found)"
+
+
+def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="data/shards", orders_dir="data/orders",
+                 tokenizer_path="models/tokenizer.pt", plots_dir="plots", metrics_path="metrics/evaluate.json",
+                 progress: bool = True) -> dict:
+    from oar_core import report
+    from oar_core.data import load_manifest, load_split
+    from oar_core.io import pick_device, write_json
+    from oar_core.model import load_gpt
+    from oar_core.samples import class_grid
+    from oar_core.train import load_split as load_token_split
+
+    out = Path(p.out_dir)
+    manifest = load_manifest(ingest_dir)
+    size, channels = manifest["image_size"], manifest["channels"]
+    models = model_folders(samples_dir)
+    gen = {name: load_image_folder(Path(samples_dir) / name, size, channels) for name, _ in models}
+    train_NHWC, train_labels, _ = load_split(ingest_dir, "train")
+    test_NHWC, test_labels, _ = load_split(ingest_dir, "test")
+    metrics: dict = {}
+
+    # the in-domain feature space
+    if p.classifier:
+        clf, _ = load_classifier(p.classifier)
+        clf_path, steps = p.classifier, None
+    else:
+        clf = train_classifier(train_NHWC, train_labels, p.classifier_steps, p.classifier_batch_size,
+                               p.classifier_lr, p.seed, progress)
+        clf_path, steps = str(out / "classifier.pt"), p.classifier_steps
+        save_classifier(clf_path, clf, steps=steps, seed=p.seed)
+    acc = classifier_accuracy(clf, test_NHWC, test_labels)
+    metrics["classifier"] = {"test_accuracy": round(acc, 4), **({"steps": steps} if steps else {})}
+    space = f"in-domain classifier ({INDOMAIN_NAME}, test acc {acc:.3f})"
+    inception = check_inception_weights(p.inception_weights) if p.inception_weights else None
+    labels = {"feature_space": {
+        "indomain": space,
+        "inception": f"Inception-v3 (torch-fidelity {INCEPTION_NAME}, weights {inception})" if inception
+        else "skipped: no local Inception weights (set evaluate.inception_weights)"}}
+
+    # reference: real train images (as many as one model's samples) vs the same test set
+    n_ref = max(len(v) for v in gen.values())
+    ref_idx = np.random.default_rng(p.seed).permutation(len(train_NHWC))[:n_ref]
+    sets = {**{name: gen[name] for name, _ in models}, "real_reference": train_NHWC[ref_idx]}
+    with temp_cache_dir() as cache:
+        for name, images in tqdm(sets.items(), desc="fidelity", unit="model", disable=not progress):
+            m = fidelity_metrics(images, test_NHWC, INDOMAIN_NAME, clf_path, p.kid_subset_size, p.seed,
+                                 cache_dir=cache, real_cache_name="real-test")
+            metrics[name] = in_space(m, "indomain")
+            if inception:
+                m = fidelity_metrics(images, test_NHWC, INCEPTION_NAME, inception, p.kid_subset_size, p.seed,
+                                     cache_dir=cache, real_cache_name="real-test")
+                metrics[name].update(in_space(m, "inception"))
+            labels[name] = {"feature_space": space}
+
+    # held-out NLL, each model under its own order
+    device = pick_device()
+    test_NN, test_tok_labels, test_ids = load_token_split(shards, "test")
+    for name, meta in models:
+        model, _ = load_gpt(meta["checkpoint"], device)
+        kind, order_NN, label = nll_order_for(meta, test_ids, test_NN.shape[1], orders_dir)
+        metrics[name]["nll_bits_per_token"] = nll_bits_per_token(model, test_NN, test_tok_labels, order_NN, kind,
+                                                                 p.nll_batch_size, p.seed, device)
+        labels[name].update(nll_order=label, sample_order=meta["order"], checkpoint=meta["checkpoint"])
+
+    # pictures + report
+    from oar_core.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_path)
+    class_names = manifest.get("class_names")
+    fig = out / "figures"
+    figures = {"grids": {}, "strips": {}, "heat_samples": {}, "heat_extracted": None, "curves": None}
+    for name, meta in models:
+        table = pl.read_parquet(Path(samples_dir) / name / "orders.parquet")
+        report.save_png(fig / f"grid_{name}.png", class_grid(gen[name], table["label"].to_numpy()))
+        figures["grids"][name] = f"figures/grid_{name}.png"
+        report.save_strips(tok, Path(samples_dir) / name / "orders.parquet", fig / f"strip_{name}.png", p.strip_steps)
+        figures["strips"][name] = f"figures/strip_{name}.png"
+        if meta["order"] == "confidence":  # fixed orders give trivial maps
+            heat = report.step_heatmaps_from_orders(np.stack(table["order"].to_numpy()).astype(np.int64),
+                                                    table["label"].to_numpy())
+            report.save_heatmap_panel(heat, fig / f"heat_{name}.png", f"{name}: mean sampling step", class_names)
+            figures["heat_samples"][name] = f"figures/heat_{name}.png"
+    if orders_dir and Path(orders_dir).is_dir() and any(Path(orders_dir).glob("*.parquet")):
+        report.save_heatmap_panel(report.extracted_heatmaps(orders_dir), fig / "heat_extracted.png",
+                                  "extracted training orders: mean step", class_names)
+        figures["heat_extracted"] = "figures/heat_extracted.png"
+    curves = ["train_raster", "train_random", "finetune", "finetune_random"]  # the last one: bench.quality's
+    if report.save_training_curves(plots_dir, curves, fig / "training_curves.png"):
+        figures["curves"] = "figures/training_curves.png"
+    names = [n for n, _ in models]
+    report.write_report(out / "report.md", metrics, labels, names, figures)
+    write_json(out / "metrics_labels.json", labels)
+    write_json(metrics_path, metrics)
+    return {"metrics": metrics_path, "report": str(out / "report.md"),
+            **{n: {k: round(v, 4) for k, v in metrics[n].items() if k in ("fid_indomain", "nll_bits_per_token")}
+               for n in names}}

@@ -1,0 +1,155 @@
+"""Stage `sample`: generate class-balanced images from every model, in its order, and keep the orders.
+
+Per model (params `sample.models`: name, checkpoint, order) it writes under `<out_dir>/<name>/`:
+    00000.png ...           the decoded images (uint8, the ingest size and channels)
+    orders.parquet          index, label, file, order list<uint16> (position per step), scores list<float32>,
+                            tokens list<uint16> (raster layout; lets the report redraw partial canvases)
+    grid.png                a sample grid, one column per class
+    meta.json               checkpoint, order, params and timing (evaluate reads it to know what it scores)
+Deterministic: every model draws from its own generator seeded by (seed, model name).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from oar_core.io import atomic_path, autocast, file_hash, pick_device, write_bytes_atomic, write_json
+from oar_core.model import GPT, load_gpt
+from oar_core.params import SampleModelParams, SampleParams
+from oar_core.sampling import generate
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """0,1,..,K-1,0,1,.. so every class gets n/K images (and any prefix is balanced too)."""
+    return torch.arange(n) % max(1, num_classes)
+
+
+def model_seed(seed: int, name: str) -> int:
+    # a stable per-model seed: adding or reordering models never changes another model's samples
+    return seed * 1_000_003 + zlib.crc32(name.encode()) % 1_000_003
+
+
+def to_uint8_NHWC(images_BCHW: torch.Tensor) -> np.ndarray:
+    return (images_BCHW.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def png_bytes(image_HWC: np.ndarray) -> bytes:
+    img = Image.fromarray(image_HWC[..., 0] if image_HWC.shape[-1] == 1 else image_HWC)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_grid(images_NHWC: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.ndarray:
+    """(rows*H, ncol*W, C) mosaic; the default fill is white so black-background images stay separable."""
+    N, H, W, C = images_NHWC.shape
+    nrow = math.ceil(N / ncol)
+    grid = np.full((nrow * (H + pad) + pad, ncol * (W + pad) + pad, C), fill, np.uint8)
+    for i, im in enumerate(images_NHWC):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = im
+    return grid
+
+
+def class_grid(images_NHWC: np.ndarray, labels_N: np.ndarray, per_class: int = 8) -> np.ndarray:
+    """One column per class, `per_class` rows: the layout people compare across models at a glance."""
+    classes = np.unique(labels_N)
+    cols = [images_NHWC[labels_N == k][:per_class] for k in classes]
+    rows = min(len(c) for c in cols)
+    ordered = np.stack([cols[j][i] for i in range(rows) for j in range(len(classes))])
+    return make_grid(ordered, ncol=len(classes))
+
+
+def save_png(path, image_HWC: np.ndarray) -> None:
+    write_bytes_atomic(path, png_bytes(image_HWC))
+
+
+@torch.no_grad()
+def sample_model(model: GPT, tokenizer, spec: SampleModelParams, p: SampleParams, device,
+                 progress: bool = True) -> dict:
+    """Generate p.n_per_model images with `spec.order`; returns labels, tokens, orders, scores, images."""
+    g = torch.Generator().manual_seed(model_seed(p.seed, spec.name))
+    labels_N = balanced_labels(p.n_per_model, model.cfg.num_classes)
+    H, W = model.cfg.grid_h, model.cfg.grid_w
+    out = {"tokens": [], "order": [], "scores": [], "images": []}
+    batches = range(0, p.n_per_model, p.batch_size)
+    for i in tqdm(batches, desc=f"sample {spec.name}", unit="batch", disable=not progress):
+        labels_B = labels_N[i: i + p.batch_size].to(device)
+        with autocast(device):
+            res = generate(model, labels_B, order=spec.order, temperature=p.temperature, top_k=p.top_k,
+                           cfg_scale=p.cfg_scale, generator=g, progress=progress)
+        tokens_BN = res["tokens"]
+        images_BCHW = tokenizer.decode(tokens_BN.view(-1, H, W)).float()
+        out["images"].append(to_uint8_NHWC(images_BCHW))
+        for k in ("tokens", "order", "scores"):
+            out[k].append(res[k].float().cpu() if k == "scores" else res[k].cpu())
+    return {"labels": labels_N.numpy(), "images": np.concatenate(out["images"]),
+            **{k: torch.cat(out[k]).numpy() for k in ("tokens", "order", "scores")}}
+
+
+def orders_table(res: dict, files: list[str]) -> pa.Table:
+    return pa.table({
+        "index": pa.array(np.arange(len(files)), pa.int64()),
+        "label": pa.array(res["labels"], pa.int64()),
+        "file": pa.array(files, pa.string()),
+        "order": pa.array(list(res["order"].astype(np.uint16)), pa.list_(pa.uint16())),
+        "scores": pa.array(list(res["scores"].astype(np.float32)), pa.list_(pa.float32())),
+        "tokens": pa.array(list(res["tokens"].astype(np.uint16)), pa.list_(pa.uint16())),
+    })
+
+
+def write_model_samples(folder: Path, res: dict, meta: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = [f"{i:05d}.png" for i in range(len(res["images"]))]
+    for old in folder.glob("*.png"):  # a previous, larger run must not leak extra images into the metrics
+        if old.name not in files and old.name != "grid.png":
+            old.unlink()
+    for name, im in zip(files, res["images"]):
+        save_png(folder / name, im)
+    with atomic_path(folder / "orders.parquet") as tmp:
+        pq.write_table(orders_table(res, files), tmp)
+    save_png(folder / "grid.png", class_grid(res["images"], res["labels"]))
+    write_json(folder / "meta.json", meta)  # last: its presence means the folder is complete
+
+
+def load_meta(folder) -> dict:
+    path = Path(folder) / "meta.json"
+    if not path.exists():
+        raise ValueError(f"{folder}: no meta.json, so these samples are incomplete or not from the sample stage; "
+                         "rerun `dvc repro sample` (or python -m pipeline.sample)")
+    return json.loads(path.read_text())
+
+
+def run_sample(p: SampleParams, metrics_dir: str = "metrics", progress: bool = True) -> dict:
+    from oar_core.tokenizer import load_tokenizer
+
+    device = pick_device()
+    tokenizer = load_tokenizer(p.tokenizer, device)
+    summary = {}
+    for spec in p.models:
+        model, ckpt = load_gpt(spec.checkpoint, device)
+        if (model.cfg.grid_h, model.cfg.vocab_size) != (tokenizer.grid, tokenizer.codebook_size):
+            raise ValueError(f"{spec.checkpoint}: model grid {model.cfg.grid_h}/vocab {model.cfg.vocab_size} does not "
+                             f"match the tokenizer {p.tokenizer} (grid {tokenizer.grid}/codebook "
+                             f"{tokenizer.codebook_size}); retrain the model on this tokenizer's shards")
+        t0 = time.time()
+        res = sample_model(model, tokenizer, spec, p, device, progress)
+        seconds = time.time() - t0
+        meta = {"name": spec.name, "checkpoint": spec.checkpoint, "checkpoint_hash": file_hash(spec.checkpoint),
+                "order": spec.order, "trained_order": ckpt.get("order"), "n": int(len(res["labels"])),
+                "num_classes": model.cfg.num_classes, "seconds": round(seconds, 2), "params": p.model_dump(mode="json")}
+        write_model_samples(Path(p.out_dir) / spec.name, res, meta)
+        summary[spec.name] = {"seconds": round(seconds, 2), "images_per_s": round(len(res["labels"]) / seconds, 2)}
+    write_json(Path(metrics_dir) / "sample.json", summary)
+    return summary

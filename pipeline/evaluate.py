@@ -1,0 +1,23 @@
+"""Stage `evaluate`: FID/KID/IS (in-domain always; Inception with local weights) + held-out NLL per model,
+then pictures and reports/report.md. Metrics: metrics/evaluate.json; labels: reports/metrics_labels.json."""
+from oar_core.metrics import run_evaluate
+from pipeline._stage import stage_main
+
+
+def _args(ap):
+    ap.add_argument("--samples", default="samples")
+    ap.add_argument("--ingest-dir", default="data/ingest")
+    ap.add_argument("--shards", default="data/shards")
+    ap.add_argument("--orders-dir", default="data/orders")
+    ap.add_argument("--tokenizer", default="models/tokenizer.pt")
+    ap.add_argument("--plots-dir", default="plots")
+    ap.add_argument("--metrics", default="metrics/evaluate.json")
+
+
+def main(argv=None):
+    return stage_main(__doc__, "evaluate", lambda p, a: run_evaluate(
+        p, a.samples, a.ingest_dir, a.shards, a.orders_dir, a.tokenizer, a.plots_dir, a.metrics), argv, _args)
+
+
+if __name__ == "__main__":
+    main()
