@@ -1,6 +1,6 @@
 """Sample quality of raster vs any-order vs OAR at the same training budget, over seeds.
 
-    python -m bench.quality                       # defaults: 2 seeds, ~45 min on 2 CPU cores (see --help)
+    python -m bench.quality                       # defaults: 2 seeds, 4-layer d=128 models, ~40 min on 2 CPU cores
     python -m bench.quality --seeds 0 --steps 60 --finetune-steps 20 --n-samples 100 --tiny   # smoke run
 
 Runs the pipeline's own stage functions (not DVC) in a scratch workdir with a generated params.yaml per seed.
@@ -11,7 +11,7 @@ are comparable across seeds). Per seed, every model gets `steps + finetune_steps
     any-order-confidence   the any-order model, sampled in confidence order
     oar                    random order, steps; orders extracted; finetune_steps on the extracted orders
 Prints mean ± std over seeds and writes the table as markdown (--out). Order extraction dominates the CPU cost
-(~10 images/s for the default 4-layer model on 2 cores), hence the 2000/500 image default.
+(~20 images/s for the default 4-layer d=128 model on one core), hence the 2000/500 image default.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def cwd(path: Path):
 
 
 def train_section(a, order: str, out_dir: str, steps: int, seed: int, **extra) -> dict:
-    model = {"n_layer": 2, "n_head": 2, "d_model": 64} if a.tiny else {"n_layer": 4, "n_head": 4, "d_model": 192}
+    model = {"n_layer": 2, "n_head": 2, "d_model": 64} if a.tiny else {"n_layer": 4, "n_head": 4, "d_model": 128}
     every = max(1, steps // 4)
     return {"order": order, "out_dir": out_dir, "steps": steps, "seed": seed, "model": model,
             "warmup_steps": min(100, steps // 10), "eval_every": every, "ckpt_every": steps, "log_every": every,
@@ -169,8 +169,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    ap.add_argument("--steps", type=int, default=300, help="any-order pretraining steps (raster gets steps+finetune)")
-    ap.add_argument("--finetune-steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, default=600, help="any-order pretraining steps (raster gets steps+finetune)")
+    ap.add_argument("--finetune-steps", type=int, default=200)
     ap.add_argument("--n-samples", type=int, default=300, help="generated images per model")
     ap.add_argument("--max-train", type=int, default=2000)
     ap.add_argument("--max-test", type=int, default=500)
