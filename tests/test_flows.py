@@ -135,7 +135,7 @@ def test_write_params_touches_only_changed_keys(tmp_path):
     p = load_params(path)
     new = p.train_random.model_copy(update={"steps": 7, "model": p.train_random.model.model_copy(update={"d_model": 64})})
     changes = write_params(tmp_path, {"train_random": new, "ingest": p.ingest})
-    assert changes == {"train_random.steps": (p.train_random.steps, 7), "train_random.model.d_model": (192, 64)}
+    assert changes == {"train_random.steps": (p.train_random.steps, 7), "train_random.model.d_model": (p.train_random.model.d_model, 64)}
     after = load_params(path)
     assert after.train_random == new and after.train_raster == p.train_raster and after.ingest == p.ingest
     changed_lines = [(a, b) for a, b in zip(before.splitlines(), path.read_text().splitlines()) if a != b]
