@@ -1,6 +1,6 @@
 """Decoding and training throughput, KV-cached vs uncached, measured side by side in one run.
 
-    python -m bench.decode [--layers 4 --d-model 192 --grid 7 --batch 64]
+    python -m bench.decode [--layers 4 --d-model 128 --grid 7 --batch 64]
 
 Uncached = a full causal forward over prefix + candidate for every candidate at every step (what a model
 without the dual positional encoding's one-forward candidate scoring, or without a cache, has to do).
@@ -32,7 +32,7 @@ def timed(fn, repeat=1):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--d-model", type=int, default=192)
+    ap.add_argument("--d-model", type=int, default=128)
     ap.add_argument("--grid", type=int, default=7)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--uncached-batch", type=int, default=8, help="uncached is slow: time it on fewer images")
