@@ -1,5 +1,6 @@
 """Training on real token shards: loss falls, exact resume after SIGKILL, 2-process DDP."""
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -29,16 +30,22 @@ def _state(path):
     return load_gpt(path)[0].state_dict()
 
 
-def test_resume_after_sigkill_matches_uninterrupted_run(tiny_shards, tmp_path):
-    p = tiny_train_params("models/m", steps=40, ckpt_every=5, eval_every=20)
-    for d in ("straight", "killed"):
-        (tmp_path / d).mkdir()
-        write_params(tmp_path / d / "params.yaml", train_random=p)
-    args = ["pipeline.train", "--stage", "train_random", "--shards", str(tiny_shards)]
-    assert run_module(args, tmp_path / "straight").returncode == 0
+def _two_workdirs(tmp_path, p, names):
+    """Run folders that each hold the same train_random params."""
+    dirs = [tmp_path / n for n in names]
+    for d in dirs:
+        d.mkdir()
+        write_params(d / "params.yaml", train_random=p)
+    return dirs
 
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=killed, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny_shards, tmp_path):
+    straight, killed = _two_workdirs(tmp_path, tiny_train_params("models/m", steps=40, ckpt_every=5, eval_every=20),
+                                     ("straight", "killed"))
+    args = ["pipeline.train", "--stage", "train_random", "--shards", str(tiny_shards)]
+    assert run_module(args, straight).returncode == 0
+
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=killed, env={**os.environ, "OMP_NUM_THREADS": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     ckpt = killed / "runs/train_random/last.pt"
     deadline = time.time() + 120
@@ -51,20 +58,17 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_shards, tmp_path):
     resumed = run_module(args, killed)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming from" in resumed.stdout + resumed.stderr
-    a, b = _state(tmp_path / "straight/models/m/model.pt"), _state(killed / "models/m/model.pt")
+    a, b = _state(straight / "models/m/model.pt"), _state(killed / "models/m/model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_ddp_two_cpu_processes_match_one(tiny_shards, tmp_path):
-    p = tiny_train_params("models/m", steps=4, eval_every=4, batch_size=16)
-    for d in ("one", "two"):
-        (tmp_path / d).mkdir()
-        write_params(tmp_path / d / "params.yaml", train_random=p)
+    one, two = _two_workdirs(tmp_path, tiny_train_params("models/m", steps=4, eval_every=4, batch_size=16), ("one", "two"))
     args = ["pipeline.train", "--stage", "train_random", "--shards", str(tiny_shards)]
-    assert run_module(args, tmp_path / "one").returncode == 0
-    ddp = run_module(["torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", *args], tmp_path / "two")
+    assert run_module(args, one).returncode == 0
+    ddp = run_module(["torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", *args], two)
     assert ddp.returncode == 0, ddp.stderr[-2000:]
-    a, b = _state(tmp_path / "one/models/m/model.pt"), _state(tmp_path / "two/models/m/model.pt")
+    a, b = _state(one / "models/m/model.pt"), _state(two / "models/m/model.pt")
     assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)  # averaged half-batch grads == full-batch grad
 
 
