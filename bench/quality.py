@@ -59,9 +59,10 @@ def params_for(a, seed: int, common: Path) -> dict:
         "tokenize": {"out": str(common / "data/shards")},
         "train_raster": train_section(a, "raster", "models/raster", S + F, seed),
         "train_random": train_section(a, "random", "models/random", S, seed),
-        "extract_orders": {"checkpoint": "models/random/model.pt", "out_dir": "data/orders", "seed": seed},
+        "extract_orders": {"checkpoint": "models/random/model.pt", "out_dir": "data/orders", "seed": seed,
+                           "score": a.score},
         "finetune": train_section(a, "given", "models/oar", F, seed, orders_dir="data/orders",
-                                  init_from="models/random/model.pt", random_mix=0.2, **ft),
+                                  init_from="models/random/model.pt", random_mix=a.random_mix, **ft),
         "sample": {"tokenizer": str(common / "models/tokenizer.pt"), "n_per_model": a.n_samples,
                    "batch_size": min(a.n_samples, 250), "seed": seed, "models": [
                        {"name": "raster", "checkpoint": "models/raster/model.pt", "order": "raster"},
@@ -156,7 +157,7 @@ def table(per_seed: dict[int, dict], a, clf_acc: float | None) -> str:
 
     seeds = sorted(per_seed)
     lines = [f"Fashion-MNIST, {a.max_train} train / {a.max_test} test images, seeds {seeds}, "
-             f"{a.steps}+{a.finetune_steps} steps per model, {a.n_samples} samples per model; in-domain feature "
+             f"{a.steps}+{a.finetune_steps} steps per model, orders by {a.score}, random_mix {a.random_mix}, {a.n_samples} samples per model; in-domain feature "
              f"space = small CNN classifier (test acc {clf_acc:.3f})." if clf_acc is not None else "", "",
              "| model | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for m in MODELS + ["real_reference"]:
@@ -176,6 +177,9 @@ def main(argv=None):
     ap.add_argument("--max-test", type=int, default=500)
     ap.add_argument("--tokenizer-steps", type=int, default=500)
     ap.add_argument("--classifier-steps", type=int, default=400)
+    ap.add_argument("--score", default="gt_prob", choices=["gt_prob", "max_prob", "neg_entropy"],
+                    help="extract_orders.score: how the any-order model ranks the next position")
+    ap.add_argument("--random-mix", type=float, default=0.2, help="finetune.random_mix")
     ap.add_argument("--tiny", action="store_true", help="2-layer d=64 models (smoke runs)")
     ap.add_argument("--inception-weights", default=None, help="local Inception weights: adds standard FID/KID/IS")
     ap.add_argument("--workdir", default="/tmp/oar-bench-quality")
