@@ -1,0 +1,54 @@
+"""The whole DAG with the CLI, as a user runs it: `dvc repro` from nothing to metrics and report, then
+`dvc repro` again does nothing, and a sampling param change reruns only sample and evaluate."""
+import json
+import shutil
+
+import pytest
+import yaml
+
+from tests.test_flows import ROOT, TINY, TINY_TRAIN, dvc, ran_stages, sh
+
+ALL_STAGES = ["ingest", "tokenizer", "tokenize", "train_raster", "train_random", "extract_orders", "finetune",
+              "sample", "evaluate"]
+
+
+@pytest.fixture(scope="module")
+def full_repo(tmp_path_factory):
+    repo = tmp_path_factory.mktemp("full_repo")
+    for d in ("pipeline", "oar_core"):
+        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    for section in ("train_raster", "train_random", "finetune"):
+        params[section].update({k: v for k, v in TINY_TRAIN.items() if k != "model"})
+        if "model" in params[section]:
+            params[section]["model"].update(TINY_TRAIN["model"])
+    params["sample"].update(n_per_model=20, batch_size=20)
+    params["evaluate"].update(classifier_steps=20, kid_subset_size=10, strip_steps=3)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], repo)
+    dvc(repo, "init", "-q")
+    return repo
+
+
+def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_a_change_touches(full_repo):
+    first = dvc(full_repo, "repro").stdout
+    assert ran_stages(first) == ALL_STAGES, first
+    metrics = json.loads((full_repo / "metrics/evaluate.json").read_text())
+    for model in ("raster", "any-order", "any-order-confidence", "oar"):
+        assert metrics[model]["fid_indomain"] >= 0 and metrics[model]["nll_bits_per_token"] > 0
+    shown = dvc(full_repo, "metrics", "show", "--json").stdout
+    assert "fid_indomain" in shown and "test_bits_per_token" in shown
+    report = (full_repo / "reports/report.md").read_text()
+    assert "skipped: no local Inception weights" in report
+    assert all((full_repo / "reports" / line.split("](")[1].split(")")[0]).exists()
+               for line in report.splitlines() if "](figures/" in line)  # every picture the report shows exists
+
+    assert ran_stages(dvc(full_repo, "repro").stdout) == []
+
+    params = yaml.safe_load((full_repo / "params.yaml").read_text())
+    params["sample"]["temperature"] = 0.9
+    (full_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert ran_stages(dvc(full_repo, "repro").stdout) == ["sample", "evaluate"]
