@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import torch
 
 from oar_core.io import atomic_path
-from oar_core.orders import is_permutation, kendall_tau_to_raster
+from oar_core.orders import is_permutation, kendall_tau_to_raster, step_of_position
 
 META_CKPT, META_PARAMS = b"oar.checkpoint_hash", b"oar.params_hash"
 
@@ -76,10 +76,7 @@ def orders_for_ids(orders_dir, ids: list[str], N: int, missing_ok: bool = False)
 # ---- questions users ask ----------------------------------------------------------------------------
 def _steps(df: pl.DataFrame) -> np.ndarray:
     """(R, N) step at which each position was generated."""
-    order_RN = np.stack(df["permutation"].to_numpy()).astype(np.int64)
-    step_RN = np.empty_like(order_RN)
-    np.put_along_axis(step_RN, order_RN, np.arange(order_RN.shape[1])[None].repeat(len(order_RN), 0), axis=1)
-    return step_RN
+    return step_of_position(torch.from_numpy(np.stack(df["permutation"].to_numpy()).astype(np.int64))).numpy()
 
 
 def mean_step_heatmap(orders_dir, label: int | None = None, split: str | None = "train") -> np.ndarray:

@@ -11,7 +11,8 @@ import polars as pl
 import torch
 
 from oar_core.io import atomic_path, write_bytes_atomic
-from oar_core.samples import make_grid, png_bytes
+from oar_core.orders import step_of_position
+from oar_core.samples import make_grid, save_png
 
 GRAY = 128  # unfilled token patches in a partial canvas
 
@@ -29,10 +30,6 @@ def _save_fig(fig, path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     _plt().close(fig)
-
-
-def save_png(path, image_HWC: np.ndarray) -> None:
-    write_bytes_atomic(path, png_bytes(image_HWC))
 
 
 # ---- generation strip ---------------------------------------------------------------------------------
@@ -84,10 +81,8 @@ def save_strips(tokenizer, orders_parquet, path, k: int = 8, per_model: int = 3)
 # ---- heat maps ------------------------------------------------------------------------------------------
 def step_heatmaps_from_orders(order_RN: np.ndarray, labels_R: np.ndarray) -> dict[int, np.ndarray]:
     """Per class: (H, W) mean generation step of each grid position (low = generated early)."""
-    R, N = order_RN.shape
-    step_RN = np.empty_like(order_RN)
-    np.put_along_axis(step_RN, order_RN, np.broadcast_to(np.arange(N), (R, N)), axis=1)
-    side = math.isqrt(N)
+    step_RN = step_of_position(torch.from_numpy(order_RN)).numpy()
+    side = math.isqrt(order_RN.shape[1])
     return {int(k): step_RN[labels_R == k].mean(0).reshape(side, side) for k in np.unique(labels_R)}
 
 

@@ -85,21 +85,15 @@ def build_model(p: TrainParams, meta: dict) -> GPT:
                          d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout))
 
 
-@torch.no_grad()
 def heldout_bits(model: GPT, tokens_NN, labels_N, order_source: OrderSource, p: TrainParams, device) -> float:
     """Bits per token on a fixed held-out subset, under fixed orders, so values are comparable across steps."""
-    model.eval()
-    g = torch.Generator().manual_seed(p.seed + 1)
+    from oar_core.metrics import nll_bits_per_token
+
     n = min(len(tokens_NN), p.eval_batches * p.batch_size)
-    total, count = 0.0, 0
-    for i in range(0, n, p.batch_size):
-        idx = torch.arange(i, min(n, i + p.batch_size))
-        order_BN = order_source(idx, g)
-        with autocast(device):
-            loss = model.loss(tokens_NN[idx].to(device), order_BN.to(device), labels_N[idx].to(device))
-        total, count = total + float(loss) * len(idx), count + len(idx)
+    order_NN = order_source(torch.arange(n), torch.Generator().manual_seed(p.seed + 1))
+    bits = nll_bits_per_token(model, tokens_NN[:n], labels_N[:n], order_NN, batch_size=p.batch_size, device=device)
     model.train()
-    return total / count / math.log(2)
+    return bits
 
 
 def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir: str = "runs",
