@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from oar_core.io import fs_for, is_remote, read_bytes, storage_errors, write_bytes_atomic, write_json
+from oar_core.io import fs_for, is_remote, join, read_bytes, storage_errors, write_bytes_atomic, write_json
 from oar_core.params import IngestParams
 
 FASHION_MNIST_CLASSES = [
@@ -225,10 +225,6 @@ def _npz_bytes(images_NHWC: np.ndarray, labels_N: np.ndarray, ids: list[str]) ->
     return buf.getvalue()
 
 
-def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}" if is_remote(base) else str(Path(base) / name)
-
-
 def run_ingest(p: IngestParams) -> dict:
     if p.source == "fashion-mnist":
         splits, skipped, class_names = ingest_fashion_mnist(p)
@@ -239,7 +235,7 @@ def run_ingest(p: IngestParams) -> dict:
     for s in SPLITS:
         if counts[s] == 0:
             # write the report anyway so the user can see why every file was rejected
-            write_json(_join(p.out_dir, "report.json"), report)
+            write_json(join(p.out_dir, "report.json"), report)
             if not any(counts.values()):
                 hint = "every image was skipped; see report.json in ingest.out_dir for the reasons"
             elif s == "test":
@@ -248,18 +244,18 @@ def run_ingest(p: IngestParams) -> dict:
                 hint = f"lower ingest.test_fraction (now {p.test_fraction}) or add images"
             raise ValueError(f"{p.source}: no usable {s} images after ingest ({len(skipped)} skipped); {hint}")
     for s in SPLITS:
-        write_bytes_atomic(_join(p.out_dir, f"{s}.npz"), _npz_bytes(*splits[s]))
+        write_bytes_atomic(join(p.out_dir, f"{s}.npz"), _npz_bytes(*splits[s]))
     manifest = {
         "source": p.source, "image_size": p.image_size, "channels": p.channels,
         "class_names": class_names, "num_classes": len(class_names), "counts": counts,
     }
-    write_json(_join(p.out_dir, "report.json"), report)
-    write_json(_join(p.out_dir, "manifest.json"), manifest)  # written last: its presence means the rest is complete
+    write_json(join(p.out_dir, "report.json"), report)
+    write_json(join(p.out_dir, "manifest.json"), manifest)  # written last: its presence means the rest is complete
     return {**manifest, "n_skipped": len(skipped), "out_dir": p.out_dir}
 
 
 def load_manifest(in_dir: str | os.PathLike) -> dict:
-    path = _join(str(in_dir), "manifest.json")
+    path = join(str(in_dir), "manifest.json")
     try:
         return json.loads(read_bytes(path))
     except FileNotFoundError:
@@ -270,7 +266,7 @@ def load_split(in_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.nd
     """(images_NHWC uint8, labels_N int64, ids_N str) of one split of an ingest output folder."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    path = _join(str(in_dir), f"{split}.npz")
+    path = join(str(in_dir), f"{split}.npz")
     try:
         data = read_bytes(path)
     except FileNotFoundError:

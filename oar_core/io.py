@@ -18,6 +18,11 @@ def is_remote(path: str | os.PathLike) -> bool:
     return "://" in str(path)
 
 
+def join(prefix: str | os.PathLike, name: str) -> str:
+    """`prefix/name` for a local folder or a URL prefix."""
+    return f"{str(prefix).rstrip('/')}/{name}" if is_remote(prefix) else str(Path(prefix) / name)
+
+
 def fs_for(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path for a local path or URL (s3:// uses s3fs,
     which honours AWS_ENDPOINT_URL / FSSPEC_S3_ENDPOINT_URL for S3-compatible servers)."""

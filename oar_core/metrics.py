@@ -25,6 +25,7 @@ import polars as pl
 from tqdm import tqdm
 
 from oar_core.io import load_torch, save_torch
+from oar_core.tokenizer import to_float_BCHW
 
 INDOMAIN_NAME = "oar-indomain-cnn"
 INCEPTION_NAME = "inception-v3-compat"
@@ -56,10 +57,6 @@ class SmallCNN(nn.Module):
         return self.features(x_BCHW)[1]
 
 
-def _float_BCHW(images_NHWC: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images_NHWC)).permute(0, 3, 1, 2).float().div_(255)
-
-
 def train_classifier(images_NHWC: np.ndarray, labels_N: np.ndarray, steps: int, batch_size: int = 128,
                      lr: float = 2e-3, seed: int = 0, progress: bool = True) -> SmallCNN:
     """Train on uint8 images with random horizontal flips (label-preserving for products/objects)."""
@@ -70,7 +67,7 @@ def train_classifier(images_NHWC: np.ndarray, labels_N: np.ndarray, steps: int, 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     g = torch.Generator().manual_seed(seed)
-    x_all, y_all = _float_BCHW(images_NHWC), torch.as_tensor(labels_N, dtype=torch.long)
+    x_all, y_all = to_float_BCHW(images_NHWC), torch.as_tensor(labels_N, dtype=torch.long)
     model.train()
     for _ in tqdm(range(steps), desc="in-domain classifier", unit="step", disable=not progress, mininterval=2):
         idx = torch.randint(N, (min(batch_size, N),), generator=g)
@@ -90,7 +87,7 @@ def classifier_accuracy(model: SmallCNN, images_NHWC: np.ndarray, labels_N: np.n
     model.eval()
     correct = 0
     for i in range(0, len(images_NHWC), batch):
-        pred = model(_float_BCHW(images_NHWC[i: i + batch])).argmax(1)
+        pred = model(to_float_BCHW(images_NHWC[i: i + batch])).argmax(1)
         correct += int((pred == torch.as_tensor(labels_N[i: i + batch])).sum())
     return correct / len(images_NHWC)
 

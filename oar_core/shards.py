@@ -17,17 +17,13 @@ import time
 import numpy as np
 
 from oar_core.data import load_manifest, load_split
-from oar_core.io import (file_hash, fs_for, is_remote, list_files, pick_device, read_bytes, storage_errors,
+from oar_core.io import (file_hash, fs_for, is_remote, join, list_files, pick_device, read_bytes, storage_errors,
                          write_bytes_atomic, write_json)
 from oar_core.params import TokenizeParams
 from oar_core.tokenizer import encode_all, load_tokenizer
 
 FIELDS = ("tokens.npy", "cls", "id.txt")
 RERUN_HINT = "rerun `dvc repro tokenize` (or python -m pipeline.tokenize) to rewrite the shards"
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{str(prefix).rstrip('/')}/{name}"
 
 
 def _npy_bytes(arr: np.ndarray) -> bytes:
@@ -67,7 +63,7 @@ def write_shards(out_prefix, split: str, tokens_NHW: np.ndarray, labels, ids, sh
                                   "id.txt": ids[g].encode()})
             for g in range(start, min(start + shard_size, len(ids)))
         ]
-        path = _join(out_prefix, shard_name(split, i))
+        path = join(out_prefix, shard_name(split, i))
         write_bytes_atomic(path, _tar_bytes(samples))
         paths.append(path)
     _remove_stale(out_prefix, split, keep=set(paths))
@@ -76,7 +72,7 @@ def write_shards(out_prefix, split: str, tokens_NHW: np.ndarray, labels, ids, sh
 
 def _remove_stale(prefix, split: str, keep: set[str]) -> None:
     for path in list_shards(prefix, split):
-        if path not in keep and _join(prefix, path.rsplit("/", 1)[-1]) not in keep:
+        if path not in keep and join(prefix, path.rsplit("/", 1)[-1]) not in keep:
             fs, p = fs_for(path)
             fs.rm(p)
 
@@ -125,7 +121,7 @@ def read_shard(path) -> dict:
 
 
 def load_meta(prefix) -> dict:
-    path = _join(prefix, "meta.json")
+    path = join(prefix, "meta.json")
     try:
         return json.loads(read_bytes(path))
     except FileNotFoundError:
@@ -141,7 +137,7 @@ def load_tokens(prefix, split: str) -> dict:
         meta = None
     if meta is not None:
         names = meta["shards"][split]
-        paths = [_join(prefix, n) for n in names]
+        paths = [join(prefix, n) for n in names]
         expected = meta.get("shard_counts", {}).get(split, [None] * len(names))
     else:
         paths = list_shards(prefix, split)
@@ -173,7 +169,7 @@ def run_tokenize(p: TokenizeParams, ingest_dir="data/ingest", tokenizer="models/
             f"rerun `dvc repro tokenizer` after changing ingest params"
         )
     t0 = time.time()
-    meta_path = _join(p.out, "meta.json")
+    meta_path = join(p.out, "meta.json")
     with storage_errors(meta_path, "replace"):
         fs, mp = fs_for(meta_path)
         if fs.exists(mp):
