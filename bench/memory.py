@@ -5,7 +5,7 @@
     OMP_NUM_THREADS=1 python -m bench.memory --images 2000    # measure, then extrapolate to 60k
 
 The tokenizer and the AR model are untrained unless --tokenizer / --model are given: memory and speed do not
-depend on the weights, only on the shapes (default: 7x7 grid, 256 codes, 4 layers x 192). The memory bound
+depend on the weights, only on the shapes (default: 7x7 grid, 256 codes, the pipeline model, 4 layers x d=128). The memory bound
 checked: extraction adds at most --bound-mb over the RSS before it, whatever the number of images, because
 run_extract holds one shard (shard_size token grids + their outputs) at a time. Writes into a temp folder.
 """
