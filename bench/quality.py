@@ -1,17 +1,25 @@
-"""Sample quality of raster vs any-order vs OAR at the same training budget, over seeds.
+"""Raster vs any-order vs OAR at an equal training budget, over seeds, with diversity and valid likelihoods.
 
-    python -m bench.quality                       # defaults: 2 seeds, 4-layer d=128 models, ~40 min on 2 CPU cores
-    python -m bench.quality --seeds 0 --steps 60 --finetune-steps 20 --n-samples 100 --tiny   # smoke run
+    python -m bench.quality                                    # 3 seeds, 4-layer d=128 models
+    python -m bench.quality --size small --tag small           # the same at a second model size
+    python -m bench.quality --seeds 0 --steps 60 --finetune-steps 20 --n-samples 100 --size tiny --tag smoke
 
-Runs the pipeline's own stage functions (not DVC) in a scratch workdir with a generated params.yaml per seed.
-Shared by all seeds: ingest, tokenizer, tokenize, and the in-domain classifier (one feature space, so FIDs
-are comparable across seeds). Per seed, every model gets `steps + finetune_steps` gradient steps:
-    raster                 raster order, steps + finetune_steps
-    any-order              random order, steps, then finetune_steps more random-order steps (same schedule as OAR)
-    any-order-confidence   the any-order model, sampled in confidence order
-    oar                    random order, steps; orders extracted; finetune_steps on the extracted orders
-Prints mean ± std over seeds and writes the table as markdown (--out). Order extraction dominates the CPU cost
-(~20 images/s for the default 4-layer d=128 model on one core), hence the 2000/500 image default.
+Every model gets `steps + finetune_steps` gradient steps of the same batch size:
+    raster      raster order throughout
+    any-order   random order for `steps`, then `finetune_steps` more random-order steps
+    oar         random order for `steps`; orders extracted (cost reported); `finetune_steps` on the extracted
+                orders, with a location-policy head learning them (policy_weight) and random_mix
+Samplers reuse those models (sampling is cheap): the OAR model under greedy, annealed-Gumbel and softmax
+location rules, its learned policy, and random order; the any-order model in random, Halton and confidence
+order. Two reference rows bound the table: real images, and the same images through the tokenizer
+(reconstructions: the floor no token model can beat).
+
+Metrics live in an *independent* feature space: a CNN trained on all 60k Fashion-MNIST train images (not the
+models' subset), FID/KID/precision/recall against the full 10k test set; real/reconstruction rows use 1000+
+train images outside the models' subset. NLL is held-out bits/token of each sampler as it samples
+(oar_core.likelihood: exact for deterministic rules, an upper bound over 2 drawn orders otherwise).
+Resumable: trained models, the orders table and each (seed, sampler) result are kept under
+--workdir/<tag>/; a rerun with the same arguments skips what is done. Table: mean ± std over seeds.
 """
 from __future__ import annotations
 
@@ -23,11 +31,24 @@ import statistics
 import time
 from pathlib import Path
 
+import numpy as np
 import yaml
 
-MODELS = ["raster", "any-order", "any-order-confidence", "oar"]
-COLUMNS = [("fid_indomain", "FID (in-domain)", 2), ("kid_indomain", "KID (in-domain)", 4),
-           ("is_indomain", "IS (in-domain)", 2), ("nll_bits_per_token", "NLL bits/token", 3)]
+SAMPLERS = [  # name, model, order, location rule
+    ("raster", "raster", "raster", {}),
+    ("any-order", "any", "random", {}),
+    ("any-order-halton", "any", "halton", {}),
+    ("any-order-confidence", "any", "confidence", {}),
+    ("oar-greedy", "oar", "confidence", {}),
+    ("oar-gumbel", "oar", "confidence", {"temperature": 1.0, "anneal": "linear"}),
+    ("oar-softmax", "oar", "confidence", {"temperature": 1.0}),
+    ("oar-policy", "oar", "policy", {"temperature": 1.0}),
+    ("oar-random", "oar", "random", {}),
+]
+REFERENCE = ["real", "reconstruction"]
+COLUMNS = [("fid", "FID", 2), ("kid", "KID", 4), ("precision", "precision", 3), ("recall", "recall", 3),
+           ("nll_bits_per_token", "NLL bits/token (valid)", 3)]
+SIZES = {"tiny": (2, 2, 64), "small": (2, 4, 96), "default": (4, 4, 128)}
 
 
 @contextlib.contextmanager
@@ -42,10 +63,11 @@ def cwd(path: Path):
 
 
 def train_section(a, order: str, out_dir: str, steps: int, seed: int, **extra) -> dict:
-    model = {"n_layer": 2, "n_head": 2, "d_model": 64} if a.tiny else {"n_layer": 4, "n_head": 4, "d_model": 128}
+    n_layer, n_head, d_model = SIZES[a.size]
     every = max(1, steps // 4)
-    return {"order": order, "out_dir": out_dir, "steps": steps, "seed": seed, "model": model,
-            "warmup_steps": min(100, steps // 10), "eval_every": every, "ckpt_every": steps, "log_every": every,
+    return {"order": order, "out_dir": out_dir, "steps": steps, "seed": seed,
+            "model": {"n_layer": n_layer, "n_head": n_head, "d_model": d_model},
+            "warmup_steps": min(100, steps // 10), "eval_every": every, "ckpt_every": every, "log_every": every,
             **extra}
 
 
@@ -62,15 +84,11 @@ def params_for(a, seed: int, common: Path) -> dict:
         "extract_orders": {"checkpoint": "models/random/model.pt", "out_dir": "data/orders", "seed": seed,
                            "score": a.score},
         "finetune": train_section(a, "given", "models/oar", F, seed, orders_dir="data/orders",
-                                  init_from="models/random/model.pt", random_mix=a.random_mix, **ft),
+                                  init_from="models/random/model.pt", random_mix=a.random_mix,
+                                  random_mix_end=a.random_mix_end, policy_weight=a.policy_weight, **ft),
         "sample": {"tokenizer": str(common / "models/tokenizer.pt"), "n_per_model": a.n_samples,
-                   "batch_size": min(a.n_samples, 250), "seed": seed, "models": [
-                       {"name": "raster", "checkpoint": "models/raster/model.pt", "order": "raster"},
-                       {"name": "any-order", "checkpoint": "models/random_ft/model.pt", "order": "random"},
-                       {"name": "any-order-confidence", "checkpoint": "models/random_ft/model.pt", "order": "confidence"},
-                       {"name": "oar", "checkpoint": "models/oar/model.pt", "order": "confidence"}]},
-        "evaluate": {"classifier": str(common / "classifier.pt"), "kid_subset_size": min(100, a.n_samples),
-                     "inception_weights": a.inception_weights, "seed": seed},
+                   "batch_size": min(a.n_samples, 250), "seed": seed, "cfg_scale": a.cfg_scale},
+        "evaluate": {"nll_orders": 2, "seed": seed},
     }
 
 
@@ -87,12 +105,15 @@ class Timer:
 
 
 def run_common(a, common: Path, timer: Timer) -> None:
-    """Data, tokenizer, shards and the in-domain classifier, once for all seeds (skipped when present)."""
-    from oar_core.data import load_split, run_ingest
+    """Data, tokenizer, shards, the independent feature space and the reference rows, once for all seeds."""
+    import torch
+
+    from oar_core.data import ingest_fashion_mnist, run_ingest
     from oar_core.metrics import classifier_accuracy, save_classifier, train_classifier
-    from oar_core.params import load_params
+    from oar_core.params import IngestParams, load_params
     from oar_core.shards import run_tokenize
-    from oar_core.tokenizer import run_tokenizer
+    from oar_core.tokenizer import load_tokenizer, run_tokenizer, to_float_BCHW
+    from oar_core.samples import to_uint8_NHWC
 
     with cwd(common):
         Path("params.yaml").write_text(yaml.safe_dump(params_for(a, 0, common)))
@@ -106,48 +127,96 @@ def run_common(a, common: Path, timer: Timer) -> None:
         if not Path("data/shards/meta.json").exists():
             with timer("tokenize"):
                 run_tokenize(p.tokenize, "data/ingest", "models/tokenizer.pt")
-        if not Path("classifier.pt").exists():
-            with timer("in-domain classifier"):
-                x, y, _ = load_split("data/ingest", "train")
-                clf = train_classifier(x, y, a.classifier_steps, seed=0)
-                xt, yt, _ = load_split("data/ingest", "test")
-                save_classifier("classifier.pt", clf, steps=a.classifier_steps,
-                                test_accuracy=classifier_accuracy(clf, xt, yt))
+        if Path("reference.npz").exists():
+            return
+        with timer("independent feature space + reference rows"):
+            full, _, _ = ingest_fashion_mnist(IngestParams(fashion_mnist_dir=p.ingest.fashion_mnist_dir))
+            (x_tr, y_tr, _), (x_te, y_te, _) = full["train"], full["test"]
+            clf = train_classifier(x_tr, y_tr, a.classifier_steps, seed=0)
+            save_classifier("classifier.pt", clf, steps=a.classifier_steps, test_accuracy=classifier_accuracy(clf, x_te, y_te))
+            # images no model trained on, and the same images through the tokenizer
+            unseen = np.random.default_rng(0).permutation(np.arange(a.max_train, len(x_tr)))[:a.n_samples]
+            tok = load_tokenizer("models/tokenizer.pt")
+            with torch.no_grad():
+                recon = to_uint8_NHWC(tok.decode(tok.encode(to_float_BCHW(x_tr[unseen]))))
+            np.savez("reference.npz", test=x_te, real=x_tr[unseen], reconstruction=recon)
 
 
-def run_seed(a, seed: int, common: Path, timer: Timer) -> dict:
+def evaluate_images(images, ref, common: Path, seed: int, cache: str) -> dict:
+    from oar_core.metrics import INDOMAIN_NAME, fidelity_metrics
+
+    m = fidelity_metrics(images, ref, INDOMAIN_NAME, str(common / "classifier.pt"), 100, seed,
+                         cache_dir=cache, real_cache_name="fmnist-test-10k")
+    return {k: m[k] for k in ("fid", "kid", "kid_std", "precision", "recall", "is")}
+
+
+def trained(path: str, p) -> bool:
+    from oar_core.io import load_torch
+    from oar_core.train import run_digest
+
+    return Path(path).exists() and load_torch(path).get("digest") == run_digest(p)
+
+
+def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) -> dict:
+    import torch
+
     from oar_core.extract import run_extract
-    from oar_core.metrics import run_evaluate
-    from oar_core.params import load_params
-    from oar_core.samples import run_sample
-    from oar_core.train import run_train
+    from oar_core.io import pick_device, write_json
+    from oar_core.metrics import sampler_nll
+    from oar_core.model import load_gpt
+    from oar_core.params import LocationParams, SampleModelParams, load_params
+    from oar_core.samples import class_grid, sample_model, save_png
+    from oar_core.tokenizer import load_tokenizer
+    from oar_core.train import load_split, run_train
 
     shards = str(common / "data/shards")
-    with cwd(Path(a.workdir) / f"seed_{seed}"):
+    root = Path(a.workdir) / f"seed_{seed}"
+    with cwd(root):
         Path("params.yaml").write_text(yaml.safe_dump(params_for(a, seed, common)))
         p = load_params("params.yaml")
-        with timer(f"seed {seed}: train raster ({p.train_raster.steps} steps)"):
-            run_train(p.train_raster, "train_raster", shards)
-        with timer(f"seed {seed}: train any-order ({p.train_random.steps} steps)"):
-            run_train(p.train_random, "train_random", shards)
-        with timer(f"seed {seed}: extract orders"):
-            run_extract(p.extract_orders, shards)
-        with timer(f"seed {seed}: finetune OAR ({p.finetune.steps} steps)"):
-            run_train(p.finetune, "finetune", shards)
         any_ft = p.finetune.model_copy(update={"order": "random", "orders_dir": None, "random_mix": 0.0,
+                                               "random_mix_end": None, "policy_weight": 0.0,
                                                "out_dir": "models/random_ft"})
-        with timer(f"seed {seed}: continue any-order ({any_ft.steps} steps)"):
-            run_train(any_ft, "finetune_random", shards)
-        with timer(f"seed {seed}: sample {len(MODELS)} x {p.sample.n_per_model}"):
-            run_sample(p.sample)
-        with timer(f"seed {seed}: evaluate"):
-            run_evaluate(p.evaluate, "samples", str(common / "data/ingest"), shards, "data/orders",
-                         str(common / "models/tokenizer.pt"))
-        return json.loads(Path("metrics/evaluate.json").read_text())
+        jobs = [("train raster", p.train_raster, "train_raster"), ("train any-order", p.train_random, "train_random"),
+                ("extract orders", None, None), ("finetune OAR", p.finetune, "finetune"),
+                ("continue any-order", any_ft, "finetune_random")]
+        for what, tp, stage in jobs:
+            if tp is None:
+                with timer(f"seed {seed}: {what}"):
+                    ex = run_extract(p.extract_orders, shards)
+                    if ex["images"]:
+                        write_json("extract.json", ex)
+            elif not trained(f"{tp.out_dir}/model.pt", tp):
+                with timer(f"seed {seed}: {what} ({tp.steps} steps)"):
+                    run_train(tp, stage, shards)
+        ckpt = {"raster": "models/raster/model.pt", "any": "models/random_ft/model.pt", "oar": "models/oar/model.pt"}
+        device = pick_device()
+        tok = load_tokenizer(p.sample.tokenizer, device)
+        test_NN, test_labels, _ = load_split(shards, "test")
+        results = {}
+        for name, key, order, loc in SAMPLERS:
+            out = Path("results") / f"{name}.json"
+            if out.exists():
+                results[name] = json.loads(out.read_text())
+                continue
+            with timer(f"seed {seed}: {name}"):
+                model, _ = load_gpt(ckpt[key], device)
+                spec = SampleModelParams(name=name, checkpoint=ckpt[key], order=order, location=LocationParams(**loc))
+                t0 = time.time()
+                res = sample_model(model, tok, spec, p.sample, device, progress=False)
+                sec = time.time() - t0
+                m = evaluate_images(res["images"], ref["test"], common, seed, cache)
+                meta = {"order": order, "location": spec.location.model_dump()}
+                with torch.no_grad():
+                    m["nll_bits_per_token"], m["nll_how"] = sampler_nll(model, meta, test_NN, test_labels, p.evaluate, device)
+                m["images_per_s"] = round(len(res["images"]) / sec, 1)
+                save_png(Path("grids") / f"{name}.png", class_grid(res["images"], res["labels"]))
+                write_json(out, m)
+                results[name] = m
+        return results
 
 
-def table(per_seed: dict[int, dict], a, clf_acc: float | None) -> str:
-    """Markdown: one row per model, mean ± std over seeds per column."""
+def table(per_seed: dict[int, dict], a, clf_acc, extract: dict) -> str:
     def cell(vals, digits):
         if not vals:
             return "–"
@@ -156,47 +225,70 @@ def table(per_seed: dict[int, dict], a, clf_acc: float | None) -> str:
         return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
     seeds = sorted(per_seed)
-    lines = [f"Fashion-MNIST, {a.max_train} train / {a.max_test} test images, seeds {seeds}, "
-             f"{a.steps}+{a.finetune_steps} steps per model, orders by {a.score}, random_mix {a.random_mix}, {a.n_samples} samples per model; in-domain feature "
-             f"space = small CNN classifier (test acc {clf_acc:.3f})." if clf_acc is not None else "", "",
-             "| model | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for m in MODELS + ["real_reference"]:
-        cells = [cell([per_seed[s][m][k] for s in seeds if k in per_seed[s].get(m, {})], d) for k, _, d in COLUMNS]
-        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    n_layer, _, d_model = SIZES[a.size]
+    lines = [f"Fashion-MNIST, {a.max_train} train / {a.max_test} test images, {n_layer}-layer d={d_model} models, "
+             f"seeds {seeds}, {a.steps}+{a.finetune_steps} steps per model (batch 64), orders by {a.score}, "
+             f"finetune random_mix {a.random_mix}->{a.random_mix_end}, policy_weight {a.policy_weight}, "
+             f"cfg_scale {a.cfg_scale}, {a.n_samples} samples per model. Feature space: CNN trained on all 60k "
+             f"train images (test acc {clf_acc:.3f}); reference: the 10k test images. Mean ± std over seeds.", "",
+             "| sampler | " + " | ".join(c[1] for c in COLUMNS) + " | img/s |", "|---" * (len(COLUMNS) + 2) + "|"]
+    for name in [s[0] for s in SAMPLERS] + REFERENCE:
+        rows = [per_seed[s][name] for s in seeds if name in per_seed[s]]
+        cells = [cell([r[k] for r in rows if k in r], d) for k, _, d in COLUMNS]
+        ips = cell([r["images_per_s"] for r in rows if "images_per_s" in r], 0)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ips} |")
+    if extract:
+        lines += ["", "Order extraction (OAR's extra compute, on top of the equal gradient steps): " + ", ".join(
+            f"seed {s}: {e['images']} images at {e['images_per_s']} img/s" for s, e in sorted(extract.items()))]
+    how = {r.get("nll_how") for s in seeds for r in per_seed[s].values() if r.get("nll_how")}
+    lines += ["", "NLL: " + "; ".join(sorted(how))]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=600, help="any-order pretraining steps (raster gets steps+finetune)")
     ap.add_argument("--finetune-steps", type=int, default=200)
-    ap.add_argument("--n-samples", type=int, default=300, help="generated images per model")
+    ap.add_argument("--n-samples", type=int, default=1000, help="generated images per sampler")
     ap.add_argument("--max-train", type=int, default=2000)
     ap.add_argument("--max-test", type=int, default=500)
     ap.add_argument("--tokenizer-steps", type=int, default=500)
-    ap.add_argument("--classifier-steps", type=int, default=400)
-    ap.add_argument("--score", default="gt_prob", choices=["gt_prob", "max_prob", "neg_entropy"],
-                    help="extract_orders.score: how the any-order model ranks the next position")
+    ap.add_argument("--classifier-steps", type=int, default=1500)
+    ap.add_argument("--size", choices=sorted(SIZES), default="default", help="model size (layers, heads, width)")
+    ap.add_argument("--score", default="gt_prob", choices=["gt_prob", "max_prob", "margin", "neg_entropy"])
     ap.add_argument("--random-mix", type=float, default=0.2, help="finetune.random_mix")
-    ap.add_argument("--tiny", action="store_true", help="2-layer d=64 models (smoke runs)")
-    ap.add_argument("--inception-weights", default=None, help="local Inception weights: adds standard FID/KID/IS")
+    ap.add_argument("--random-mix-end", type=float, default=None, help="finetune.random_mix_end (annealing)")
+    ap.add_argument("--policy-weight", type=float, default=1.0, help="finetune.policy_weight")
+    ap.add_argument("--cfg-scale", type=float, default=2.5)
     ap.add_argument("--workdir", default="/tmp/oar-bench-quality")
-    ap.add_argument("--out", default="bench/quality.md")
+    ap.add_argument("--tag", default="default", help="results go to <workdir>/<tag> and bench/quality_<tag>.md")
+    ap.add_argument("--table-only", action="store_true", help="only aggregate the results already on disk")
     a = ap.parse_args(argv)
-    out = Path(a.out).resolve()
     common, timer, t0 = Path(a.workdir).resolve() / "common", Timer(), time.time()
-    a.workdir = str(Path(a.workdir).resolve())
+    a.workdir = str(Path(a.workdir).resolve() / a.tag)
+    out = Path(f"bench/quality_{a.tag}.md").resolve()
     run_common(a, common, timer)
-    per_seed = {s: run_seed(a, s, common, timer) for s in a.seeds}
-    from oar_core.metrics import load_classifier
+    ref = dict(np.load(common / "reference.npz"))
+    from oar_core.metrics import load_classifier, temp_cache_dir
 
-    md = table(per_seed, a, load_classifier(common / "classifier.pt")[1].get("test_accuracy"))
+    with temp_cache_dir() as cache:
+        refrows = {k: evaluate_images(ref[k], ref["test"], common, 0, cache) for k in REFERENCE}
+        per_seed = {}
+        for s in a.seeds:
+            if a.table_only:
+                res_dir = Path(a.workdir) / f"seed_{s}" / "results"
+                per_seed[s] = {f.stem: json.loads(f.read_text()) for f in res_dir.glob("*.json")}
+            else:
+                per_seed[s] = run_seed(a, s, common, timer, ref, cache)
+            per_seed[s].update(refrows)
+    extract = {s: json.loads((Path(a.workdir) / f"seed_{s}" / "extract.json").read_text()) for s in a.seeds
+               if (Path(a.workdir) / f"seed_{s}" / "extract.json").exists()}
+    md = table(per_seed, a, load_classifier(common / "classifier.pt")[1].get("test_accuracy"), extract)
     md += f"\nWall time {time.time() - t0:.0f}s on {os.cpu_count()} CPU core(s); per stage:\n\n"
     md += "\n".join(f"- {name}: {sec:.0f}s" for name, sec in timer.rows) + "\n"
     print(md)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(md)
     print(f"[bench] table written to {out}")
 

@@ -1,8 +1,9 @@
 """Order extraction: for each image, the order in which the any-order model is most confident.
 
 Teacher-forced: at step t every unfilled position is scored in one batched KV-cached forward (see
-`sampling.decode`), the best is appended and its ground-truth token fed. Scores: probability of the
-ground-truth token (`gt_prob`, default), `max_prob`, or `neg_entropy`; greedy or top-k sampled.
+`sampling.decode`), the best is appended and its ground-truth token fed. Scores (`oar_core.location`):
+log-probability of the ground-truth token (`gt_prob`, default: an oracle that looks at the answer),
+`max_prob`, `margin` or `neg_entropy`; greedy or top-k sampled.
 """
 from __future__ import annotations
 
@@ -20,44 +21,25 @@ from oar_core.io import autocast, file_hash, pick_device, remove_stale_temps
 from oar_core.model import GPT, load_gpt
 from oar_core.order_table import part_is_current, write_part
 from oar_core.params import ExtractParams
-from oar_core.sampling import decode
+from oar_core.location import LocationRule
+from oar_core.sampling import teacher_forced
 from oar_core.shards import list_shards, load_meta, read_shard
 
 
-def position_scores(logits_BCV: torch.Tensor, gt_BC: torch.Tensor, score: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(score_BC, log-prob of the ground truth_BC) for every candidate position."""
-    logp_BCV = F.log_softmax(logits_BCV.float(), dim=-1)
-    logp_gt_BC = torch.gather(logp_BCV, 2, gt_BC[..., None])[..., 0]
-    if score == "gt_prob":
-        return logp_gt_BC.exp(), logp_gt_BC
-    if score == "max_prob":
-        return logp_BCV.max(-1).values.exp(), logp_gt_BC
-    if score == "neg_entropy":
-        return (logp_BCV.exp() * logp_BCV).sum(-1), logp_gt_BC
-    raise ValueError(f"unknown score {score!r}; use gt_prob, max_prob or neg_entropy")
+def extraction_rule(p: ExtractParams) -> LocationRule:
+    """Extraction's location rule: the same code path as sampling's, with the (possibly oracle) score."""
+    greedy = p.strategy == "greedy"
+    return LocationRule(score=p.score, temperature=0.0 if greedy else p.temperature, top_k=None if greedy else p.top_k)
 
 
 @torch.no_grad()
 def extract_batch(model: GPT, tokens_BN: torch.Tensor, labels_B: torch.Tensor, p: ExtractParams,
                   generator: torch.Generator | None = None, use_cache: bool = True) -> dict[str, torch.Tensor]:
-    """Extracted order_BN, step scores_BN and NLL (bits/token) under that order, per image."""
-    nll_B = torch.zeros(len(labels_B), device=tokens_BN.device)
-
-    def choose(t, cand_BC, logits_BCV):
-        nonlocal nll_B
-        score_BC, logp_gt_BC = position_scores(logits_BCV, torch.gather(tokens_BN, 1, cand_BC), p.score)
-        if p.strategy == "greedy" or cand_BC.shape[1] == 1:
-            choice_B = score_BC.argmax(1)
-        else:
-            top = torch.topk(score_BC, min(p.top_k, cand_BC.shape[1]), dim=1)
-            pick = torch.multinomial(F.softmax(top.values / p.temperature, dim=1).cpu(), 1, generator=generator)
-            choice_B = torch.gather(top.indices, 1, pick.to(top.indices.device))[:, 0]
-        rows = torch.arange(len(choice_B), device=choice_B.device)
-        nll_B = nll_B - logp_gt_BC[rows, choice_B]
-        return choice_B, tokens_BN[rows, cand_BC[rows, choice_B]], score_BC[rows, choice_B]
-
-    out = decode(model, labels_B, choose, "confidence", use_cache=use_cache)
-    out["nll_bits"] = nll_B / tokens_BN.shape[1] / math.log(2)
+    """Extracted order_BN, step scores_BN (log-domain) and the content NLL (bits/token) along that order. With
+    the default `gt_prob` score the order is chosen by looking at the answer, so that NLL is an "oracle order"
+    diagnostic, not a likelihood (see oar_core.likelihood)."""
+    out = teacher_forced(model, tokens_BN, labels_B, "confidence", extraction_rule(p), generator, use_cache)
+    out["nll_bits"] = -out["logp"].sum(1) / tokens_BN.shape[1] / math.log(2)
     return out
 
 

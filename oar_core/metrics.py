@@ -186,7 +186,8 @@ class UInt8Images(Dataset):
 def fidelity_metrics(gen_NHWC: np.ndarray, real_NHWC: np.ndarray, feature_extractor: str, weights_path: str,
                      kid_subset_size: int = 100, seed: int = 0, batch_size: int = 250, cache_dir: str | None = None,
                      real_cache_name: str | None = None) -> dict:
-    """FID / KID / IS of generated vs real images. IS is computed on the generated images only.
+    """FID / KID / IS and k-NN precision / recall (diversity) of generated vs real images, in one feature
+    space. IS is computed on the generated images only.
 
     `real_cache_name` lets torch-fidelity reuse the real images' features across models (in `cache_dir`)."""
     torch_fidelity, _ = _import_fidelity()
@@ -194,19 +195,20 @@ def fidelity_metrics(gen_NHWC: np.ndarray, real_NHWC: np.ndarray, feature_extrac
     n = min(len(gen_NHWC), len(real_NHWC))
     subset = min(kid_subset_size, n)  # torch-fidelity rejects a KID subset larger than either set
     kw = dict(input1=UInt8Images(gen_NHWC), input2=UInt8Images(real_NHWC), cuda=torch.cuda.is_available(),
-              fid=True, kid=True, isc=True, feature_extractor=feature_extractor,
+              fid=True, kid=True, isc=True, prc=True, feature_extractor=feature_extractor,
               feature_extractor_weights_path=weights_path, kid_subset_size=subset,
               isc_splits=max(1, min(10, len(gen_NHWC) // 50)), batch_size=batch_size, rng_seed=seed,
               save_cpu_ram=True,  # no DataLoader worker processes: pointless for in-memory arrays on 2 cores
               datasets_download=False, verbose=False, cache=cache_dir is not None and real_cache_name is not None)
     if feature_extractor == INDOMAIN_NAME:
-        kw.update(feature_layer_fid="pool", feature_layer_kid="pool", feature_layer_isc="logits")
+        kw.update(feature_layer_fid="pool", feature_layer_kid="pool", feature_layer_isc="logits",
+                  feature_layer_prc="pool")
     if kw["cache"]:
         kw.update(cache_root=cache_dir, input2_cache_name=real_cache_name)
     m = torch_fidelity.calculate_metrics(**kw)
     return {"fid": m["frechet_inception_distance"], "kid": m["kernel_inception_distance_mean"],
             "kid_std": m["kernel_inception_distance_std"], "is": m["inception_score_mean"],
-            "is_std": m["inception_score_std"]}
+            "is_std": m["inception_score_std"], "precision": m["precision"], "recall": m["recall"]}
 
 
 def check_inception_weights(path: str) -> str:
@@ -239,27 +241,6 @@ def load_image_folder(folder, image_size: int, channels: int) -> np.ndarray:
     return np.stack(images)
 
 
-# ---- held-out NLL -----------------------------------------------------------------------------------
-@torch.no_grad()
-def nll_bits_per_token(model, tokens_NN: torch.Tensor, labels_N: torch.Tensor, order_NN: torch.Tensor | None,
-                       order: str = "random", batch_size: int = 250, seed: int = 0, device="cpu") -> float:
-    """Mean bits/token of held-out token grids under `order_NN` (one order per image) or a sampled `order`."""
-    from oar_core.io import autocast
-    from oar_core.orders import sample_orders
-
-    model.eval()
-    H, W = model.cfg.grid_h, model.cfg.grid_w
-    g = torch.Generator().manual_seed(seed)
-    total = 0.0
-    for i in range(0, len(tokens_NN), batch_size):
-        tok_BN, lab_B = tokens_NN[i: i + batch_size], labels_N[i: i + batch_size]
-        order_BN = order_NN[i: i + batch_size] if order_NN is not None else sample_orders(order, len(tok_BN), H, W, g)
-        with autocast(device):
-            loss = model.loss(tok_BN.to(device), order_BN.to(device), lab_B.to(device))
-        total += float(loss) * len(tok_BN)
-    return total / len(tokens_NN) / math.log(2)
-
-
 def in_space(m: dict, space: str) -> dict:
     """{"fid": .., "kid_std": ..} -> {"fid_<space>": .., "kid_<space>_std": ..}: keys say the feature space."""
     return {(f"{k[:-4]}_{space}_std" if k.endswith("_std") else f"{k}_{space}"): v for k, v in m.items()}
@@ -288,19 +269,20 @@ def model_folders(samples_dir) -> list[tuple[str, dict]]:
     return sorted(found, key=lambda x: (rank.get(x[0], len(rank)), x[0]))
 
 
-def nll_order_for(meta: dict, test_ids: list[str], N: int, orders_dir) -> tuple[str, torch.Tensor | None, str]:
-    """How a model is scored: under the order it samples in. Confidence-order models are scored under the
-    test images' extracted orders (their teacher-forced confidence orders) when the table has them."""
-    order = meta["order"]
-    if order != "confidence":
-        return order, None, order
-    if orders_dir and Path(orders_dir).is_dir() and any(Path(orders_dir).glob("*.parquet")):
-        from oar_core.order_table import orders_for_ids
+def sampler_nll(model, meta: dict, test_NN, test_labels, p, device) -> tuple[float, str]:
+    """Held-out bits/token of the model as it samples (its order and location rule): a valid likelihood bound."""
+    from oar_core.likelihood import is_deterministic, sampler_bits
+    from oar_core.params import LocationParams
 
-        given = orders_for_ids(orders_dir, test_ids, N, missing_ok=True)
-        if given is not None:
-            return "given", given, "extracted test orders (data/orders)"
-    return "random", None, "random (no extracted test orders found)"
+    order = meta["order"]
+    rule = LocationParams(**meta["location"]).rule() if meta.get("location") else None
+    bits = sampler_bits(model, test_NN, test_labels, order, rule, p.nll_orders, p.nll_batch_size, p.seed, device)
+    if order in ("confidence", "policy"):
+        how = ("exact: its greedy location rule, teacher-forced" if is_deterministic(order, rule) else
+               f"bound: mean over {p.nll_orders} orders drawn from its own location rule, teacher-forced")
+    else:
+        how = "exact" if is_deterministic(order, rule) else f"bound: mean over {p.nll_orders} random orders"
+    return bits, f"{order} order, {how}"
 
 
 def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="data/shards", orders_dir="data/orders",
@@ -355,15 +337,25 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
                 metrics[name].update(in_space(m, "inception"))
             labels[name] = {"feature_space": space}
 
-    # held-out NLL, each model under its own order
+    # held-out NLL, each model as it samples; the extracted ("oracle") orders only as a labelled diagnostic
+    from oar_core.likelihood import oracle_bits
+
     device = pick_device()
     test_NN, test_tok_labels, test_ids = load_token_split(shards, "test")
+    oracle_NN = None
+    if orders_dir and Path(orders_dir).is_dir() and any(Path(orders_dir).glob("*.parquet")):
+        from oar_core.order_table import orders_for_ids
+
+        oracle_NN = orders_for_ids(orders_dir, test_ids, test_NN.shape[1], missing_ok=True)
     for name, meta in models:
         model, _ = load_gpt(meta["checkpoint"], device)
-        kind, order_NN, label = nll_order_for(meta, test_ids, test_NN.shape[1], orders_dir)
-        metrics[name]["nll_bits_per_token"] = nll_bits_per_token(model, test_NN, test_tok_labels, order_NN, kind,
-                                                                 p.nll_batch_size, p.seed, device)
-        labels[name].update(nll_order=label, sample_order=meta["order"], checkpoint=meta["checkpoint"])
+        bits, label = sampler_nll(model, meta, test_NN, test_tok_labels, p, device)
+        metrics[name]["nll_bits_per_token"] = bits
+        if oracle_NN is not None and meta["order"] in ("confidence", "policy"):
+            metrics[name]["oracle_order_bits_per_token"] = oracle_bits(model, test_NN, test_tok_labels, oracle_NN,
+                                                                       p.nll_batch_size, device)
+        labels[name].update(nll_order=label, sample_order=meta["order"], location=meta.get("location"),
+                            checkpoint=meta["checkpoint"])
 
     # pictures + report
     from oar_core.tokenizer import load_tokenizer

@@ -26,6 +26,7 @@ class GPTConfig:
     d_model: int = 192
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    policy: bool = False  # a location-policy head: where to generate next, from the prefix alone
 
     @property
     def n_tokens(self) -> int:
@@ -72,12 +73,13 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None, layer: int, mode: str) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None, layer: int, mode: str,
+                mask_TT: torch.Tensor | None = None) -> torch.Tensor:
         B, T, D = x_BTD.shape
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in self.qkv(x_BTD).split(D, dim=2))
         dropout = self.dropout if self.training else 0.0
-        if cache is None:  # training / uncached: plain causal attention
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        if cache is None:  # training / uncached: causal attention, or the given mask
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TT, is_causal=mask_TT is None, dropout_p=dropout)
         else:
             L = cache.length
             k, v = cache.write(layer, k, v)
@@ -98,8 +100,8 @@ class Block(nn.Module):
         hidden = int(cfg.mlp_ratio * cfg.d_model)
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model), nn.Dropout(cfg.dropout))
 
-    def forward(self, x, cache, layer, mode):
-        x = x + self.attn(self.ln1(x), cache, layer, mode)
+    def forward(self, x, cache, layer, mode, mask_TT=None):
+        x = x + self.attn(self.ln1(x), cache, layer, mode, mask_TT)
         return x + self.mlp(self.ln2(x))
 
 
@@ -117,6 +119,11 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(D)
         self.head = nn.Linear(D, cfg.vocab_size, bias=False)
+        if cfg.policy:
+            # query inputs: row 0 stands in for the unknown offset to the next position, row 1 for the unknown
+            # first position; the policy head reads a query's output as logits over the N grid positions
+            self.query_emb = nn.Embedding(2, D)
+            self.policy_head = nn.Linear(D, cfg.n_tokens)
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
             if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
@@ -138,11 +145,21 @@ class GPT(nn.Module):
         W = self.cfg.grid_w
         return self.cls_emb(labels_B)[:, None] + self.start_row(next_BT // W) + self.start_col(next_BT % W)
 
+    def embed_placed(self, tok_BT: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
+        W = self.cfg.grid_w
+        return self.tok_emb(tok_BT) + self.pos_row(pos_BT // W) + self.pos_col(pos_BT % W)
+
     def embed_tokens(self, tok_BT: torch.Tensor, pos_BT: torch.Tensor, next_BT: torch.Tensor) -> torch.Tensor:
         H, W = self.cfg.grid_h, self.cfg.grid_w
         dy, dx = next_BT // W - pos_BT // W, next_BT % W - pos_BT % W
-        return (self.tok_emb(tok_BT) + self.pos_row(pos_BT // W) + self.pos_col(pos_BT % W)
-                + self.off_row(dy + H - 1) + self.off_col(dx + W - 1))
+        return self.embed_placed(tok_BT, pos_BT) + self.off_row(dy + H - 1) + self.off_col(dx + W - 1)
+
+    def embed_query(self, labels_B: torch.Tensor, last_tok_BT: torch.Tensor | None, last_pos_BT: torch.Tensor | None):
+        """Policy queries: the last placed token and its position, with "next = unknown" instead of an offset
+        (the first query: the class, with "first position = unknown")."""
+        if last_tok_BT is None:
+            return self.cls_emb(labels_B)[:, None] + self.query_emb.weight[1]
+        return self.embed_placed(last_tok_BT, last_pos_BT) + self.query_emb.weight[0]
 
     def sequence_inputs(self, tokens_BN, order_BT, labels_B) -> torch.Tensor:
         """Inputs predicting the tokens at `order_BT[:, :T]`: start, then tokens in order (teacher forcing)."""
@@ -152,22 +169,46 @@ class GPT(nn.Module):
         return torch.cat([start_B1D, rest_BTD], dim=1)
 
     # ---- forward passes -----------------------------------------------------------------------------
-    def run(self, x_BTD: torch.Tensor, cache: KVCache | None = None, mode: str = "causal") -> torch.Tensor:
+    def trunk(self, x_BTD: torch.Tensor, cache: KVCache | None = None, mode: str = "causal", mask_TT=None):
         x = self.drop(x_BTD)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer, mode)
+            x = block(x, cache, layer, mode, mask_TT)
         if cache is not None and mode == "prefill":
             cache.length += x_BTD.shape[1]
-        return self.head(self.ln_f(x))
+        return self.ln_f(x)
 
-    def forward(self, tokens_BN, order_BN, labels_B) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced logits for every step of `order_BN`, and the matching targets."""
+    def run(self, x_BTD: torch.Tensor, cache: KVCache | None = None, mode: str = "causal") -> torch.Tensor:
+        return self.head(self.trunk(x_BTD, cache, mode))
+
+    def forward(self, tokens_BN, order_BN, labels_B, with_policy: bool = False):
+        """Teacher-forced logits for every step of `order_BN`, and the matching targets (and the policy's
+        log-probs with `with_policy`; through forward() so DDP syncs the gradients)."""
+        if with_policy:
+            return self.forward_with_policy(tokens_BN, order_BN, labels_B)
         logits_BNV = self.run(self.sequence_inputs(tokens_BN, order_BN, labels_B))
         return logits_BNV, torch.gather(tokens_BN, 1, order_BN)
 
     def loss(self, tokens_BN, order_BN, labels_B) -> torch.Tensor:
         logits_BNV, targets_BN = self(tokens_BN, order_BN, labels_B)
         return F.cross_entropy(logits_BNV.float().flatten(0, 1), targets_BN.flatten())
+
+    def forward_with_policy(self, tokens_BN, order_BN, labels_B) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Teacher-forced content logits_BNV, targets_BN, and policy log-probs_BNN: row t is the distribution
+        over the positions still unfilled before step t (filled ones at -inf), from a query that sees the
+        prefix (real inputs 0..t-1) and itself only, so the position it must predict, order[t], is hidden."""
+        N = order_BN.shape[1]
+        tok_ord_BN = torch.gather(tokens_BN, 1, order_BN)
+        query_BND = torch.cat([self.embed_query(labels_B, None, None),
+                               self.embed_query(labels_B, tok_ord_BN[:, :-1], order_BN[:, :-1])], dim=1)
+        x_B2ND = torch.cat([self.sequence_inputs(tokens_BN, order_BN, labels_B), query_BND], dim=1)
+        ones = torch.ones(N, N, dtype=torch.bool, device=order_BN.device)
+        mask = torch.cat([torch.cat([ones.tril(), ~ones], 1), torch.cat([ones.tril(-1), ones.diag().diag()], 1)], 0)
+        h_B2ND = self.trunk(x_B2ND, mask_TT=mask)
+        from oar_core.orders import step_of_position
+
+        filled_BNN = step_of_position(order_BN.cpu()).to(order_BN.device)[:, None, :] < torch.arange(N, device=order_BN.device)[None, :, None]
+        policy_BNN = self.policy_head(h_B2ND[:, N:]).float().masked_fill(filled_BNN, float("-inf"))
+        return self.head(h_B2ND[:, :N]), tok_ord_BN, F.log_softmax(policy_BNN, dim=-1)
 
     def new_cache(self, batch: int) -> KVCache:
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_tokens)
@@ -180,6 +221,12 @@ class GPT(nn.Module):
             C = cand_BC.shape[1]
             x_BCD = self.embed_tokens(last_tok_B[:, None].expand(-1, C), last_pos_B[:, None].expand(-1, C), cand_BC)
         return self.run(x_BCD, cache, mode="candidates")
+
+    def policy_logits(self, cache: KVCache, labels_B, last_tok_B, last_pos_B) -> torch.Tensor:
+        """(B, N) policy logits for the next position from the cached prefix; `last_tok_B is None` at the start."""
+        x_B1D = self.embed_query(labels_B, None if last_tok_B is None else last_tok_B[:, None],
+                                 None if last_pos_B is None else last_pos_B[:, None])
+        return self.policy_head(self.trunk(x_B1D, cache, mode="candidates"))[:, 0]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

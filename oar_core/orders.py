@@ -10,7 +10,7 @@ import math
 
 import torch
 
-FIXED_ORDERS = ("raster", "spiral", "center_out")
+FIXED_ORDERS = ("raster", "spiral", "center_out", "halton")
 
 
 def raster(H: int, W: int) -> torch.Tensor:
@@ -36,6 +36,28 @@ def center_out(H: int, W: int) -> torch.Tensor:
     y, x = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
     dist = ((y - (H - 1) / 2) ** 2 + (x - (W - 1) / 2) ** 2).flatten()
     return torch.sort(dist, stable=True).indices
+
+
+def _radical_inverse(i: int, base: int) -> float:
+    f, r = 1.0, 0.0
+    while i:
+        f /= base
+        r += f * (i % base)
+        i //= base
+    return r
+
+
+def halton(H: int, W: int) -> torch.Tensor:
+    """Low-discrepancy order (Halton bases 2 and 3, as in Halton-MaskGIT): every prefix is spread evenly over
+    the grid, so no region is filled long before another; cells already visited are skipped."""
+    seen, out, i = set(), [], 1
+    while len(out) < H * W:
+        p = int(_radical_inverse(i, 2) * H) * W + int(_radical_inverse(i, 3) * W)
+        if p not in seen:
+            seen.add(p)
+            out.append(p)
+        i += 1
+    return torch.tensor(out)
 
 
 def sample_orders(kind: str, B: int, H: int, W: int, generator: torch.Generator | None = None) -> torch.Tensor:

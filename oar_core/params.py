@@ -74,6 +74,8 @@ class TrainParams(Section):
     init_from: Optional[str] = None  # checkpoint to continue from (finetune)
     orders_dir: Optional[str] = None  # Parquet orders table, for order="given"
     random_mix: float = Field(0.0, ge=0, le=1)  # fraction of random orders mixed into "given" training
+    random_mix_end: Optional[float] = Field(None, ge=0, le=1)  # anneal random_mix linearly to this (RAR-style)
+    policy_weight: float = Field(0.0, ge=0)  # >0: train a location-policy head on the given orders, loss weight
     out_dir: str = "models/random"
     steps: int = Field(1200, ge=1)
     batch_size: int = Field(64, ge=1)
@@ -93,25 +95,43 @@ class TrainParams(Section):
     def _given_needs_orders(self):
         if self.order == "given" and not self.orders_dir:
             raise ValueError("order='given' needs orders_dir (the extract_orders output folder)")
+        if self.policy_weight > 0 and self.order != "given":
+            raise ValueError("policy_weight > 0 needs order='given' (the policy learns the extracted orders)")
         return self
 
 
 class ExtractParams(Section):
     checkpoint: str = "models/random/model.pt"
     out_dir: str = "data/orders"
-    score: Literal["gt_prob", "max_prob", "neg_entropy"] = "gt_prob"
+    score: Literal["gt_prob", "max_prob", "margin", "neg_entropy"] = "gt_prob"
     strategy: Literal["greedy", "topk"] = "greedy"
     top_k: int = Field(3, ge=1)
     temperature: float = Field(1.0, gt=0)
     batch_size: int = Field(256, ge=1)
-    splits: list[Literal["train", "test"]] = ["train", "test"]
+    splits: list[Literal["train", "test"]] = Field(["train", "test"], min_length=1)
     seed: int = 0
+
+
+class LocationParams(Section):
+    """How a confidence- or policy-order sampler picks the next position (oar_core.location.LocationRule)."""
+    score: Literal["max_prob", "margin", "neg_entropy"] = "max_prob"  # confidence order only
+    temperature: float = Field(0.0, ge=0)  # 0 = greedy; >0 = sample softmax(score / tau) (MaskGIT's Gumbel)
+    anneal: Literal["constant", "linear", "cosine"] = "constant"  # tau from `temperature` to 0 over the steps
+    top_k: Optional[int] = Field(None, ge=1)
+    locality: float = Field(0.0, ge=0)  # bonus for positions next to generated ones
+    logits: Literal["cond", "guided"] = "cond"  # score locations on the conditional or the CFG-guided logits
+
+    def rule(self):
+        from oar_core.location import LocationRule
+
+        return LocationRule(**self.model_dump())
 
 
 class SampleModelParams(Section):
     name: str  # folder name under sample.out_dir and the key in metrics/evaluate.json
     checkpoint: str
-    order: Literal["raster", "random", "spiral", "center_out", "confidence"]
+    order: Literal["raster", "random", "spiral", "center_out", "halton", "confidence", "policy"]
+    location: LocationParams = LocationParams()
 
 
 DEFAULT_SAMPLE_MODELS = [
@@ -125,12 +145,13 @@ DEFAULT_SAMPLE_MODELS = [
 class SampleParams(Section):
     out_dir: str = "samples"
     tokenizer: str = "models/tokenizer.pt"
-    models: list[SampleModelParams] = DEFAULT_SAMPLE_MODELS
+    models: list[SampleModelParams] = Field(DEFAULT_SAMPLE_MODELS, min_length=1)
     n_per_model: int = Field(500, ge=1)
     batch_size: int = Field(250, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_k: Optional[int] = Field(None, ge=1)
-    cfg_scale: float = Field(1.5, ge=0)
+    cfg_scale: float = Field(2.5, ge=0)  # uncond + s * (cond - uncond); 1 = no guidance
+    cfg_schedule: Literal["constant", "linear"] = "constant"  # linear: ramp from 1 to cfg_scale over the steps
     seed: int = 0
 
     @model_validator(mode="after")
@@ -150,6 +171,7 @@ class EvaluateParams(Section):
     classifier_lr: float = Field(2e-3, gt=0)
     kid_subset_size: int = Field(100, ge=2)
     nll_batch_size: int = Field(250, ge=1)
+    nll_orders: int = Field(2, ge=1)  # orders drawn per test image for stochastic samplers' likelihood bounds
     strip_steps: int = Field(8, ge=2)  # partial canvases in the generation-order strip
     seed: int = 0
 

@@ -88,7 +88,8 @@ def sample_model(model: GPT, tokenizer, spec: SampleModelParams, p: SampleParams
         labels_B = labels_N[i: i + p.batch_size].to(device)
         with autocast(device):
             res = generate(model, labels_B, order=spec.order, temperature=p.temperature, top_k=p.top_k,
-                           cfg_scale=p.cfg_scale, generator=g, progress=progress)
+                           cfg_scale=p.cfg_scale, cfg_schedule=p.cfg_schedule, location=spec.location.rule(),
+                           generator=g, progress=progress)
         tokens_BN = res["tokens"]
         images_BCHW = tokenizer.decode(tokens_BN.view(-1, H, W)).float()
         out["images"].append(to_uint8_NHWC(images_BCHW))
@@ -147,8 +148,9 @@ def run_sample(p: SampleParams, metrics_dir: str = "metrics", progress: bool = T
         res = sample_model(model, tokenizer, spec, p, device, progress)
         seconds = time.time() - t0
         meta = {"name": spec.name, "checkpoint": spec.checkpoint, "checkpoint_hash": file_hash(spec.checkpoint),
-                "order": spec.order, "trained_order": ckpt.get("order"), "n": int(len(res["labels"])),
-                "num_classes": model.cfg.num_classes, "seconds": round(seconds, 2), "params": p.model_dump(mode="json")}
+                "order": spec.order, "location": spec.location.model_dump(mode="json"),
+                "trained_order": ckpt.get("order"), "n": int(len(res["labels"])),
+                "num_classes": model.cfg.num_classes, "params": p.model_dump(mode="json")}
         write_model_samples(Path(p.out_dir) / spec.name, res, meta)
         summary[spec.name] = {"seconds": round(seconds, 2), "images_per_s": round(len(res["labels"]) / seconds, 2)}
     write_json(Path(metrics_dir) / "sample.json", summary)

@@ -1,8 +1,16 @@
-"""KV-cached decoding: sampling in raster / random / fixed / confidence order, inpainting, outpainting.
+"""KV-cached decoding: sampling in a fixed, random, confidence or learned-policy order; inpainting, outpainting.
 
-`decode` is the one loop behind sampling and order extraction: at each step it scores the candidate next
-positions (all unfilled ones for confidence order, the order's next position otherwise) in one batched forward,
-lets a `choose` callback pick a position and its token, and commits that choice to the cache.
+`decode` is the one loop behind sampling, order extraction and likelihoods. At each step it picks where the
+next token goes and then what it is:
+- fixed orders (raster, spiral, center_out, halton, random): the order's next position;
+- `confidence`: every unfilled position is scored in one batched forward (the last token repeated once per
+  candidate), and a `LocationRule` picks among the scores (greedy, annealed Gumbel, top-k, locality);
+- `policy`: the model's location-policy head gives a distribution over the unfilled positions from the prefix
+  (one query row), the rule draws from it, then one more row gives the content there: a few rows per step,
+  like raster.
+`pick_token(t, pos_B, logits_BV)` chooses the content: sampled for generation, the ground truth for
+teacher forcing. Classifier-free guidance follows LlamaGen / RandAR / MAR: uncond + s * (cond - uncond),
+s = 1 is no guidance, optionally ramped linearly from 1 to s over the steps.
 """
 from __future__ import annotations
 
@@ -11,17 +19,27 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from oar_core.location import LocationRule, filled_neighbours, location_scores
 from oar_core.model import GPT
 from oar_core.orders import sample_orders
 
-# choose(step, cand_BC, logits_BCV) -> (choice_B index into C, token_B, score_B)
-Choose = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+PickToken = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (step, pos_B, logits_BV) -> token_B
+ORDERS = ("raster", "random", "spiral", "center_out", "halton", "confidence", "policy")
 
 
 def unfilled_positions(filled_BN: torch.Tensor) -> torch.Tensor:
     """(B, C) unfilled positions in raster order; every row has the same count C."""
     C = int((~filled_BN[0]).sum())
     return torch.sort(filled_BN.to(torch.int8), dim=1, stable=True).indices[:, :C]
+
+
+def cfg_at(cfg_scale: float, schedule: str, t: int, N: int) -> float:
+    """Guidance scale at step t: constant, or a linear ramp from 1 (no guidance) to cfg_scale."""
+    if schedule == "linear":
+        return 1.0 + (cfg_scale - 1.0) * t / max(1, N - 1)
+    if schedule != "constant":
+        raise ValueError(f"unknown cfg_schedule {schedule!r}; use constant or linear")
+    return cfg_scale
 
 
 def uncached_candidate_logits(model: GPT, labels_B, prefix_tok_BT, prefix_pos_BT, cand_BC) -> torch.Tensor:
@@ -37,25 +55,47 @@ def uncached_candidate_logits(model: GPT, labels_B, prefix_tok_BT, prefix_pos_BT
     return logits_RTV[:, -1].view(B, C, -1)
 
 
+def uncached_policy_logits(model: GPT, labels_B, prefix_tok_BT, prefix_pos_BT) -> torch.Tensor:
+    """Reference without a cache: the prefix's inputs then one query row, all causal (the query is last)."""
+    B, T = prefix_pos_BT.shape
+    if T == 0:
+        x_BTD = model.embed_query(labels_B, None, None)
+    else:
+        tokens_BN = torch.zeros(B, model.cfg.n_tokens, dtype=torch.long, device=labels_B.device)
+        tokens_BN.scatter_(1, prefix_pos_BT, prefix_tok_BT)
+        x_BTD = torch.cat([model.sequence_inputs(tokens_BN, prefix_pos_BT, labels_B),
+                           model.embed_query(labels_B, prefix_tok_BT[:, -1:], prefix_pos_BT[:, -1:])], dim=1)
+    return model.policy_head(model.trunk(x_BTD))[:, -1]
+
+
 @torch.no_grad()
-def decode(model: GPT, labels_B: torch.Tensor, choose: Choose, order: str = "confidence",
+def decode(model: GPT, labels_B: torch.Tensor, pick_token: PickToken, order: str = "confidence",
+           location: LocationRule | None = None, gt_tokens_BN: torch.Tensor | None = None,
            known_tokens_BN: torch.Tensor | None = None, known_mask_BN: torch.Tensor | None = None,
-           cfg_scale: float = 0.0, generator: torch.Generator | None = None, use_cache: bool = True,
-           progress: bool = False) -> dict[str, torch.Tensor]:
-    """Fill every position of the grid. Known tokens (inpainting/outpainting, or teacher forcing's prefix) are
-    placed in the context first, in raster order; the rest follow `order`. Returns tokens_BN (raster layout),
-    order_BN (position generated at each step), scores_BN (the chooser's score per step; 0 for known)."""
+           cfg_scale: float = 1.0, cfg_schedule: str = "constant", generator: torch.Generator | None = None,
+           use_cache: bool = True, progress: bool = False) -> dict[str, torch.Tensor]:
+    """Fill every position of the grid. Known tokens (inpainting/outpainting) are placed in the context first,
+    in raster order; the rest follow `order`. `gt_tokens_BN` is only for the `gt_prob` location score (order
+    extraction). Returns, per step: tokens (raster layout), order (position generated at each step), scores
+    (location score of the chosen position; 0 for fixed orders and known tokens), logq (log-probability the
+    location rule gave that choice), logp (log-probability of the committed token under the logits used)."""
+    if order not in ORDERS:
+        raise ValueError(f"unknown order {order!r}; use one of {', '.join(ORDERS)}")
+    if order == "policy" and not model.cfg.policy:
+        raise ValueError("order='policy' needs a model with a location-policy head (finetune.policy_weight > 0)")
+    location = location or LocationRule()
     device = labels_B.device
     B, N, H, W = labels_B.shape[0], model.cfg.n_tokens, model.cfg.grid_h, model.cfg.grid_w
-    guided = cfg_scale > 0 and model.cfg.num_classes > 0
+    guided = cfg_scale != 1.0 and model.cfg.num_classes > 0
     labels_R = torch.cat([labels_B, torch.full_like(labels_B, model.null_class)]) if guided else labels_B
-    tokens_BN = torch.zeros(B, N, dtype=torch.long, device=device)
-    filled_BN = torch.zeros(B, N, dtype=torch.bool, device=device)
-    order_BN = torch.zeros(B, N, dtype=torch.long, device=device)
-    scores_BN = torch.zeros(B, N, device=device)
-    fixed_order_BN = None if order == "confidence" else sample_orders(order, B, H, W, generator).to(device)
-    cache = model.new_cache(labels_R.shape[0]) if use_cache else None
     dup = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)  # noqa: E731
+    out = {k: torch.zeros(B, N, dtype=torch.long if k in ("tokens", "order") else torch.float32, device=device)
+           for k in ("tokens", "order", "scores", "logq", "logp")}
+    tokens_BN, order_BN = out["tokens"], out["order"]
+    filled_BN = torch.zeros(B, N, dtype=torch.bool, device=device)
+    fixed = order not in ("confidence", "policy")
+    fixed_order_BN = sample_orders(order, B, H, W, generator).to(device) if fixed else None
+    cache = model.new_cache(labels_R.shape[0]) if use_cache else None
 
     K = 0
     if known_mask_BN is not None and known_mask_BN.any():
@@ -69,39 +109,61 @@ def decode(model: GPT, labels_B: torch.Tensor, choose: Choose, order: str = "con
         tokens_BN.scatter_(1, known_pos_BK, torch.gather(known_tokens_BN, 1, known_pos_BK))
         filled_BN.scatter_(1, known_pos_BK, True)
         order_BN[:, :K] = known_pos_BK
-        if fixed_order_BN is not None:  # keep the order's relative sequence over the unknown positions
+        if fixed:  # keep the order's relative sequence over the unknown positions
             keep = ~torch.gather(filled_BN, 1, fixed_order_BN)
             fixed_order_BN = torch.cat([known_pos_BK, fixed_order_BN[keep].view(B, N - K)], dim=1)
-        if use_cache:  # start..known[K-2]; the last known token becomes the candidates' input
-            model.run(dup(model.sequence_inputs(tokens_BN, known_pos_BK, labels_B)), cache, mode="prefill")
+        if use_cache:  # start..known[K-2]; the last known token becomes the next input (the unconditional half
+            # of a guided batch gets the null class here too)
+            model.run(model.sequence_inputs(dup(tokens_BN), dup(known_pos_BK), labels_R), cache, mode="prefill")
+
+    def guide(logits_R, t):
+        logits_R = logits_R.float()
+        if not guided:
+            return logits_R, logits_R
+        cond, uncond = logits_R.chunk(2)
+        return uncond + cfg_at(cfg_scale, cfg_schedule, t, N) * (cond - uncond), cond
 
     steps = range(K, N)
     if progress:
         from tqdm import tqdm
 
         steps = tqdm(steps, desc="decode", unit="step", leave=False)
+    rows = torch.arange(B, device=device)
     for t in steps:
-        cand_BC = unfilled_positions(filled_BN) if fixed_order_BN is None else fixed_order_BN[:, t : t + 1]
+        last_pos_B = order_BN[:, t - 1]
+        last = (None, None) if t == 0 else (dup(tokens_BN[rows, last_pos_B]), dup(last_pos_B))
+        prefix = None if use_cache else (dup(torch.gather(tokens_BN, 1, order_BN[:, :t])), dup(order_BN[:, :t]))
+        cand_BC = fixed_order_BN[:, t: t + 1] if fixed else unfilled_positions(filled_BN)
+        if order == "policy":  # where: the policy's distribution over the unfilled positions
+            pol_R = model.policy_logits(cache, labels_R, *last) if use_cache else \
+                uncached_policy_logits(model, labels_R, *prefix)
+            guided_BN, cond_BN = guide(pol_R, t)
+            score_BC = torch.gather(F.log_softmax((cond_BN if location.logits == "cond" else guided_BN), 1), 1, cand_BC)
+            bonus = filled_neighbours(filled_BN, cand_BC, H, W) if location.locality else None
+            choice_B, logq_B = location.pick(t, N, score_BC, bonus, generator)
+            cand_BC = cand_BC[rows, choice_B][:, None]
+            out["scores"][:, t], out["logq"][:, t] = score_BC[rows, choice_B], logq_B
         if use_cache:
-            last_pos_B = order_BN[:, t - 1]
-            last = (None, None) if t == 0 else (dup(torch.gather(tokens_BN, 1, last_pos_B[:, None])[:, 0]), dup(last_pos_B))
             logits_RCV = model.candidate_logits(cache, labels_R, *last, dup(cand_BC))
         else:
-            logits_RCV = uncached_candidate_logits(model, labels_R, dup(torch.gather(tokens_BN, 1, order_BN[:, :t])),
-                                                   dup(order_BN[:, :t]), dup(cand_BC))
-        logits_BCV = logits_RCV.float()
-        if guided:
-            cond, uncond = logits_BCV.chunk(2)
-            logits_BCV = uncond + (1 + cfg_scale) * (cond - uncond)
-        choice_B, token_B, score_B = choose(t, cand_BC, logits_BCV)
+            logits_RCV = uncached_candidate_logits(model, labels_R, *prefix, dup(cand_BC))
+        logits_BCV, cond_BCV = guide(logits_RCV, t)
+        choice_B = torch.zeros(B, dtype=torch.long, device=device)
+        if order == "confidence":
+            gt_BC = torch.gather(gt_tokens_BN, 1, cand_BC) if gt_tokens_BN is not None else None
+            score_BC = location_scores(cond_BCV if location.logits == "cond" else logits_BCV, location.score, gt_BC)
+            bonus = filled_neighbours(filled_BN, cand_BC, H, W) if location.locality else None
+            choice_B, out["logq"][:, t] = location.pick(t, N, score_BC, bonus, generator)
+            out["scores"][:, t] = score_BC[rows, choice_B]
         if use_cache:
             cache.commit(dup(choice_B))
-        pos_B = torch.gather(cand_BC, 1, choice_B[:, None])[:, 0]
-        tokens_BN.scatter_(1, pos_B[:, None], token_B[:, None])
-        filled_BN.scatter_(1, pos_B[:, None], True)
+        pos_B, logits_BV = cand_BC[rows, choice_B], logits_BCV[rows, choice_B]
+        token_B = pick_token(t, pos_B, logits_BV)
+        out["logp"][:, t] = torch.gather(F.log_softmax(logits_BV, -1), 1, token_B[:, None])[:, 0]
+        tokens_BN[rows, pos_B] = token_B
+        filled_BN[rows, pos_B] = True
         order_BN[:, t] = pos_B
-        scores_BN[:, t] = score_B
-    return {"tokens": tokens_BN, "order": order_BN, "scores": scores_BN}
+    return out
 
 
 def sample_token(logits_BV: torch.Tensor, temperature: float, top_k: int | None, generator=None) -> torch.Tensor:
@@ -116,18 +178,20 @@ def sample_token(logits_BV: torch.Tensor, temperature: float, top_k: int | None,
 
 
 def generate(model: GPT, labels_B: torch.Tensor, order: str = "confidence", temperature: float = 1.0,
-             top_k: int | None = None, cfg_scale: float = 0.0, known_tokens_BN=None, known_mask_BN=None,
+             top_k: int | None = None, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
+             location: LocationRule | None = None, known_tokens_BN=None, known_mask_BN=None,
              generator: torch.Generator | None = None, use_cache: bool = True, progress: bool = False):
-    """Sample token grids. With order="confidence" the location of each next token is the unfilled position
-    whose predicted distribution is most confident (max probability); its content is then sampled."""
-
-    def choose(t, cand_BC, logits_BCV):
-        probs_BCV = F.softmax(logits_BCV, dim=-1)
-        conf_BC = probs_BCV.max(-1).values
-        choice_B = conf_BC.argmax(1)
-        rows = torch.arange(len(choice_B), device=choice_B.device)
-        token_B = sample_token(logits_BCV[rows, choice_B], temperature, top_k, generator)
-        return choice_B, token_B, conf_BC[rows, choice_B]
-
-    return decode(model, labels_B, choose, order, known_tokens_BN, known_mask_BN, cfg_scale, generator,
+    """Sample token grids: the location by `order` (and `location`'s rule for confidence/policy orders), then
+    the content there (temperature, top-k, classifier-free guidance)."""
+    return decode(model, labels_B, lambda t, pos_B, logits_BV: sample_token(logits_BV, temperature, top_k, generator),
+                  order, location, None, known_tokens_BN, known_mask_BN, cfg_scale, cfg_schedule, generator,
                   use_cache, progress)
+
+
+def teacher_forced(model: GPT, tokens_BN: torch.Tensor, labels_B: torch.Tensor, order: str,
+                   location: LocationRule | None = None, generator: torch.Generator | None = None,
+                   use_cache: bool = True) -> dict[str, torch.Tensor]:
+    """Run a sampler's own location rule on real images, feeding the true token at each chosen position."""
+    gt = location is not None and location.score == "gt_prob"
+    return decode(model, labels_B, lambda t, pos_B, logits_BV: tokens_BN[torch.arange(len(pos_B)), pos_B], order,
+                  location, tokens_BN if gt else None, generator=generator, use_cache=use_cache)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from oar_core.io import autocast, load_torch, pick_device, remove_stale_temps, save_torch, write_bytes_atomic, write_json
+from oar_core.likelihood import oracle_bits, policy_bits
 from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
 from oar_core.orders import sample_orders
 from oar_core.params import TrainParams
@@ -50,19 +52,27 @@ def make_optimizer(model: GPT, p: TrainParams) -> torch.optim.Optimizer:
 
 
 class OrderSource:
-    """Orders for a batch of image indices: sampled per step, or each image's own extracted order."""
+    """Orders for a batch of image indices: sampled per step, or each image's own extracted order with a
+    fraction of random orders mixed in (constant, or annealed linearly from random_mix to random_mix_end)."""
 
     def __init__(self, p: TrainParams, H: int, W: int, given_NN: torch.Tensor | None):
         self.p, self.H, self.W, self.given_NN = p, H, W, given_NN
 
-    def __call__(self, idx_B: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def mix_at(self, step: int) -> float:
+        p = self.p
+        if p.random_mix_end is None:
+            return p.random_mix
+        return p.random_mix + (p.random_mix_end - p.random_mix) * step / max(1, p.steps - 1)
+
+    def __call__(self, idx_B: torch.Tensor, g: torch.Generator, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order_BN, given_B): given_B marks rows that follow their image's extracted order."""
         B = len(idx_B)
         if self.given_NN is None:
-            return sample_orders(self.p.order, B, self.H, self.W, g)
+            return sample_orders(self.p.order, B, self.H, self.W, g), torch.zeros(B, dtype=torch.bool)
         order_BN = self.given_NN[idx_B].clone()
-        mix_B = torch.rand(B, generator=g) < self.p.random_mix
+        mix_B = torch.rand(B, generator=g) < self.mix_at(step)
         order_BN[mix_B] = sample_orders("random", int(mix_B.sum()), self.H, self.W, g)
-        return order_BN
+        return order_BN, ~mix_B
 
 
 def load_split(shards: str, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -78,22 +88,57 @@ def build_model(p: TrainParams, meta: dict) -> GPT:
         if (c.grid_h, c.grid_w, c.vocab_size) != (meta["grid_h"], meta["grid_w"], meta["codebook_size"]):
             raise ValueError(f"{p.init_from}: checkpoint grid {c.grid_h}x{c.grid_w}/vocab {c.vocab_size} does not match "
                              f"the shards ({meta['grid_h']}x{meta['grid_w']}/{meta['codebook_size']}); retrain it on these shards")
+        if p.policy_weight > 0 and not c.policy:  # add a fresh policy head to the pretrained trunk
+            with_head = GPT(GPTConfig(**{**asdict(c), "policy": True}))
+            missing, _ = with_head.load_state_dict(model.state_dict(), strict=False)
+            assert all(k.startswith(("query_emb", "policy_head")) for k in missing), missing
+            model = with_head
         return model.train()
     m = p.model
     return GPT(GPTConfig(grid_h=meta["grid_h"], grid_w=meta["grid_w"], vocab_size=meta["codebook_size"],
                          num_classes=meta["num_classes"] if m.class_cond else 0, n_layer=m.n_layer, n_head=m.n_head,
-                         d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout))
+                         d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout, policy=p.policy_weight > 0))
 
 
-def heldout_bits(model: GPT, tokens_NN, labels_N, order_source: OrderSource, p: TrainParams, device) -> float:
-    """Bits per token on a fixed held-out subset, under fixed orders, so values are comparable across steps."""
-    from oar_core.metrics import nll_bits_per_token
-
+def heldout_bits(model: GPT, tokens_NN, labels_N, p: TrainParams, device) -> float:
+    """Bits per token on a fixed held-out subset under fixed orders, so values are comparable across steps: the
+    model's own order for fixed-order models, uniform random orders otherwise (a valid any-order likelihood;
+    an extracted order looks at the answer, so scoring under it unpaid would not be a likelihood)."""
     n = min(len(tokens_NN), p.eval_batches * p.batch_size)
-    order_NN = order_source(torch.arange(n), torch.Generator().manual_seed(p.seed + 1))
-    bits = nll_bits_per_token(model, tokens_NN[:n], labels_N[:n], order_NN, batch_size=p.batch_size, device=device)
+    kind = "random" if p.order == "given" else p.order
+    order_NN = sample_orders(kind, n, model.cfg.grid_h, model.cfg.grid_w, torch.Generator().manual_seed(p.seed + 1))
+    bits = oracle_bits(model, tokens_NN[:n], labels_N[:n], order_NN, p.batch_size, device)
     model.train()
     return bits
+
+
+@torch.no_grad()
+def policy_top1(model: GPT, tokens_NN, labels_N, order_NN, batch_size: int, device) -> float:
+    """How often the policy's most likely next position is the held-out extracted order's next position."""
+    model.eval()
+    hits = 0
+    for i in range(0, len(tokens_NN), batch_size):
+        args = (t[i: i + batch_size].to(device) for t in (tokens_NN, order_NN, labels_N))
+        tok_BN, order_BN, lab_B = args
+        with autocast(device):
+            _, _, logpi_BNN = model.forward_with_policy(tok_BN, order_BN, lab_B)
+        hits += int((logpi_BNN.argmax(-1)[:, :-1] == order_BN[:, :-1]).sum())  # the last step has one choice
+    return hits / (len(tokens_NN) * (order_NN.shape[1] - 1))
+
+
+def given_order_metrics(model: GPT, tokens_NN, labels_N, order_NN, p: TrainParams, device) -> dict:
+    """Held-out figures along the test images' extracted orders: the unpaid "oracle order" diagnostic and, with
+    a policy head, the paid (valid) content + location bits and the policy's top-1 agreement."""
+    n = min(len(tokens_NN), p.eval_batches * p.batch_size)
+    args = (tokens_NN[:n], labels_N[:n], order_NN[:n])
+    out = {"oracle_order_bits_per_token": oracle_bits(model, *args, p.batch_size, device)}
+    if model.cfg.policy:
+        pb = policy_bits(model, *args, p.batch_size, device)
+        out.update(policy_content_bits_per_token=pb["content"], policy_location_bits_per_token=pb["location"],
+                   policy_bits_per_token=pb["total"],
+                   policy_top1_agreement=policy_top1(model, tokens_NN[:n], labels_N[:n], order_NN[:n], p.batch_size, device))
+    model.train()
+    return out
 
 
 def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir: str = "runs",
@@ -115,16 +160,12 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
     train_NN, train_labels, train_ids = load_split(shards, "train")
     test_NN, test_labels, test_ids = load_split(shards, "test")
     given_train = given_test = None
-    test_p = p
     if p.order == "given":
         from oar_core.order_table import orders_for_ids
 
         given_train = orders_for_ids(p.orders_dir, train_ids, H * W)
         given_test = orders_for_ids(p.orders_dir, test_ids, H * W, missing_ok=True)
-        # held-out NLL under each test image's own extracted order when the table has them, else random
-        test_p = p.model_copy(update={"random_mix": 0.0, "order": "given" if given_test is not None else "random"})
     train_orders = OrderSource(p, H, W, given_train)
-    test_orders = OrderSource(test_p, H, W, given_test)
 
     torch.manual_seed(p.seed)
     model = build_model(p, meta).to(device)
@@ -157,16 +198,20 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
         g = torch.Generator().manual_seed(p.seed * 1_000_003 + step)
         torch.manual_seed(p.seed * 1_000_003 + step)  # dropout noise, per step
         idx_B = torch.randint(len(train_NN), (p.batch_size,), generator=g)
-        order_BN = train_orders(idx_B, g)
+        order_BN, given_B = train_orders(idx_B, g, step)
         labels_B = train_labels[idx_B].clone()
         labels_B[torch.rand(p.batch_size, generator=g) < p.cfg_dropout] = model.null_class
         mine = slice(rank * local_B, (rank + 1) * local_B)
         for group in opt.param_groups:
             group["lr"] = lr_at(p, step)
         with autocast(device):  # through forward(), which is where DDP hooks its gradient sync
-            logits_BNV, targets_BN = ddp_model(train_NN[idx_B][mine].to(device), order_BN[mine].to(device),
-                                               labels_B[mine].to(device))
-            loss = F.cross_entropy(logits_BNV.float().flatten(0, 1), targets_BN.flatten())
+            out = ddp_model(train_NN[idx_B][mine].to(device), order_BN[mine].to(device), labels_B[mine].to(device),
+                            with_policy=p.policy_weight > 0)
+            loss = F.cross_entropy(out[0].float().flatten(0, 1), out[1].flatten())
+            if p.policy_weight > 0:  # learn where the extracted orders go next (random-order rows carry no signal)
+                logpi_BNN, mask_B = out[2], given_B[mine].to(device)
+                nll_BN = -torch.gather(logpi_BNN, 2, order_BN[mine].to(device)[..., None])[..., 0]
+                loss = loss + p.policy_weight * (nll_BN * mask_B[:, None]).sum() / (mask_B.sum() * nll_BN.shape[1]).clamp_min(1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
@@ -177,7 +222,7 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
             history["loss"].append((step + 1, loss_value))
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
         if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
-            history["test_bits"].append((step + 1, heldout_bits(model, test_NN, test_labels, test_orders, p, device)))
+            history["test_bits"].append((step + 1, heldout_bits(model, test_NN, test_labels, p, device)))
         if (step + 1) % p.ckpt_every == 0 or step + 1 == p.steps:
             checkpoint(step + 1)
     bar.close()
@@ -191,6 +236,8 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
                    "train_loss": history["loss"][-1][1] if history["loss"] else None,
                    "test_bits_per_token": history["test_bits"][-1][1] if history["test_bits"] else None,
                    "tokens_per_s": round(tokens_seen / elapsed) if tokens_seen else None}
+        if given_test is not None:
+            summary.update(given_order_metrics(model, test_NN, test_labels, given_test, p, device))
         write_json(Path(metrics_dir) / f"{stage}.json", summary)
         plots = Path(plots_dir) / stage
         write_bytes_atomic(plots / "loss.csv", _csv("step,train_loss", history["loss"]))

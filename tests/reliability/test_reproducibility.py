@@ -11,7 +11,8 @@ import torch
 from oar_core.data import load_split, run_ingest
 from oar_core.extract import run_extract
 from oar_core.io import file_hash
-from oar_core.metrics import INDOMAIN_NAME, fidelity_metrics, nll_bits_per_token, save_classifier, train_classifier
+from oar_core.likelihood import sampler_bits
+from oar_core.metrics import INDOMAIN_NAME, fidelity_metrics, save_classifier, train_classifier
 from oar_core.model import load_gpt
 from oar_core.params import ExtractParams, IngestParams, TokenizeParams, TokenizerParams
 from oar_core.shards import load_tokens, run_tokenize
@@ -85,6 +86,6 @@ def test_metrics_twice_are_identical(fmnist_small, any_order_model, tiny_shards,
         d = load_tokens(tiny_shards, "test")
         tok = torch.from_numpy(d["tokens"].astype(np.int64)).flatten(1)
         lab = torch.from_numpy(d["labels"])
-        n1, n2 = (nll_bits_per_token(model, tok, lab, None, "random", batch_size=64, seed=0) for _ in range(2))
+        n1, n2 = (sampler_bits(model, tok, lab, "random", batch_size=64, seed=0) for _ in range(2))
     assert n1 == n2
     json.dumps(m1)  # plain floats: metrics JSON round-trips
