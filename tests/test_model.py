@@ -4,6 +4,7 @@ import torch
 
 from oar_core.model import GPT, GPTConfig
 from oar_core.orders import is_permutation, sample_orders
+from oar_core.location import LocationRule
 from oar_core.sampling import generate, uncached_candidate_logits
 
 N = 16
@@ -12,7 +13,8 @@ N = 16
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return GPT(GPTConfig(grid_h=4, grid_w=4, vocab_size=32, num_classes=3, n_layer=2, n_head=2, d_model=32)).eval()
+    return GPT(GPTConfig(grid_h=4, grid_w=4, vocab_size=32, num_classes=3, n_layer=2, n_head=2, d_model=32,
+                         policy=True)).eval()
 
 
 def test_prefix_is_causal_and_next_position_matters(model):
@@ -46,11 +48,17 @@ def test_every_candidate_scored_in_one_forward_equals_its_own_order(model):
     assert torch.allclose(batched, uncached_candidate_logits(model, labels, tokens.gather(1, prefix), prefix, cand), atol=1e-5)
 
 
-@pytest.mark.parametrize("order", ["confidence", "raster", "random", "spiral", "center_out"])
-def test_kv_cached_sampling_equals_uncached(model, order):
+RULES = {"greedy": LocationRule(), "gumbel": LocationRule(temperature=1.0, anneal="linear"),
+         "margin-topk-local": LocationRule(score="margin", temperature=0.5, top_k=3, locality=2.0),
+         "guided-entropy": LocationRule(score="neg_entropy", logits="guided", temperature=2.0, anneal="cosine")}
+
+
+@pytest.mark.parametrize("order,rule", [("confidence", r) for r in RULES] + [("policy", "greedy"), ("policy", "gumbel")]
+                         + [(o, "greedy") for o in ("raster", "random", "spiral", "center_out", "halton")])
+def test_kv_cached_sampling_equals_uncached(model, order, rule):
     labels = torch.tensor([0, 1, 2])
-    run = lambda cache: generate(model, labels, order=order, cfg_scale=1.0, top_k=8,  # noqa: E731
-                                 generator=torch.Generator().manual_seed(3), use_cache=cache)
+    run = lambda cache: generate(model, labels, order=order, cfg_scale=2.0, top_k=8, location=RULES[rule],  # noqa: E731
+                                 cfg_schedule="linear", generator=torch.Generator().manual_seed(3), use_cache=cache)
     a, b = run(True), run(False)
     assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["order"], b["order"])
     assert torch.allclose(a["scores"], b["scores"], atol=1e-5)
@@ -67,7 +75,8 @@ def test_confidence_order_picks_the_most_confident_position(model):
 
 
 @pytest.mark.parametrize("region", ["inpaint", "outpaint"])
-def test_known_tokens_are_kept_and_go_first(model, region):
+@pytest.mark.parametrize("order", ["confidence", "policy"])
+def test_known_tokens_are_kept_and_go_first(model, region, order):
     known = torch.randint(0, 32, (2, N))
     mask = torch.zeros(4, 4, dtype=torch.bool)
     if region == "inpaint":  # known: everything but the centre
@@ -76,14 +85,16 @@ def test_known_tokens_are_kept_and_go_first(model, region):
     else:  # outpaint: only the centre is known
         mask[1:3, 1:3] = True
     mask = mask.flatten().expand(2, -1)
-    out = generate(model, torch.tensor([0, 1]), known_tokens_BN=known, known_mask_BN=mask,
-                   generator=torch.Generator().manual_seed(0))
+    run = lambda cache, s=3.0: generate(model, torch.tensor([0, 1]), order=order, known_tokens_BN=known,  # noqa: E731
+                                        known_mask_BN=mask, cfg_scale=s, generator=torch.Generator().manual_seed(0),
+                                        use_cache=cache)
+    out = run(True)
     assert torch.equal(out["tokens"][mask], known[mask])
     K = int(mask[0].sum())
     assert mask.gather(1, out["order"][:, :K]).all() and is_permutation(out["order"], N).all()
-    ref = generate(model, torch.tensor([0, 1]), known_tokens_BN=known, known_mask_BN=mask,
-                   generator=torch.Generator().manual_seed(0), use_cache=False)
-    assert torch.equal(out["tokens"], ref["tokens"])
+    ref = run(False)  # with guidance on, the unconditional half of the prefill must carry the null class
+    assert torch.equal(out["tokens"], ref["tokens"]) and torch.allclose(out["logp"], ref["logp"], atol=1e-5)
+    assert not torch.allclose(out["logp"], run(True, s=1.0)["logp"], atol=1e-3)  # guidance changes the logits
 
 
 def test_unequal_known_counts_are_rejected(model):
@@ -92,3 +103,21 @@ def test_unequal_known_counts_are_rejected(model):
     mask[1, :5] = True
     with pytest.raises(ValueError, match="same number of known tokens"):
         generate(model, torch.tensor([0, 1]), known_tokens_BN=torch.zeros(2, N, dtype=torch.long), known_mask_BN=mask)
+
+
+def test_cfg_scale_one_is_no_guidance(model):
+    labels = torch.tensor([0, 1, 2])
+    run = lambda **kw: generate(model, labels, order="raster", generator=torch.Generator().manual_seed(0), **kw)  # noqa: E731
+    plain = run(cfg_scale=1.0)
+    assert torch.equal(plain["tokens"], run(cfg_scale=1.0, cfg_schedule="linear")["tokens"])
+    assert torch.allclose(plain["logp"], run(cfg_scale=1.0, cfg_schedule="linear")["logp"])
+    guided = run(cfg_scale=4.0)
+    assert not torch.allclose(plain["logp"], guided["logp"], atol=1e-3)
+    ramped = run(cfg_scale=4.0, cfg_schedule="linear")  # the ramp starts at no guidance
+    assert torch.allclose(ramped["logp"][:, 0], plain["logp"][:, 0], atol=1e-5)
+
+
+def test_policy_order_needs_a_policy_head():
+    plain = GPT(GPTConfig(grid_h=4, grid_w=4, vocab_size=32, num_classes=3, n_layer=1, n_head=2, d_model=32))
+    with pytest.raises(ValueError, match="policy head"):
+        generate(plain, torch.tensor([0]), order="policy")

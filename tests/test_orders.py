@@ -1,6 +1,6 @@
 import torch
 
-from oar_core.orders import center_out, is_permutation, kendall_tau_to_raster, sample_orders, spiral, step_of_position
+from oar_core.orders import center_out, is_permutation, kendall_tau_to_raster, raster, sample_orders, spiral, step_of_position
 
 
 def test_fixed_orders_are_permutations():
@@ -24,3 +24,16 @@ def test_step_of_position_inverts_and_tau():
     assert torch.equal(s.gather(1, o), torch.arange(16).expand(3, -1))
     assert kendall_tau_to_raster(torch.arange(16)) == 1.0
     assert kendall_tau_to_raster(torch.arange(16).flip(0)) == -1.0
+
+
+def test_halton_order_is_a_permutation_spread_over_the_grid():
+    from oar_core.orders import halton
+
+    for H, W in ((7, 7), (14, 14), (4, 6)):
+        order = halton(H, W)
+        assert is_permutation(order[None], H * W).all()
+    from collections import Counter
+
+    quadrants = Counter((int(p) // 8 // 4, int(p) % 8 // 4) for p in halton(8, 8)[:8])
+    assert sorted(quadrants.values()) == [2, 2, 2, 2]  # low discrepancy: the first 8 split evenly over quadrants
+    assert sorted(Counter(int(p) // 8 // 4 for p in raster(8, 8)[:8]).values()) == [8]  # raster: one half only
