@@ -156,8 +156,10 @@ def _fmt(v, digits=3) -> str:
 
 
 def metrics_table(metrics: dict, models: list[str], space: str) -> str:
-    """Markdown rows: one per model, columns FID/KID/IS in `space` (indomain|inception) and NLL."""
-    head = f"| model | FID ({space}) | KID ({space}) | IS ({space}) | NLL bits/token | NLL order |\n|---|---|---|---|---|---|"
+    """Markdown rows: one per model, columns FID/KID/IS/precision/recall in `space` (indomain|inception), the
+    valid NLL with how it was obtained, and the oracle-order diagnostic where there is one."""
+    head = (f"| model | FID ({space}) | KID ({space}) | IS ({space}) | precision | recall | NLL bits/token (valid) "
+            "| NLL: how | oracle order bits/token (diagnostic, not a likelihood) |\n|---|---|---|---|---|---|---|---|---|")
     rows = []
     for m in models + ["real_reference"]:
         d = metrics.get(m, {})
@@ -165,8 +167,9 @@ def metrics_table(metrics: dict, models: list[str], space: str) -> str:
             continue
         kid = _fmt(d.get(f"kid_{space}"), 4) + (f" ± {d[f'kid_{space}_std']:.4f}" if f"kid_{space}_std" in d else "")
         is_ = _fmt(d.get(f"is_{space}"), 2) + (f" ± {d[f'is_{space}_std']:.2f}" if f"is_{space}_std" in d else "")
-        rows.append(f"| {m} | {_fmt(d.get(f'fid_{space}'), 2)} | {kid} | {is_} | {_fmt(d.get('nll_bits_per_token'))} "
-                    f"| {d.get('nll_order_label', '–')} |")
+        rows.append(f"| {m} | {_fmt(d.get(f'fid_{space}'), 2)} | {kid} | {is_} | {_fmt(d.get(f'precision_{space}'))} "
+                    f"| {_fmt(d.get(f'recall_{space}'))} | {_fmt(d.get('nll_bits_per_token'))} "
+                    f"| {d.get('nll_order_label', '–')} | {_fmt(d.get('oracle_order_bits_per_token'))} |")
     return "\n".join([head] + rows)
 
 
@@ -178,7 +181,11 @@ def write_report(path, metrics: dict, labels: dict, models: list[str], figures: 
     lines += ["## Metrics", "",
               f"Feature space: **{labels['feature_space']['indomain']}**. Not comparable with published "
               "(Inception) FID numbers; compare models with each other and with `real_reference` (real train "
-              "images vs the same test images: the floor any model can reach at this sample size).", "",
+              "images vs the same test images: the floor any model can reach at this sample size). Precision / recall: "
+              "k-NN fidelity and diversity (torch-fidelity `prc`, same features). NLL: held-out bits/token of each "
+              "model as it samples (its order and location rule, teacher-forced), an exact value or an upper bound "
+              "on -log2 p(x); the oracle-order column scores along orders extracted by looking at the answer and is "
+              "not a likelihood.", "",
               metrics_table({m: {**metrics.get(m, {}), "nll_order_label": labels.get(m, {}).get("nll_order", "–")}
                              for m in models + ["real_reference"]}, models, "indomain"), ""]
     lines += [f"Standard Inception metrics: **{labels['feature_space']['inception']}**", ""]

@@ -36,9 +36,12 @@ def test_indomain_extractor_separates_real_from_noise(fmnist_small, classifier):
     noise_NHWC = np.random.default_rng(0).integers(0, 256, test_NHWC.shape, dtype=np.uint8)
     real = fidelity_metrics(train_NHWC[:256], test_NHWC, INDOMAIN_NAME, str(path), kid_subset_size=50)
     fake = fidelity_metrics(noise_NHWC, test_NHWC, INDOMAIN_NAME, str(path), kid_subset_size=50)
-    assert set(real) == {"fid", "kid", "kid_std", "is", "is_std"}
+    assert set(real) == {"fid", "kid", "kid_std", "is", "is_std", "precision", "recall"}
     assert real["fid"] * 10 < fake["fid"], (real, fake)
     assert real["kid"] < fake["kid"]
+    # real images lie on the real manifold and cover it; noise covers none of it (in a 60-step classifier's
+    # space noise features land inside real k-NN balls, so precision alone would not tell)
+    assert real["precision"] > 0.5 and real["recall"] > 0.5 and fake["recall"] < 0.1, (real, fake)
 
 
 @pytest.fixture(scope="module")
@@ -88,13 +91,16 @@ def test_evaluate_writes_metrics_per_model_with_feature_space(pipeline_dir, fmni
     metrics = json.loads((tmp_path / "evaluate.json").read_text())
     labels = json.loads((tmp_path / "reports" / "metrics_labels.json").read_text())
     for m in MODELS + ["real_reference"]:
-        for key in ("fid_indomain", "kid_indomain", "kid_indomain_std", "is_indomain", "is_indomain_std"):
+        for key in ("fid_indomain", "kid_indomain", "kid_indomain_std", "is_indomain", "is_indomain_std",
+                    "precision_indomain", "recall_indomain"):
             assert isinstance(metrics[m][key], float) and math.isfinite(metrics[m][key]), (m, key)
         assert labels[m]["feature_space"].startswith("in-domain classifier")
     for m in MODELS:  # untrained models: about log2(16) = 4 bits/token
         assert 3.0 < metrics[m]["nll_bits_per_token"] < 5.0
-    assert labels["raster"]["nll_order"] == "raster"
-    assert labels["oar"]["nll_order"].startswith("random")  # no extracted orders given: says so
+    assert labels["raster"]["nll_order"] == "raster order, exact"
+    assert labels["any-order"]["nll_order"] == "random order, bound: mean over 2 random orders"
+    assert labels["oar"]["nll_order"] == "confidence order, exact: its greedy location rule, teacher-forced"
+    assert "oracle_order_bits_per_token" not in metrics["oar"]  # no extracted orders given: no diagnostic
     assert metrics["real_reference"]["fid_indomain"] < metrics["raster"]["fid_indomain"]
     # metrics JSON holds only numbers (DVC-friendly); the strings live in metrics_labels.json
     flat = [v for d in metrics.values() for v in d.values()]
