@@ -1,6 +1,7 @@
-"""Decoding and training throughput, KV-cached vs uncached, measured side by side in one run.
+"""Decoding and training throughput, KV-cached vs uncached, and where-next by confidence vs by a learned
+location policy vs raster, at several grid sizes, measured side by side in one run.
 
-    python -m bench.decode [--layers 4 --d-model 128 --grid 7 --batch 64]
+    python -m bench.decode [--layers 4 --d-model 128 --grid 7 --batch 64 --policy-grids 7 14]
 
 Uncached = a full causal forward over prefix + candidate for every candidate at every step (what a model
 without the dual positional encoding's one-forward candidate scoring, or without a cache, has to do).
@@ -14,6 +15,7 @@ from oar_core.extract import extract_batch
 from oar_core.io import autocast, pick_device
 from oar_core.model import GPT, GPTConfig
 from oar_core.params import ExtractParams
+from oar_core.location import LocationRule
 from oar_core.sampling import generate
 
 
@@ -36,11 +38,13 @@ def main(argv=None):
     ap.add_argument("--grid", type=int, default=7)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--uncached-batch", type=int, default=8, help="uncached is slow: time it on fewer images")
+    ap.add_argument("--policy-grids", type=int, nargs="*", default=[7, 14],
+                    help="grids at which raster, policy and confidence sampling are compared")
     a = ap.parse_args(argv)
     device = pick_device()
     torch.manual_seed(0)
     cfg = GPTConfig(grid_h=a.grid, grid_w=a.grid, vocab_size=256, num_classes=10, n_layer=a.layers,
-                    n_head=max(1, a.d_model // 64), d_model=a.d_model)
+                    n_head=max(1, a.d_model // 64), d_model=a.d_model, policy=True)
     model = GPT(cfg).to(device).eval()
     N = cfg.n_tokens
     print(f"device={device.type} layers={a.layers} d_model={a.d_model} grid={a.grid}x{a.grid} "
@@ -68,6 +72,23 @@ def main(argv=None):
     print(f"\n| path | KV-cached img/s | uncached img/s | speed-up |\n|---|---|---|---|")
     for name, cached, naive in rows:
         print(f"| {name} | {cached:.1f} | {naive:.2f} | {cached / naive:.1f}x |")
+
+    print("\n| grid | raster img/s | policy img/s | confidence img/s | policy / raster | policy / confidence |\n"
+          "|---|---|---|---|---|---|")
+    for grid in a.policy_grids:
+        torch.manual_seed(0)
+        m = GPT(GPTConfig(**{**cfg.__dict__, "grid_h": grid, "grid_w": grid})).to(device).eval()
+        ips = {}
+        for order in ("raster", "policy", "confidence"):
+            B = a.batch if order != "confidence" else max(1, a.batch * 49 // (grid * grid))  # confidence: N^2 rows
+
+            def run(B, order=order):
+                with autocast(device):
+                    generate(m, torch.arange(B, device=device) % 10, order=order, cfg_scale=1.0,
+                             location=LocationRule(temperature=1.0), generator=torch.Generator().manual_seed(0))
+            ips[order] = images_per_s(run, B)
+        print(f"| {grid}x{grid} | {ips['raster']:.1f} | {ips['policy']:.1f} | {ips['confidence']:.2f} | "
+              f"{ips['policy'] / ips['raster']:.2f}x | {ips['policy'] / ips['confidence']:.1f}x |", flush=True)
 
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
