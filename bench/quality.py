@@ -161,7 +161,7 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
     import torch
 
     from oar_core.extract import run_extract
-    from oar_core.io import pick_device, write_json
+    from oar_core.io import file_hash, pick_device, write_json
     from oar_core.metrics import sampler_nll
     from oar_core.model import load_gpt
     from oar_core.params import LocationParams, SampleModelParams, load_params
@@ -178,25 +178,36 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
                                                "random_mix_end": None, "policy_weight": 0.0,
                                                "out_dir": "models/random_ft"})
         jobs = [("train raster", p.train_raster, "train_raster"), ("train any-order", p.train_random, "train_random"),
-                ("extract orders", None, None), ("finetune OAR", p.finetune, "finetune"),
                 ("continue any-order", any_ft, "finetune_random")]
+        # OAR: `rounds` x (extract orders with the current model, finetune on them), finetune_steps split evenly
+        ex_p, ft_p = p.extract_orders, p.finetune.model_copy(update={"steps": p.finetune.steps // a.rounds})
+        for r in range(1, a.rounds + 1):
+            jobs += [(f"extract orders (round {r})", ex_p, None), (f"finetune OAR (round {r})", ft_p, f"finetune_r{r}")]
+            ex_p = ex_p.model_copy(update={"checkpoint": f"{ft_p.out_dir}/model.pt", "out_dir": f"data/orders_r{r + 1}"})
+            ft_p = ft_p.model_copy(update={"init_from": f"{ft_p.out_dir}/model.pt", "orders_dir": ex_p.out_dir,
+                                           "out_dir": f"models/oar_r{r + 1}"})
         for what, tp, stage in jobs:
-            if tp is None:
+            if stage is None:
                 with timer(f"seed {seed}: {what}"):
-                    ex = run_extract(p.extract_orders, shards)
-                    if ex["images"]:
-                        write_json("extract.json", ex)
+                    ex = run_extract(tp, shards)
+                if ex["images"]:  # a resumed run skips finished parts: keep the figures of the run that did them
+                    write_json(f"{tp.out_dir}/extract.json", ex)
             elif not trained(f"{tp.out_dir}/model.pt", tp):
                 with timer(f"seed {seed}: {what} ({tp.steps} steps)"):
                     run_train(tp, stage, shards)
-        ckpt = {"raster": "models/raster/model.pt", "any": "models/random_ft/model.pt", "oar": "models/oar/model.pt"}
+        oar = "models/oar/model.pt" if a.rounds == 1 else f"models/oar_r{a.rounds}/model.pt"
+        ckpt = {"raster": "models/raster/model.pt", "any": "models/random_ft/model.pt", "oar": oar}
         device = pick_device()
         tok = load_tokenizer(p.sample.tokenizer, device)
         test_NN, test_labels, _ = load_split(shards, "test")
         results = {}
         for name, key, order, loc in SAMPLERS:
             out = Path("results") / f"{name}.json"
-            if out.exists():
+            # a result is reused only if made from this very checkpoint, sampler and sampling/eval params
+            made_from = {"checkpoint": file_hash(ckpt[key]), "order": order, "location": loc,
+                         "sample": p.sample.model_dump(mode="json"), "evaluate": p.evaluate.model_dump(mode="json"),
+                         "classifier": file_hash(common / "classifier.pt")}
+            if out.exists() and json.loads(out.read_text()).get("made_from") == made_from:
                 results[name] = json.loads(out.read_text())
                 continue
             with timer(f"seed {seed}: {name}"):
@@ -209,7 +220,7 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
                 meta = {"order": order, "location": spec.location.model_dump()}
                 with torch.no_grad():
                     m["nll_bits_per_token"], m["nll_how"] = sampler_nll(model, meta, test_NN, test_labels, p.evaluate, device)
-                m["images_per_s"] = round(len(res["images"]) / sec, 1)
+                m["images_per_s"], m["made_from"] = round(len(res["images"]) / sec, 1), made_from
                 save_png(Path("grids") / f"{name}.png", class_grid(res["images"], res["labels"]))
                 write_json(out, m)
                 results[name] = m
@@ -229,6 +240,7 @@ def table(per_seed: dict[int, dict], a, clf_acc, extract: dict) -> str:
     lines = [f"Fashion-MNIST, {a.max_train} train / {a.max_test} test images, {n_layer}-layer d={d_model} models, "
              f"seeds {seeds}, {a.steps}+{a.finetune_steps} steps per model (batch 64), orders by {a.score}, "
              f"finetune random_mix {a.random_mix}->{a.random_mix_end}, policy_weight {a.policy_weight}, "
+             f"{a.rounds} extract+finetune round(s), "
              f"cfg_scale {a.cfg_scale}, {a.n_samples} samples per model. Feature space: CNN trained on all 60k "
              f"train images (test acc {clf_acc:.3f}); reference: the 10k test images. Mean ± std over seeds.", "",
              "| sampler | " + " | ".join(c[1] for c in COLUMNS) + " | img/s |", "|---" * (len(COLUMNS) + 2) + "|"]
@@ -237,9 +249,10 @@ def table(per_seed: dict[int, dict], a, clf_acc, extract: dict) -> str:
         cells = [cell([r[k] for r in rows if k in r], d) for k, _, d in COLUMNS]
         ips = cell([r["images_per_s"] for r in rows if "images_per_s" in r], 0)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {ips} |")
-    if extract:
+    if any(extract.values()):
         lines += ["", "Order extraction (OAR's extra compute, on top of the equal gradient steps): " + ", ".join(
-            f"seed {s}: {e['images']} images at {e['images_per_s']} img/s" for s, e in sorted(extract.items()))]
+            f"seed {s}: " + " + ".join(f"{e['images']} images at {e['images_per_s']} img/s" for e in ex)
+            for s, ex in sorted(extract.items()))]
     how = {r.get("nll_how") for s in seeds for r in per_seed[s].values() if r.get("nll_how")}
     lines += ["", "NLL: " + "; ".join(sorted(how))]
     return "\n".join(lines) + "\n"
@@ -262,6 +275,7 @@ def main(argv=None):
     ap.add_argument("--random-mix-end", type=float, default=None, help="finetune.random_mix_end (annealing)")
     ap.add_argument("--policy-weight", type=float, default=1.0, help="finetune.policy_weight")
     ap.add_argument("--cfg-scale", type=float, default=2.5)
+    ap.add_argument("--rounds", type=int, default=1, help="extract+finetune rounds (finetune steps split evenly)")
     ap.add_argument("--workdir", default="/tmp/oar-bench-quality")
     ap.add_argument("--tag", default="default", help="results go to <workdir>/<tag> and bench/quality_<tag>.md")
     ap.add_argument("--table-only", action="store_true", help="only aggregate the results already on disk")
@@ -283,8 +297,8 @@ def main(argv=None):
             else:
                 per_seed[s] = run_seed(a, s, common, timer, ref, cache)
             per_seed[s].update(refrows)
-    extract = {s: json.loads((Path(a.workdir) / f"seed_{s}" / "extract.json").read_text()) for s in a.seeds
-               if (Path(a.workdir) / f"seed_{s}" / "extract.json").exists()}
+    extract = {s: [json.loads(f.read_text()) for f in sorted((Path(a.workdir) / f"seed_{s}/data").glob("*/extract.json"))]
+               for s in a.seeds}
     md = table(per_seed, a, load_classifier(common / "classifier.pt")[1].get("test_accuracy"), extract)
     md += f"\nWall time {time.time() - t0:.0f}s on {os.cpu_count()} CPU core(s); per stage:\n\n"
     md += "\n".join(f"- {name}: {sec:.0f}s" for name, sec in timer.rows) + "\n"
