@@ -74,3 +74,35 @@ def test_scripts_print_one_line_error_and_exit_1(tmp_path, capsys, module):
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "ingest.image_sise" in err
+
+
+@pytest.mark.parametrize("text,key", [
+    ("extract_orders:\n  splits: []\n", "extract_orders.splits"),
+    ("sample:\n  models: []\n", "sample.models"),
+    ("sample:\n  models:\n  - {name: a, checkpoint: x, order: confidence, location: {score: gt_prob}}\n",
+     "sample.models.0.location.score"),  # a sampler cannot look at the answer
+    ("sample:\n  models:\n  - {name: a, checkpoint: x, order: policy, location: {anneal: sideways}}\n",
+     "sample.models.0.location.anneal"),
+])
+def test_sampling_and_extraction_lists_and_rules_are_checked(tmp_path, text, key):
+    with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
+        load_params(write(tmp_path, text))
+
+
+def test_policy_head_needs_extracted_orders(tmp_path):
+    with pytest.raises(ParamsError, match="policy_weight > 0 needs order='given'"):
+        load_params(write(tmp_path, "train_random:\n  policy_weight: 1.0\n"))
+
+
+def test_random_mix_anneals_linearly_over_the_steps():
+    import torch
+
+    from oar_core.params import TrainParams
+    from oar_core.train import OrderSource
+
+    p = TrainParams(order="given", orders_dir="o", steps=101, random_mix=0.8, random_mix_end=0.0)
+    src = OrderSource(p, 2, 2, torch.arange(4).expand(1000, -1))
+    assert [src.mix_at(s) for s in (0, 50, 100)] == pytest.approx([0.8, 0.4, 0.0])
+    g = torch.Generator().manual_seed(0)
+    early, late = (1 - src(torch.arange(1000), g, s)[1].float().mean() for s in (0, 100))
+    assert 0.75 < early < 0.85 and late == 0  # fraction of rows given a random order instead of the extracted one
