@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -186,6 +187,15 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
             ex_p = ex_p.model_copy(update={"checkpoint": f"{ft_p.out_dir}/model.pt", "out_dir": f"data/orders_r{r + 1}"})
             ft_p = ft_p.model_copy(update={"init_from": f"{ft_p.out_dir}/model.pt", "orders_dir": ex_p.out_dir,
                                            "out_dir": f"models/oar_r{r + 1}"})
+        if a.baselines_from:  # identical baselines of another tag: reuse them (same digest = same params and seed)
+            other = Path(a.workdir).parent / a.baselines_from / f"seed_{seed}"
+            for _, tp, stage in jobs[:3]:
+                src = other / tp.out_dir / "model.pt"
+                if not trained(f"{tp.out_dir}/model.pt", tp) and trained(str(src), tp):
+                    Path(tp.out_dir).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(src, f"{tp.out_dir}/model.pt")
+            if not Path("data/orders").exists() and (other / "data/orders").exists():  # parts are re-checked by hash
+                shutil.copytree(other / "data/orders", "data/orders")
         for what, tp, stage in jobs:
             if stage is None:
                 with timer(f"seed {seed}: {what}"):
@@ -202,6 +212,8 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
         test_NN, test_labels, _ = load_split(shards, "test")
         results = {}
         for name, key, order, loc in SAMPLERS:
+            if a.samplers and name not in a.samplers:
+                continue
             out = Path("results") / f"{name}.json"
             # a result is reused only if made from this very checkpoint, sampler and sampling/eval params
             made_from = {"checkpoint": file_hash(ckpt[key]), "order": order, "location": loc,
@@ -246,6 +258,8 @@ def table(per_seed: dict[int, dict], a, clf_acc, extract: dict) -> str:
              "| sampler | " + " | ".join(c[1] for c in COLUMNS) + " | img/s |", "|---" * (len(COLUMNS) + 2) + "|"]
     for name in [s[0] for s in SAMPLERS] + REFERENCE:
         rows = [per_seed[s][name] for s in seeds if name in per_seed[s]]
+        if not rows:
+            continue
         cells = [cell([r[k] for r in rows if k in r], d) for k, _, d in COLUMNS]
         ips = cell([r["images_per_s"] for r in rows if "images_per_s" in r], 0)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {ips} |")
@@ -279,6 +293,9 @@ def main(argv=None):
     ap.add_argument("--workdir", default="/tmp/oar-bench-quality")
     ap.add_argument("--tag", default="default", help="results go to <workdir>/<tag> and bench/quality_<tag>.md")
     ap.add_argument("--table-only", action="store_true", help="only aggregate the results already on disk")
+    ap.add_argument("--samplers", nargs="*", default=None, help="only these samplers (default: all)")
+    ap.add_argument("--baselines-from", default=None,
+                    help="tag whose raster/any-order models and first orders table to reuse when their params match")
     a = ap.parse_args(argv)
     common, timer, t0 = Path(a.workdir).resolve() / "common", Timer(), time.time()
     a.workdir = str(Path(a.workdir).resolve() / a.tag)

@@ -37,8 +37,10 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_a_change_touches
     first = dvc(full_repo, "repro").stdout
     assert ran_stages(first) == ALL_STAGES, first
     metrics = json.loads((full_repo / "metrics/evaluate.json").read_text())
-    for model in ("raster", "any-order", "any-order-confidence", "oar"):
+    names = [m["name"] for m in yaml.safe_load((full_repo / "params.yaml").read_text())["sample"]["models"]]
+    for model in names:
         assert metrics[model]["fid_indomain"] >= 0 and metrics[model]["nll_bits_per_token"] > 0
+        assert 0 <= metrics[model]["precision_indomain"] <= 1 and 0 <= metrics[model]["recall_indomain"] <= 1
     shown = dvc(full_repo, "metrics", "show", "--json").stdout
     assert "fid_indomain" in shown and "test_bits_per_token" in shown
     report = (full_repo / "reports/report.md").read_text()
