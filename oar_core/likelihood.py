@@ -11,7 +11,8 @@ p(x) = sum_sigma prod_t q(sigma_t | prefix) p(x_sigma_t | prefix, sigma_t). For 
 - along any other order (e.g. the extracted one), the order must be paid for: -sum log q(sigma_t | prefix) -
   sum log p(...). `policy_bits_along` does this for the policy head.
 An order picked by looking at the target (extraction's `gt_prob`) and not paid for is only the "oracle order"
-diagnostic `oracle_bits`: on i.i.d. uniform tokens it goes below the entropy, which no likelihood can.
+diagnostic (`bits_along_orders` along extracted orders): on i.i.d. uniform tokens it goes below the entropy,
+which no likelihood can.
 Content log-probs are the model's conditional ones at temperature 1, without guidance or top-k.
 """
 from __future__ import annotations
@@ -67,7 +68,7 @@ def sampler_bits(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, or
     mean over `n_orders` orders drawn per image from the sampler's own rule."""
     if location is not None and location.score == "gt_prob":
         raise ValueError("the gt_prob score looks at the answer: a sampler cannot use it, and scoring under it is "
-                         "not a likelihood (use oracle_bits for that diagnostic)")
+                         "not a likelihood (use bits_along_orders for that diagnostic)")
     from oar_core.sampling import teacher_forced
 
     model.eval()
@@ -88,8 +89,9 @@ def sampler_bits(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, or
 
 
 @torch.no_grad()
-def oracle_bits(model: GPT, tokens_NN, labels_N, order_NN, batch_size: int = 250, device="cpu") -> float:
-    """Content bits/token along given (e.g. extracted, target-peeking) orders, unpaid: a diagnostic only."""
+def bits_along_orders(model: GPT, tokens_NN, labels_N, order_NN, batch_size: int = 250, device="cpu") -> float:
+    """Mean content bits/token along given orders, unpaid: a likelihood only for orders that do not depend on
+    the image (fixed, uniform random); along extracted (target-peeking) orders it is the oracle diagnostic."""
     model.eval()
     total = 0.0
     for i, tok_BN, lab_B in _batches(tokens_NN, labels_N, batch_size, device):

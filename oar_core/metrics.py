@@ -338,7 +338,7 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
             labels[name] = {"feature_space": space}
 
     # held-out NLL, each model as it samples; the extracted ("oracle") orders only as a labelled diagnostic
-    from oar_core.likelihood import oracle_bits
+    from oar_core.likelihood import bits_along_orders
 
     device = pick_device()
     test_NN, test_tok_labels, test_ids = load_token_split(shards, "test")
@@ -352,7 +352,7 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
         bits, label = sampler_nll(model, meta, test_NN, test_tok_labels, p, device)
         metrics[name]["nll_bits_per_token"] = bits
         if oracle_NN is not None and meta["order"] in ("confidence", "policy"):
-            metrics[name]["oracle_order_bits_per_token"] = oracle_bits(model, test_NN, test_tok_labels, oracle_NN,
+            metrics[name]["oracle_order_bits_per_token"] = bits_along_orders(model, test_NN, test_tok_labels, oracle_NN,
                                                                        p.nll_batch_size, device)
         labels[name].update(nll_order=label, sample_order=meta["order"], location=meta.get("location"),
                             checkpoint=meta["checkpoint"])

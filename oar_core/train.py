@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from oar_core.io import autocast, load_torch, pick_device, remove_stale_temps, save_torch, write_bytes_atomic, write_json
-from oar_core.likelihood import oracle_bits, policy_bits
+from oar_core.likelihood import bits_along_orders, policy_bits
 from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
 from oar_core.orders import sample_orders
 from oar_core.params import TrainParams
@@ -107,7 +107,7 @@ def heldout_bits(model: GPT, tokens_NN, labels_N, p: TrainParams, device) -> flo
     n = min(len(tokens_NN), p.eval_batches * p.batch_size)
     kind = "random" if p.order == "given" else p.order
     order_NN = sample_orders(kind, n, model.cfg.grid_h, model.cfg.grid_w, torch.Generator().manual_seed(p.seed + 1))
-    bits = oracle_bits(model, tokens_NN[:n], labels_N[:n], order_NN, p.batch_size, device)
+    bits = bits_along_orders(model, tokens_NN[:n], labels_N[:n], order_NN, p.batch_size, device)
     model.train()
     return bits
 
@@ -118,8 +118,7 @@ def policy_top1(model: GPT, tokens_NN, labels_N, order_NN, batch_size: int, devi
     model.eval()
     hits = 0
     for i in range(0, len(tokens_NN), batch_size):
-        args = (t[i: i + batch_size].to(device) for t in (tokens_NN, order_NN, labels_N))
-        tok_BN, order_BN, lab_B = args
+        tok_BN, order_BN, lab_B = (t[i: i + batch_size].to(device) for t in (tokens_NN, order_NN, labels_N))
         with autocast(device):
             _, _, logpi_BNN = model.forward_with_policy(tok_BN, order_BN, lab_B)
         hits += int((logpi_BNN.argmax(-1)[:, :-1] == order_BN[:, :-1]).sum())  # the last step has one choice
@@ -131,7 +130,7 @@ def given_order_metrics(model: GPT, tokens_NN, labels_N, order_NN, p: TrainParam
     a policy head, the paid (valid) content + location bits and the policy's top-1 agreement."""
     n = min(len(tokens_NN), p.eval_batches * p.batch_size)
     args = (tokens_NN[:n], labels_N[:n], order_NN[:n])
-    out = {"oracle_order_bits_per_token": oracle_bits(model, *args, p.batch_size, device)}
+    out = {"oracle_order_bits_per_token": bits_along_orders(model, *args, p.batch_size, device)}
     if model.cfg.policy:
         pb = policy_bits(model, *args, p.batch_size, device)
         out.update(policy_content_bits_per_token=pb["content"], policy_location_bits_per_token=pb["location"],

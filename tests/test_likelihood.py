@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from oar_core.extract import extract_batch
-from oar_core.likelihood import oracle_bits, policy_bits, sampler_bits
+from oar_core.likelihood import bits_along_orders, policy_bits, sampler_bits
 from oar_core.location import LocationRule
 from oar_core.model import GPT, GPTConfig
 from oar_core.params import ExtractParams
@@ -50,7 +50,7 @@ def test_no_reported_nll_beats_the_entropy_of_noise(noise_fit, order, rule):
 def test_the_oracle_order_can_and_paying_for_it_cannot(noise_fit):
     model, test, labels = noise_fit
     ex = extract_batch(model, test, labels, ExtractParams(score="gt_prob"))
-    oracle = oracle_bits(model, test, labels, ex["order"])
+    oracle = bits_along_orders(model, test, labels, ex["order"])
     assert oracle < ENTROPY - 0.03  # looks at the answer: not a likelihood, and it shows
     assert abs(oracle - float(ex["nll_bits"].mean())) < 1e-4
     paid = policy_bits(model, test, labels, ex["order"])  # the same order, paid for with the policy's log-probs
