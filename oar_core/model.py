@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from oar_core.orders import step_of_position
+
 
 @dataclass
 class GPTConfig:
@@ -204,9 +206,7 @@ class GPT(nn.Module):
         ones = torch.ones(N, N, dtype=torch.bool, device=order_BN.device)
         mask = torch.cat([torch.cat([ones.tril(), ~ones], 1), torch.cat([ones.tril(-1), ones.diag().diag()], 1)], 0)
         h_B2ND = self.trunk(x_B2ND, mask_TT=mask)
-        from oar_core.orders import step_of_position
-
-        filled_BNN = step_of_position(order_BN.cpu()).to(order_BN.device)[:, None, :] < torch.arange(N, device=order_BN.device)[None, :, None]
+        filled_BNN = step_of_position(order_BN)[:, None, :] < torch.arange(N, device=order_BN.device)[None, :, None]
         policy_BNN = self.policy_head(h_B2ND[:, N:]).float().masked_fill(filled_BNN, float("-inf"))
         return self.head(h_B2ND[:, :N]), tok_ord_BN, F.log_softmax(policy_BNN, dim=-1)
 
