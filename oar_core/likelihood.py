@@ -26,6 +26,7 @@ from oar_core.io import autocast
 from oar_core.location import LocationRule
 from oar_core.model import GPT
 from oar_core.orders import sample_orders
+from oar_core.sampling import ADAPTIVE_ORDERS, teacher_forced
 
 LN2 = math.log(2)
 
@@ -55,7 +56,7 @@ def policy_bits_along(model: GPT, tokens_BN, labels_B, order_BN) -> tuple[torch.
 def is_deterministic(order: str, location: LocationRule | None) -> bool:
     if order == "random":
         return False
-    if order in ("confidence", "policy"):
+    if order in ADAPTIVE_ORDERS:
         return order == "confidence" and (location or LocationRule()).temperature == 0
     return True
 
@@ -69,8 +70,6 @@ def sampler_bits(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, or
     if location is not None and location.score == "gt_prob":
         raise ValueError("the gt_prob score looks at the answer: a sampler cannot use it, and scoring under it is "
                          "not a likelihood (use bits_along_orders for that diagnostic)")
-    from oar_core.sampling import teacher_forced
-
     model.eval()
     H, W = model.cfg.grid_h, model.cfg.grid_w
     draws = 1 if is_deterministic(order, location) else n_orders
@@ -79,7 +78,7 @@ def sampler_bits(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, or
     for _ in range(draws):
         for _, tok_BN, lab_B in _batches(tokens_NN, labels_N, batch_size, device):
             with autocast(device):
-                if order in ("confidence", "policy"):
+                if order in ADAPTIVE_ORDERS:
                     out = teacher_forced(model, tok_BN, lab_B, order, location, g)
                     bits_B = -out["logp"].sum(1) / tok_BN.shape[1] / LN2
                 else:

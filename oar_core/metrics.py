@@ -25,6 +25,7 @@ import polars as pl
 from tqdm import tqdm
 
 from oar_core.io import load_torch, save_torch
+from oar_core.sampling import ADAPTIVE_ORDERS
 from oar_core.tokenizer import to_float_BCHW
 
 INDOMAIN_NAME = "oar-indomain-cnn"
@@ -277,7 +278,7 @@ def sampler_nll(model, meta: dict, test_NN, test_labels, p, device) -> tuple[flo
     order = meta["order"]
     rule = LocationParams(**meta["location"]).rule() if meta.get("location") else None
     bits = sampler_bits(model, test_NN, test_labels, order, rule, p.nll_orders, p.nll_batch_size, p.seed, device)
-    if order in ("confidence", "policy"):
+    if order in ADAPTIVE_ORDERS:
         how = ("exact: its greedy location rule, teacher-forced" if is_deterministic(order, rule) else
                f"bound: mean over {p.nll_orders} orders drawn from its own location rule, teacher-forced")
     else:
@@ -351,7 +352,7 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
         model, _ = load_gpt(meta["checkpoint"], device)
         bits, label = sampler_nll(model, meta, test_NN, test_tok_labels, p, device)
         metrics[name]["nll_bits_per_token"] = bits
-        if oracle_NN is not None and meta["order"] in ("confidence", "policy"):
+        if oracle_NN is not None and meta["order"] in ADAPTIVE_ORDERS:
             metrics[name]["oracle_order_bits_per_token"] = bits_along_orders(model, test_NN, test_tok_labels, oracle_NN,
                                                                        p.nll_batch_size, device)
         labels[name].update(nll_order=label, sample_order=meta["order"], location=meta.get("location"),
@@ -370,7 +371,7 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
         figures["grids"][name] = f"figures/grid_{name}.png"
         report.save_strips(tok, Path(samples_dir) / name / "orders.parquet", fig / f"strip_{name}.png", p.strip_steps)
         figures["strips"][name] = f"figures/strip_{name}.png"
-        if meta["order"] == "confidence":  # fixed orders give trivial maps
+        if meta["order"] in ADAPTIVE_ORDERS:  # fixed orders give trivial maps
             heat = report.step_heatmaps_from_orders(np.stack(table["order"].to_numpy()).astype(np.int64),
                                                     table["label"].to_numpy())
             report.save_heatmap_panel(heat, fig / f"heat_{name}.png", f"{name}: mean sampling step", class_names)

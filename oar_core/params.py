@@ -137,8 +137,10 @@ class SampleModelParams(Section):
 DEFAULT_SAMPLE_MODELS = [
     SampleModelParams(name="raster", checkpoint="models/raster/model.pt", order="raster"),
     SampleModelParams(name="any-order", checkpoint="models/random/model.pt", order="random"),
-    SampleModelParams(name="any-order-confidence", checkpoint="models/random/model.pt", order="confidence"),
-    SampleModelParams(name="oar", checkpoint="models/oar/model.pt", order="confidence"),
+    SampleModelParams(name="oar", checkpoint="models/oar/model.pt", order="confidence",
+                      location=LocationParams(temperature=1.0, anneal="linear")),
+    SampleModelParams(name="oar-policy", checkpoint="models/oar/model.pt", order="policy",
+                      location=LocationParams(temperature=1.0)),
 ]
 
 
@@ -184,7 +186,8 @@ class Params(Section):
     train_random: TrainParams = TrainParams(order="random", out_dir="models/random")
     extract_orders: ExtractParams = ExtractParams()
     finetune: TrainParams = TrainParams(
-        order="given", orders_dir="data/orders", init_from="models/random/model.pt", out_dir="models/oar"
+        order="given", orders_dir="data/orders", init_from="models/random/model.pt", out_dir="models/oar",
+        random_mix=0.2, policy_weight=1.0, steps=400, lr=3e-4, min_lr=3e-5, warmup_steps=50,
     )
     sample: SampleParams = SampleParams()
     evaluate: EvaluateParams = EvaluateParams()

@@ -24,7 +24,8 @@ from oar_core.model import GPT
 from oar_core.orders import sample_orders
 
 PickToken = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (step, pos_B, logits_BV) -> token_B
-ORDERS = ("raster", "random", "spiral", "center_out", "halton", "confidence", "policy")
+ADAPTIVE_ORDERS = ("confidence", "policy")  # the location is chosen per image, step by step
+ORDERS = ("raster", "random", "spiral", "center_out", "halton", *ADAPTIVE_ORDERS)
 
 
 def unfilled_positions(filled_BN: torch.Tensor) -> torch.Tensor:
@@ -93,7 +94,7 @@ def decode(model: GPT, labels_B: torch.Tensor, pick_token: PickToken, order: str
            for k in ("tokens", "order", "scores", "logq", "logp")}
     tokens_BN, order_BN = out["tokens"], out["order"]
     filled_BN = torch.zeros(B, N, dtype=torch.bool, device=device)
-    fixed = order not in ("confidence", "policy")
+    fixed = order not in ADAPTIVE_ORDERS
     fixed_order_BN = sample_orders(order, B, H, W, generator).to(device) if fixed else None
     cache = model.new_cache(labels_R.shape[0]) if use_cache else None
 
