@@ -267,6 +267,18 @@ def table(per_seed: dict[int, dict], a, clf_acc, extract: dict) -> str:
         lines += ["", "Order extraction (OAR's extra compute, on top of the equal gradient steps): " + ", ".join(
             f"seed {s}: " + " + ".join(f"{e['images']} images at {e['images_per_s']} img/s" for e in ex)
             for s, ex in sorted(extract.items()))]
+    policy = [json.loads(sorted(f for f in (Path(a.workdir) / f"seed_{s}/metrics").glob("finetune*.json")
+                                if "random" not in f.name)[-1].read_text()) for s in seeds
+              if (Path(a.workdir) / f"seed_{s}/metrics").is_dir()]
+    policy = [m for m in policy if "policy_top1_agreement" in m]
+    if policy:
+        N = 49  # the 7x7 grid of the default tokenizer
+        chance = sum(1 / (N - t) for t in range(N - 1)) / (N - 1)
+        lines += ["", f"OAR's location policy on held-out extracted orders: top-1 agreement "
+                      f"{cell([m['policy_top1_agreement'] for m in policy], 3)} (uniform guess {chance:.3f}); "
+                      f"location {cell([m['policy_location_bits_per_token'] for m in policy], 3)} bits/token, content "
+                      f"{cell([m['policy_content_bits_per_token'] for m in policy], 3)} bits/token along those orders "
+                      "(their sum is a valid bound; the content part alone is the oracle diagnostic)."]
     how = {r.get("nll_how") for s in seeds for r in per_seed[s].values() if r.get("nll_how")}
     lines += ["", "NLL: " + "; ".join(sorted(how))]
     return "\n".join(lines) + "\n"
