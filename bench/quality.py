@@ -329,8 +329,11 @@ def main(argv=None):
     extract = {s: [json.loads(f.read_text()) for f in sorted((Path(a.workdir) / f"seed_{s}/data").glob("*/extract.json"))]
                for s in a.seeds}
     md = table(per_seed, a, load_classifier(common / "classifier.pt")[1].get("test_accuracy"), extract)
-    md += f"\nWall time {time.time() - t0:.0f}s on {os.cpu_count()} CPU core(s); per stage:\n\n"
-    md += "\n".join(f"- {name}: {sec:.0f}s" for name, sec in timer.rows) + "\n"
+    if a.table_only:
+        md += "\nAggregated from the results on disk (`--table-only`); run times are in each run's log.\n"
+    else:
+        md += f"\nWall time {time.time() - t0:.0f}s on {os.cpu_count()} CPU core(s); per stage:\n\n"
+        md += "\n".join(f"- {name}: {sec:.0f}s" for name, sec in timer.rows) + "\n"
     print(md)
     out.write_text(md)
     print(f"[bench] table written to {out}")
