@@ -10,7 +10,6 @@ are repeated to 3 channels and the in-domain extractor converts them back.
 """
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from pathlib import Path
