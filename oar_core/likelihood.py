@@ -45,12 +45,15 @@ def order_bits(model: GPT, tokens_BN, labels_B, order_BN) -> torch.Tensor:
 
 
 @torch.no_grad()
-def policy_bits_along(model: GPT, tokens_BN, labels_B, order_BN) -> tuple[torch.Tensor, torch.Tensor]:
-    """(content, location) bits/token along any given order for a policy model: their sum is a valid bound."""
+def policy_bits_along(model: GPT, tokens_BN, labels_B, order_BN) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(content, location) bits/token along any given order for a policy model (their sum is a valid bound),
+    and per image the number of steps whose most likely policy position is the order's (the last step, with
+    one choice left, is not counted)."""
     logits_BNV, targets_BN, logpi_BNN = model.forward_with_policy(tokens_BN, order_BN, labels_B)
     content = F.cross_entropy(logits_BNV.float().transpose(1, 2), targets_BN, reduction="none").mean(1)
     location = -torch.gather(logpi_BNN, 2, order_BN[..., None])[..., 0].mean(1)
-    return content / LN2, location / LN2
+    hits = (logpi_BNN.argmax(-1)[:, :-1] == order_BN[:, :-1]).sum(1)
+    return content / LN2, location / LN2, hits
 
 
 def is_deterministic(order: str, location: LocationRule | None) -> bool:
@@ -101,12 +104,14 @@ def bits_along_orders(model: GPT, tokens_NN, labels_N, order_NN, batch_size: int
 
 @torch.no_grad()
 def policy_bits(model: GPT, tokens_NN, labels_N, order_NN, batch_size: int = 250, device="cpu") -> dict:
-    """Mean content + location bits/token of a policy model along given orders (valid: the order is paid)."""
+    """Mean content + location bits/token of a policy model along given orders (valid: the order is paid), and
+    the policy's top-1 agreement with those orders."""
     model.eval()
-    content = location = 0.0
+    content = location = hits = 0.0
     for i, tok_BN, lab_B in _batches(tokens_NN, labels_N, batch_size, device):
         with autocast(device):
-            c, loc = policy_bits_along(model, tok_BN, lab_B, order_NN[i: i + batch_size].to(device))
-        content, location = content + float(c.sum()), location + float(loc.sum())
+            c, loc, h = policy_bits_along(model, tok_BN, lab_B, order_NN[i: i + batch_size].to(device))
+        content, location, hits = content + float(c.sum()), location + float(loc.sum()), hits + float(h.sum())
     n = len(tokens_NN)
-    return {"content": content / n, "location": location / n, "total": (content + location) / n}
+    return {"content": content / n, "location": location / n, "total": (content + location) / n,
+            "top1": hits / (n * (order_NN.shape[1] - 1))}

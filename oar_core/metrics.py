@@ -343,7 +343,8 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
     device = pick_device()
     test_NN, test_tok_labels, test_ids = load_token_split(shards, "test")
     oracle_NN = None
-    if orders_dir and Path(orders_dir).is_dir() and any(Path(orders_dir).glob("*.parquet")):
+    has_orders = bool(orders_dir) and Path(orders_dir).is_dir() and any(Path(orders_dir).glob("*.parquet"))
+    if has_orders:
         from oar_core.order_table import orders_for_ids
 
         oracle_NN = orders_for_ids(orders_dir, test_ids, test_NN.shape[1], missing_ok=True)
@@ -375,7 +376,7 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
                                                     table["label"].to_numpy())
             report.save_heatmap_panel(heat, fig / f"heat_{name}.png", f"{name}: mean sampling step", class_names)
             figures["heat_samples"][name] = f"figures/heat_{name}.png"
-    if orders_dir and Path(orders_dir).is_dir() and any(Path(orders_dir).glob("*.parquet")):
+    if has_orders:
         report.save_heatmap_panel(report.extracted_heatmaps(orders_dir), fig / "heat_extracted.png",
                                   "extracted training orders: mean step", class_names)
         figures["heat_extracted"] = "figures/heat_extracted.png"

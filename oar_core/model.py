@@ -204,7 +204,8 @@ class GPT(nn.Module):
                                self.embed_query(labels_B, tok_ord_BN[:, :-1], order_BN[:, :-1])], dim=1)
         x_B2ND = torch.cat([self.sequence_inputs(tokens_BN, order_BN, labels_B), query_BND], dim=1)
         ones = torch.ones(N, N, dtype=torch.bool, device=order_BN.device)
-        mask = torch.cat([torch.cat([ones.tril(), ~ones], 1), torch.cat([ones.tril(-1), ones.diag().diag()], 1)], 0)
+        eye = torch.eye(N, dtype=torch.bool, device=order_BN.device)
+        mask = torch.cat([torch.cat([ones.tril(), ~ones], 1), torch.cat([ones.tril(-1), eye], 1)], 0)
         h_B2ND = self.trunk(x_B2ND, mask_TT=mask)
         filled_BNN = step_of_position(order_BN)[:, None, :] < torch.arange(N, device=order_BN.device)[None, :, None]
         policy_BNN = self.policy_head(h_B2ND[:, N:]).float().masked_fill(filled_BNN, float("-inf"))

@@ -130,6 +130,14 @@ def decode(model: GPT, labels_B: torch.Tensor, pick_token: PickToken, order: str
 
         steps = tqdm(steps, desc="decode", unit="step", leave=False)
     rows = torch.arange(B, device=device)
+
+    def locate(t, score_BC, cand_BC):
+        """Pick a candidate by the location rule; record its score and log q."""
+        bonus = filled_neighbours(filled_BN, cand_BC, H, W) if location.locality else None
+        choice_B, out["logq"][:, t] = location.pick(t, N, score_BC, bonus, generator)
+        out["scores"][:, t] = score_BC[rows, choice_B]
+        return choice_B
+
     for t in steps:
         last_pos_B = order_BN[:, t - 1]
         last = (None, None) if t == 0 else (dup(tokens_BN[rows, last_pos_B]), dup(last_pos_B))
@@ -140,10 +148,7 @@ def decode(model: GPT, labels_B: torch.Tensor, pick_token: PickToken, order: str
                 uncached_policy_logits(model, labels_R, *prefix)
             guided_BN, cond_BN = guide(pol_R, t)
             score_BC = torch.gather(F.log_softmax((cond_BN if location.logits == "cond" else guided_BN), 1), 1, cand_BC)
-            bonus = filled_neighbours(filled_BN, cand_BC, H, W) if location.locality else None
-            choice_B, logq_B = location.pick(t, N, score_BC, bonus, generator)
-            cand_BC = cand_BC[rows, choice_B][:, None]
-            out["scores"][:, t], out["logq"][:, t] = score_BC[rows, choice_B], logq_B
+            cand_BC = cand_BC[rows, locate(t, score_BC, cand_BC)][:, None]
         if use_cache:
             logits_RCV = model.candidate_logits(cache, labels_R, *last, dup(cand_BC))
         else:
@@ -153,9 +158,7 @@ def decode(model: GPT, labels_B: torch.Tensor, pick_token: PickToken, order: str
         if order == "confidence":
             gt_BC = torch.gather(gt_tokens_BN, 1, cand_BC) if gt_tokens_BN is not None else None
             score_BC = location_scores(cond_BCV if location.logits == "cond" else logits_BCV, location.score, gt_BC)
-            bonus = filled_neighbours(filled_BN, cand_BC, H, W) if location.locality else None
-            choice_B, out["logq"][:, t] = location.pick(t, N, score_BC, bonus, generator)
-            out["scores"][:, t] = score_BC[rows, choice_B]
+            choice_B = locate(t, score_BC, cand_BC)
         if use_cache:
             cache.commit(dup(choice_B))
         pos_B, logits_BV = cand_BC[rows, choice_B], logits_BCV[rows, choice_B]

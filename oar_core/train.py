@@ -112,19 +112,6 @@ def heldout_bits(model: GPT, tokens_NN, labels_N, p: TrainParams, device) -> flo
     return bits
 
 
-@torch.no_grad()
-def policy_top1(model: GPT, tokens_NN, labels_N, order_NN, batch_size: int, device) -> float:
-    """How often the policy's most likely next position is the held-out extracted order's next position."""
-    model.eval()
-    hits = 0
-    for i in range(0, len(tokens_NN), batch_size):
-        tok_BN, order_BN, lab_B = (t[i: i + batch_size].to(device) for t in (tokens_NN, order_NN, labels_N))
-        with autocast(device):
-            _, _, logpi_BNN = model.forward_with_policy(tok_BN, order_BN, lab_B)
-        hits += int((logpi_BNN.argmax(-1)[:, :-1] == order_BN[:, :-1]).sum())  # the last step has one choice
-    return hits / (len(tokens_NN) * (order_NN.shape[1] - 1))
-
-
 def given_order_metrics(model: GPT, tokens_NN, labels_N, order_NN, p: TrainParams, device) -> dict:
     """Held-out figures along the test images' extracted orders: the unpaid "oracle order" diagnostic and, with
     a policy head, the paid (valid) content + location bits and the policy's top-1 agreement."""
@@ -134,8 +121,7 @@ def given_order_metrics(model: GPT, tokens_NN, labels_N, order_NN, p: TrainParam
     if model.cfg.policy:
         pb = policy_bits(model, *args, p.batch_size, device)
         out.update(policy_content_bits_per_token=pb["content"], policy_location_bits_per_token=pb["location"],
-                   policy_bits_per_token=pb["total"],
-                   policy_top1_agreement=policy_top1(model, tokens_NN[:n], labels_N[:n], order_NN[:n], p.batch_size, device))
+                   policy_bits_per_token=pb["total"], policy_top1_agreement=pb["top1"])
     model.train()
     return out
 
