@@ -272,10 +272,10 @@ def model_folders(samples_dir) -> list[tuple[str, dict]]:
 def sampler_nll(model, meta: dict, test_NN, test_labels, p, device) -> tuple[float, str]:
     """Held-out bits/token of the model as it samples (its order and location rule): a valid likelihood bound."""
     from oar_core.likelihood import is_deterministic, sampler_bits
-    from oar_core.params import LocationParams
+    from oar_core.location import LocationRule
 
     order = meta["order"]
-    rule = LocationParams(**meta["location"]).rule() if meta.get("location") else None
+    rule = LocationRule(**meta["location"]) if meta.get("location") else None
     bits = sampler_bits(model, test_NN, test_labels, order, rule, p.nll_orders, p.nll_batch_size, p.seed, device)
     if order in ADAPTIVE_ORDERS:
         how = ("exact: its greedy location rule, teacher-forced" if is_deterministic(order, rule) else

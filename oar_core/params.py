@@ -121,11 +121,6 @@ class LocationParams(Section):
     locality: float = Field(0.0, ge=0)  # bonus for positions next to generated ones
     logits: Literal["cond", "guided"] = "cond"  # score locations on the conditional or the CFG-guided logits
 
-    def rule(self):
-        from oar_core.location import LocationRule
-
-        return LocationRule(**self.model_dump())
-
 
 class SampleModelParams(Section):
     name: str  # folder name under sample.out_dir and the key in metrics/evaluate.json

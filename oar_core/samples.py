@@ -25,6 +25,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from oar_core.io import atomic_path, autocast, file_hash, pick_device, write_bytes_atomic, write_json
+from oar_core.location import LocationRule
 from oar_core.model import GPT, load_gpt
 from oar_core.params import SampleModelParams, SampleParams
 from oar_core.sampling import generate
@@ -88,7 +89,7 @@ def sample_model(model: GPT, tokenizer, spec: SampleModelParams, p: SampleParams
         labels_B = labels_N[i: i + p.batch_size].to(device)
         with autocast(device):
             res = generate(model, labels_B, order=spec.order, temperature=p.temperature, top_k=p.top_k,
-                           cfg_scale=p.cfg_scale, cfg_schedule=p.cfg_schedule, location=spec.location.rule(),
+                           cfg_scale=p.cfg_scale, cfg_schedule=p.cfg_schedule, location=LocationRule(**spec.location.model_dump()),
                            generator=g, progress=progress)
         tokens_BN = res["tokens"]
         images_BCHW = tokenizer.decode(tokens_BN.view(-1, H, W)).float()
