@@ -58,7 +58,7 @@ def run_extract(p: ExtractParams, shards: str = "data/shards", num_workers: int 
     `num_workers`-th shard starting at `worker_index`, so workers on many machines share one table."""
     if not 0 <= worker_index < num_workers:
         raise ValueError(f"worker_index {worker_index} must be in [0, num_workers={num_workers})")
-    device = pick_device()
+    device = pick_device(worker_index)
     model, _ = load_gpt(p.checkpoint, device)
     meta = load_meta(shards)
     if (model.cfg.grid_h, model.cfg.grid_w) != (meta["grid_h"], meta["grid_w"]):

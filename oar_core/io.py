@@ -155,8 +155,14 @@ def list_files(prefix: str | os.PathLike, pattern: str) -> list[str]:
     return found
 
 
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(worker_index: int | None = None) -> torch.device:
+    """CPU, or this process's own GPU: LOCAL_RANK under torchrun, else the worker index of a fan-out (several
+    workers on one machine each take their own card), modulo the visible cards (so a launcher that sets
+    CUDA_VISIBLE_DEVICES per worker, leaving one card visible, also works)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    index = int(os.environ.get("LOCAL_RANK", worker_index or 0))
+    return torch.device("cuda", index % torch.cuda.device_count())
 
 
 def autocast(device: torch.device):

@@ -131,11 +131,10 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
         if p.batch_size % world:
             raise ValueError(f"{stage}.batch_size ({p.batch_size}) must be divisible by the number of processes ({world})")
     is_main = rank == 0
