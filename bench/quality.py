@@ -151,11 +151,11 @@ def evaluate_images(images, ref, common: Path, seed: int, cache: str) -> dict:
     return {k: m[k] for k in ("fid", "kid", "kid_std", "precision", "recall", "is")}
 
 
-def trained(path: str, p) -> bool:
+def trained(path: str, p, shards: str) -> bool:
     from oar_core.io import load_torch
-    from oar_core.train import run_digest
+    from oar_core.train import input_hashes, run_digest
 
-    return Path(path).exists() and load_torch(path).get("digest") == run_digest(p)
+    return Path(path).exists() and load_torch(path).get("digest") == run_digest(p, input_hashes(p, shards))
 
 
 def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) -> dict:
@@ -191,7 +191,7 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
             other = Path(a.workdir).parent / a.baselines_from / f"seed_{seed}"
             for _, tp, stage in jobs[:3]:
                 src = other / tp.out_dir / "model.pt"
-                if not trained(f"{tp.out_dir}/model.pt", tp) and trained(str(src), tp):
+                if not trained(f"{tp.out_dir}/model.pt", tp, shards) and trained(str(src), tp, shards):
                     Path(tp.out_dir).mkdir(parents=True, exist_ok=True)
                     shutil.copy(src, f"{tp.out_dir}/model.pt")
             if not Path("data/orders").exists() and (other / "data/orders").exists():  # parts are re-checked by hash
@@ -202,7 +202,7 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
                     ex = run_extract(tp, shards)
                 if ex["images"]:  # a resumed run skips finished parts: keep the figures of the run that did them
                     write_json(f"{tp.out_dir}/extract.json", ex)
-            elif not trained(f"{tp.out_dir}/model.pt", tp):
+            elif not trained(f"{tp.out_dir}/model.pt", tp, shards):
                 with timer(f"seed {seed}: {what} ({tp.steps} steps)"):
                     run_train(tp, stage, shards)
         oar = "models/oar/model.pt" if a.rounds == 1 else f"models/oar_r{a.rounds}/model.pt"

@@ -7,6 +7,8 @@ its slice of the same global batch (gloo on CPU, NCCL on CUDA).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import time
@@ -19,22 +21,32 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from oar_core.io import autocast, load_torch, pick_device, remove_stale_temps, save_torch, write_bytes_atomic, write_json
+from oar_core.io import (autocast, file_hash, join, list_files, load_torch, pick_device, remove_stale_temps, save_torch,
+                         write_bytes_atomic, write_json)
 from oar_core.likelihood import bits_along_orders, policy_bits
 from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
 from oar_core.orders import sample_orders
 from oar_core.params import TrainParams
-from oar_core.shards import load_meta, load_tokens
+from oar_core.shards import list_shards, load_meta, load_tokens
 
 RESULT_NEUTRAL = {"log_every", "eval_every", "ckpt_every"}  # fields that do not change the trained weights
 
 
-def run_digest(p: TrainParams) -> str:
-    import hashlib
-    import json
+def input_hashes(p: TrainParams, shards: str) -> dict[str, str]:
+    """Content hashes of everything a run reads besides its params: the token shards, the checkpoint it starts
+    from and the orders table, so a killed run never resumes weights made from inputs that have since changed."""
+    files = [join(shards, "meta.json"), *list_shards(shards, "train"), *list_shards(shards, "test")]
+    if p.init_from:
+        files.append(p.init_from)
+    if p.order == "given":
+        files += list_files(p.orders_dir, "*.parquet")
+    return {f"{Path(f).parent.name}/{Path(f).name}": file_hash(f) for f in files}
 
+
+def run_digest(p: TrainParams, inputs: dict[str, str]) -> str:
+    """What a run's weights are a function of: its result-relevant params and the content of its inputs."""
     d = {k: v for k, v in p.model_dump(mode="json").items() if k not in RESULT_NEUTRAL}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([d, inputs], sort_keys=True).encode()).hexdigest()[:16]
 
 
 def lr_at(p: TrainParams, step: int) -> float:
@@ -155,7 +167,7 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
     model = build_model(p, meta).to(device)
     opt = make_optimizer(model, p)
     run_ckpt = Path(runs_dir) / stage / "last.pt"
-    digest, start, history = run_digest(p), 0, {"loss": [], "test_bits": []}
+    digest, start, history = run_digest(p, input_hashes(p, shards)), 0, {"loss": [], "test_bits": []}
     if is_main:
         remove_stale_temps(run_ckpt.parent)  # a kill during a checkpoint write leaves its temp file behind
     if run_ckpt.exists():
@@ -167,7 +179,8 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
             if is_main:
                 print(f"[{stage}] resuming from {run_ckpt} at step {start}/{p.steps}", flush=True)
         elif is_main:
-            print(f"[{stage}] ignoring {run_ckpt}: from a finished run or other params; starting fresh", flush=True)
+            print(f"[{stage}] ignoring {run_ckpt}: from a finished run, other params or other inputs (shards, "
+                  f"init_from, orders); starting fresh", flush=True)
     ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     def checkpoint(step: int):

@@ -78,3 +78,39 @@ def test_given_order_requires_orders_table(tiny_shards, tmp_path):
     with pytest.raises(FileNotFoundError, match="extract_orders"):
         run_train(tiny_train_params(tmp_path / "m", order="given", orders_dir=str(tmp_path / "none")), "finetune",
                   str(tiny_shards), tmp_path / "runs", tmp_path / "metrics", tmp_path / "plots")
+
+
+def test_a_killed_run_does_not_resume_when_its_inputs_changed(any_order_model, tiny_shards, tmp_path, capsys,
+                                                                monkeypatch):
+    """Same params, but the checkpoint it starts from was replaced between the kill and the rerun (e.g.
+    retrained): the stale weights must not be resumed. Unchanged inputs still resume."""
+    import shutil
+
+    from oar_core import train
+    from oar_core.model import GPT, save_gpt
+    from tests.conftest import single_thread
+
+    init = tmp_path / "init.pt"
+    shutil.copy(any_order_model[0], init)
+    p = tiny_train_params(tmp_path / "m", steps=12, ckpt_every=4, eval_every=8, init_from=str(init))
+    dirs = (str(tiny_shards), tmp_path / "runs", tmp_path / "metrics", tmp_path / "plots")
+    real_eval = train.heldout_bits
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt  # at step 8, after the step-4 and before the step-8 checkpoint
+
+    def run(stop: bool):
+        monkeypatch.setattr(train, "heldout_bits", killed if stop else real_eval)
+        with single_thread():
+            try:
+                train.run_train(p, "finetune", *dirs)
+            except KeyboardInterrupt:
+                pass
+        return capsys.readouterr().out
+
+    run(stop=True)
+    assert "resuming" in run(stop=False)  # control: unchanged inputs resume
+    run(stop=True)
+    save_gpt(init, GPT(load_gpt(init)[0].cfg), stage="train_random", order="random")  # a different init_from
+    out = run(stop=False)
+    assert "resuming" not in out and "ignoring" in out
