@@ -37,10 +37,10 @@ class SmallCNN(nn.Module):
     ~2M multiply-adds per 28x28 image so it trains in about a minute on 2 CPU cores (~90% on Fashion-MNIST)."""
 
     def __init__(self, channels: int = 1, num_classes: int = 10, width: int = 16, feat_dim: int = 64,
-                 image_size: int = 28):
+                 image_size: int = 28, task: str = "classes"):
         super().__init__()
         self.config = dict(channels=channels, num_classes=num_classes, width=width, feat_dim=feat_dim,
-                           image_size=image_size)
+                           image_size=image_size, task=task)
         w = width
         self.body = nn.Sequential(
             nn.Conv2d(channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
@@ -57,13 +57,25 @@ class SmallCNN(nn.Module):
         return self.features(x_BCHW)[1]
 
 
+def rotated(x_BCHW: torch.Tensor, k_B: torch.Tensor) -> torch.Tensor:
+    """Each image turned by k_B[b] quarter turns."""
+    x_BCHW = x_BCHW.clone()
+    for k in range(1, 4):
+        x_BCHW[k_B == k] = torch.rot90(x_BCHW[k_B == k], k, (2, 3))
+    return x_BCHW
+
+
 def train_classifier(images_NHWC: np.ndarray, labels_N: np.ndarray, steps: int, batch_size: int = 128,
                      lr: float = 2e-3, seed: int = 0, progress: bool = True) -> SmallCNN:
-    """Train on uint8 images with random horizontal flips (label-preserving for products/objects)."""
+    """Train on uint8 images with random horizontal flips (label-preserving for products/objects). Data with one
+    class (an unlabelled folder) has nothing to classify, and features trained on a constant label are
+    meaningless: the network then learns to tell which of 4 rotations an image was given (Gidaris et al.,
+    2018), a self-supervised task whose features still separate shapes."""
     torch.manual_seed(seed)
     N, H, W, C = images_NHWC.shape
     num_classes = int(labels_N.max()) + 1
-    model = SmallCNN(C, max(2, num_classes), image_size=H)
+    task = "classes" if num_classes >= 2 else "rotation"
+    model = SmallCNN(C, num_classes if task == "classes" else 4, image_size=H, task=task)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     g = torch.Generator().manual_seed(seed)
@@ -74,6 +86,9 @@ def train_classifier(images_NHWC: np.ndarray, labels_N: np.ndarray, steps: int, 
         x, y = x_all[idx], y_all[idx]
         flip = torch.rand(len(idx), generator=g) < 0.5
         x[flip] = x[flip].flip(-1)
+        if task == "rotation":
+            y = torch.randint(4, (len(idx),), generator=g)
+            x = rotated(x, y)
         loss = F.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -84,11 +99,15 @@ def train_classifier(images_NHWC: np.ndarray, labels_N: np.ndarray, steps: int, 
 
 @torch.no_grad()
 def classifier_accuracy(model: SmallCNN, images_NHWC: np.ndarray, labels_N: np.ndarray, batch: int = 500) -> float:
+    """Test accuracy on its task: the class, or (one-class data) the rotation, image i turned i % 4 times."""
     model.eval()
     correct = 0
     for i in range(0, len(images_NHWC), batch):
-        pred = model(to_float_BCHW(images_NHWC[i: i + batch])).argmax(1)
-        correct += int((pred == torch.as_tensor(labels_N[i: i + batch])).sum())
+        x, y = to_float_BCHW(images_NHWC[i: i + batch]), torch.as_tensor(labels_N[i: i + batch])
+        if model.config.get("task") == "rotation":
+            y = torch.arange(i, i + len(x)) % 4
+            x = rotated(x, y)
+        correct += int((model(x).argmax(1) == y).sum())
     return correct / len(images_NHWC)
 
 
@@ -315,7 +334,8 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
         save_classifier(clf_path, clf, steps=steps, seed=p.seed)
     acc = classifier_accuracy(clf, test_NHWC, test_labels)
     metrics["classifier"] = {"test_accuracy": round(acc, 4), **({"steps": steps} if steps else {})}
-    space = f"in-domain classifier ({INDOMAIN_NAME}, test acc {acc:.3f})"
+    space = (f"in-domain classifier ({INDOMAIN_NAME}, test acc {acc:.3f})" if clf.config.get("task") != "rotation" else
+             f"in-domain rotation predictor ({INDOMAIN_NAME}; one class, so self-supervised; test acc {acc:.3f})")
     inception = check_inception_weights(p.inception_weights) if p.inception_weights else None
     labels = {"feature_space": {
         "indomain": space,

@@ -143,9 +143,13 @@ class GPT(nn.Module):
         return self.cfg.num_classes
 
     # ---- inputs -------------------------------------------------------------------------------------
+    def class_emb(self, labels_B: torch.Tensor) -> torch.Tensor:
+        # an unconditional model has only the null row: whatever labels the data carries, it sees "no class"
+        return self.cls_emb(labels_B if self.cfg.num_classes else torch.zeros_like(labels_B))
+
     def embed_start(self, labels_B: torch.Tensor, next_BT: torch.Tensor) -> torch.Tensor:
         W = self.cfg.grid_w
-        return self.cls_emb(labels_B)[:, None] + self.start_row(next_BT // W) + self.start_col(next_BT % W)
+        return self.class_emb(labels_B)[:, None] + self.start_row(next_BT // W) + self.start_col(next_BT % W)
 
     def embed_placed(self, tok_BT: torch.Tensor, pos_BT: torch.Tensor) -> torch.Tensor:
         W = self.cfg.grid_w
@@ -160,7 +164,7 @@ class GPT(nn.Module):
         """Policy queries: the last placed token and its position, with "next = unknown" instead of an offset
         (the first query: the class, with "first position = unknown")."""
         if last_tok_BT is None:
-            return self.cls_emb(labels_B)[:, None] + self.query_emb.weight[1]
+            return self.class_emb(labels_B)[:, None] + self.query_emb.weight[1]
         return self.embed_placed(last_tok_BT, last_pos_BT) + self.query_emb.weight[0]
 
     def sequence_inputs(self, tokens_BN, order_BT, labels_B) -> torch.Tensor:

@@ -6,8 +6,6 @@ training; `given` orders come from the extracted orders table (`oar_core.order_t
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 FIXED_ORDERS = ("raster", "spiral", "center_out", "halton")
@@ -88,10 +86,3 @@ def kendall_tau_to_raster(order_N) -> float:
     diff = torch.sign(step.unsqueeze(0) - step.unsqueeze(1))
     pos_diff = torch.sign(torch.arange(n).unsqueeze(0) - torch.arange(n).unsqueeze(1)).double()
     return float((diff * pos_diff).sum() / (n * (n - 1))) if n > 1 else 1.0
-
-
-def grid_side(N: int) -> int:
-    side = math.isqrt(N)
-    if side * side != N:
-        raise ValueError(f"{N} tokens is not a square grid")
-    return side

@@ -64,8 +64,12 @@ def make_grid(images_NHWC: np.ndarray, ncol: int, pad: int = 2, fill: int = 255)
 
 
 def class_grid(images_NHWC: np.ndarray, labels_N: np.ndarray, per_class: int = 8) -> np.ndarray:
-    """One column per class, `per_class` rows: the layout people compare across models at a glance."""
+    """One column per class, `per_class` rows: the layout people compare across models at a glance. One class
+    (an unconditional model) fills a square of up to per_class x per_class images instead of a single column."""
     classes = np.unique(labels_N)
+    if len(classes) == 1:
+        n = min(len(images_NHWC), per_class * per_class)
+        return make_grid(images_NHWC[:n], ncol=math.ceil(math.sqrt(n)))
     cols = [images_NHWC[labels_N == k][:per_class] for k in classes]
     rows = min(len(c) for c in cols)
     ordered = np.stack([cols[j][i] for i in range(rows) for j in range(len(classes))])

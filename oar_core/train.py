@@ -100,6 +100,16 @@ def build_model(p: TrainParams, meta: dict) -> GPT:
         if (c.grid_h, c.grid_w, c.vocab_size) != (meta["grid_h"], meta["grid_w"], meta["codebook_size"]):
             raise ValueError(f"{p.init_from}: checkpoint grid {c.grid_h}x{c.grid_w}/vocab {c.vocab_size} does not match "
                              f"the shards ({meta['grid_h']}x{meta['grid_w']}/{meta['codebook_size']}); retrain it on these shards")
+        if c.num_classes and c.num_classes != meta["num_classes"]:
+            raise ValueError(f"{p.init_from}: checkpoint has {c.num_classes} classes, the shards {meta['num_classes']}; "
+                             f"retrain it on these shards")
+        if "model" in p.model_fields_set:  # the architecture comes from the checkpoint; a different one asked for
+            have = {"n_layer": c.n_layer, "n_head": c.n_head, "d_model": c.d_model, "mlp_ratio": c.mlp_ratio,
+                    "dropout": c.dropout, "class_cond": c.num_classes > 0}
+            diff = [f"{k}: {getattr(p.model, k)} vs {v}" for k, v in have.items() if getattr(p.model, k) != v]
+            if diff:
+                raise ValueError(f"model ({', '.join(diff)} in {p.init_from}) differs from the init_from checkpoint, "
+                                 f"whose architecture is what trains; remove `model` from this section or make it match")
         if p.policy_weight > 0 and not c.policy:  # add a fresh policy head to the pretrained trunk
             with_head = GPT(GPTConfig(**{**asdict(c), "policy": True}))
             missing, _ = with_head.load_state_dict(model.state_dict(), strict=False)

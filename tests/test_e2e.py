@@ -2,6 +2,7 @@
 `dvc repro` again does nothing, and a sampling param change reruns only sample and evaluate."""
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -14,7 +15,11 @@ ALL_STAGES = ["ingest", "tokenizer", "tokenize", "train_raster", "train_random",
 
 @pytest.fixture(scope="module")
 def full_repo(tmp_path_factory):
-    repo = tmp_path_factory.mktemp("full_repo")
+    return full_repo_files(tmp_path_factory.mktemp("full_repo"))
+
+
+def full_repo_files(repo: Path) -> Path:
+    """A git + DVC repo holding this checkout's whole pipeline at tiny sizes, not yet run."""
     for d in ("pipeline", "oar_core"):
         shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo)
@@ -54,3 +59,40 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_a_change_touches
     params["sample"]["temperature"] = 0.9
     (full_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     assert ran_stages(dvc(full_repo, "repro").stdout) == ["sample", "evaluate"]
+
+
+def test_an_unconditional_model_on_a_folder_without_class_sub_folders_runs_the_whole_dag(tmp_path_factory):
+    """`class_cond: false` on a flat folder of PNGs (one class, no labels to learn): every stage runs, the models
+    are unconditional, and evaluate's feature space is learned without labels (a one-class classifier would
+    give meaningless features)."""
+    import gzip
+
+    import numpy as np
+    from PIL import Image
+
+    from oar_core.model import load_gpt
+
+    raw = gzip.decompress(Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz").read_bytes())
+    images = np.frombuffer(raw, np.uint8, offset=16).reshape(-1, 28, 28)[:320]
+    repo = tmp_path_factory.mktemp("unconditional_repo")
+    (repo / "images").mkdir()
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(repo / "images" / f"img{i:04d}.png")
+    full_repo_files(repo)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["ingest"].update(source="images", test_fraction=0.2, max_train=None, max_test=None)
+    for section in ("train_raster", "train_random"):
+        params[section]["model"]["class_cond"] = False
+    params["evaluate"]["classifier_steps"] = 200
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    assert ran_stages(dvc(repo, "repro").stdout) == ALL_STAGES
+    assert json.loads((repo / "data/ingest/manifest.json").read_text())["num_classes"] == 1
+    for m in ("raster", "random", "oar"):
+        assert load_gpt(repo / f"models/{m}/model.pt")[0].cfg.num_classes == 0
+    metrics = json.loads((repo / "metrics/evaluate.json").read_text())
+    for m in params["sample"]["models"]:
+        assert metrics[m["name"]]["fid_indomain"] >= 0 and metrics[m["name"]]["nll_bits_per_token"] > 0
+    assert metrics["classifier"]["test_accuracy"] > 0.5  # rotations of clothes: learned, far above chance (0.25)
+    assert "rotation" in (repo / "reports/report.md").read_text()
+    assert Image.open(repo / "samples/oar/grid.png").width > 4 * 28  # a square of samples, not one class column

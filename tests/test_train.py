@@ -114,3 +114,30 @@ def test_a_killed_run_does_not_resume_when_its_inputs_changed(any_order_model, t
     save_gpt(init, GPT(load_gpt(init)[0].cfg), stage="train_random", order="random")  # a different init_from
     out = run(stop=False)
     assert "resuming" not in out and "ignoring" in out
+
+
+def test_finetune_rejects_a_model_section_that_differs_from_its_init_from(any_order_model, tiny_shards, tmp_path):
+    from oar_core.params import ModelParams, TrainParams
+    from oar_core.shards import load_meta
+    from oar_core.train import build_model
+
+    meta, path = load_meta(tiny_shards), str(any_order_model[0])
+    cfg = load_gpt(path)[0].cfg
+    same = ModelParams(n_layer=cfg.n_layer, n_head=cfg.n_head, d_model=cfg.d_model, mlp_ratio=cfg.mlp_ratio)
+    assert build_model(TrainParams(init_from=path), meta).cfg == cfg  # no model section: the checkpoint's
+    assert build_model(tiny_train_params(tmp_path, init_from=path, model=same), meta).cfg == cfg
+    with pytest.raises(ValueError, match=rf"n_layer: {cfg.n_layer + 1} vs {cfg.n_layer}.*remove `model`"):
+        build_model(tiny_train_params(tmp_path, init_from=path, model=same.model_copy(update={"n_layer": cfg.n_layer + 1})), meta)
+
+
+def test_an_unconditional_model_trains_on_labelled_shards(tiny_shards, tmp_path):
+    """class_cond: false gives one (null) class row; the shards' labels 0..9 must not index past it."""
+    from oar_core.params import ModelParams
+    from oar_core.train import run_train
+    from tests.conftest import single_thread
+
+    p = tiny_train_params(tmp_path / "m", steps=20, eval_every=20, model=ModelParams(n_layer=1, n_head=2, d_model=32,
+                                                                                     class_cond=False))
+    with single_thread():
+        summary = run_train(p, "train_random", str(tiny_shards), tmp_path / "runs", tmp_path / "metrics", tmp_path / "plots")
+    assert load_gpt(tmp_path / "m/model.pt")[0].cfg.num_classes == 0 and summary["test_bits_per_token"] > 0
