@@ -71,7 +71,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=ExtractParams().batch_size)
     ap.add_argument("--tokenizer", default=None)
     ap.add_argument("--model", default=None)
-    ap.add_argument("--fashion-mnist-dir", default=IngestParams().fashion_mnist_dir)
+    ap.add_argument("--fashion-mnist-dir", default=IngestParams().source)
     ap.add_argument("--bound-mb", type=float, default=1024.0, help="allowed RSS growth during extraction/sampling")
     ap.add_argument("--json", default=None, help="also write the figures here")
     a = ap.parse_args(argv)
@@ -92,7 +92,7 @@ def main(argv=None):
         tmp = Path(tmp)
         fig["baseline_rss_mb"] = round(psutil.Process().memory_info().rss / MB, 1)
         phase("ingest", a.images, lambda: run_ingest(IngestParams(
-            fashion_mnist_dir=a.fashion_mnist_dir, out_dir=str(tmp / "ingest"), max_train=a.images, max_test=a.test_images)))
+            source=a.fashion_mnist_dir, out_dir=str(tmp / "ingest"), max_train=a.images, max_test=a.test_images)))
         tok_path = a.tokenizer or tmp / "tokenizer.pt"
         if not a.tokenizer:
             save_tokenizer(tok_path, VQTokenizer(28, 1, 7, codebook_size=256))
@@ -115,7 +115,7 @@ def main(argv=None):
         from oar_core.model import load_gpt
 
         model, _ = load_gpt(model_path)
-        sp = SampleParams(n_per_model=max(1, n_sample), batch_size=min(a.batch, max(1, n_sample)))
+        sp = SampleParams(n_per_model=max(10, n_sample), batch_size=min(a.batch, max(10, n_sample)))
         spec = SampleModelParams(name="bench", checkpoint=str(model_path), order="confidence")
         if n_sample:
             phase("sample_confidence", n_sample, lambda: sample_model(model, tokenizer, spec, sp, "cpu", progress=False))

@@ -131,7 +131,7 @@ def run_common(a, common: Path, timer: Timer) -> None:
         if Path("reference.npz").exists():
             return
         with timer("independent feature space + reference rows"):
-            full, _, _ = ingest_fashion_mnist(IngestParams(fashion_mnist_dir=p.ingest.fashion_mnist_dir))
+            full, _, _ = ingest_fashion_mnist(IngestParams(source=p.ingest.source))
             (x_tr, y_tr, _), (x_te, y_te, _) = full["train"], full["test"]
             clf = train_classifier(x_tr, y_tr, a.classifier_steps, seed=0)
             save_classifier("classifier.pt", clf, steps=a.classifier_steps, test_accuracy=classifier_accuracy(clf, x_te, y_te))

@@ -1,6 +1,7 @@
 """Ingest: turn an image source into fixed-size uint8 arrays with labels, ids and a train/test split.
 
-Sources: Fashion-MNIST idx files (official split), a local folder of images, or an s3:// prefix.
+Sources (`ingest.source`, a DVC dependency of the stage): a local folder or an s3:// prefix, holding either the
+Fashion-MNIST idx .gz files (read with the official split) or images.
 Folders may hold one level of class sub-folders (labels = sorted folder names) or be flat (one class).
 Output (in p.out_dir): train.npz / test.npz {images (N,H,W,C) uint8, labels (N,) int64, ids (N,) str},
 manifest.json, report.json (skipped files and why).
@@ -75,14 +76,26 @@ def decode_image(data: bytes, p: IngestParams) -> tuple[np.ndarray | None, str |
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
 
-def _read_idx(path: Path, magic: int) -> np.ndarray:
-    if not path.exists():
+FASHION_MNIST_FILES = tuple(f"{stem}-{kind}-idx{d}-ubyte.gz" for stem in ("train", "t10k")
+                            for kind, d in (("images", 3), ("labels", 1)))
+
+
+def is_fashion_mnist(source: str) -> bool:
+    """A source holding any of the Fashion-MNIST idx files is read as Fashion-MNIST (a missing one is then an
+    error naming it, rather than a folder "without images")."""
+    with storage_errors(source, "list"):
+        fs, root = fs_for(source)
+        return any(fs.exists(f"{root.rstrip('/')}/{f}") for f in FASHION_MNIST_FILES)
+
+
+def _read_idx(path: str, magic: int) -> np.ndarray:
+    try:
+        raw = gzip.decompress(read_bytes(path))
+    except FileNotFoundError:
         raise FileNotFoundError(
             f"{path}: Fashion-MNIST file not found; install the Debian package `dataset-fashion-mnist` "
-            f"or set ingest.fashion_mnist_dir to the folder holding the idx .gz files"
-        )
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
+            f"or point ingest.source to the folder holding all four idx .gz files"
+        ) from None
     got_magic, n = int.from_bytes(raw[0:4], "big"), int.from_bytes(raw[4:8], "big")
     if got_magic != magic:
         raise ValueError(f"{path}: not an idx file (magic {got_magic:#x}, expected {magic:#x}); re-install the dataset")
@@ -93,11 +106,10 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
 
 
 def ingest_fashion_mnist(p: IngestParams) -> tuple[dict, list[dict], list[str]]:
-    root = Path(p.fashion_mnist_dir)
     splits, skipped = {}, []
     for split, stem, limit in (("train", "train", p.max_train), ("test", "t10k", p.max_test)):
-        images_NHW = _read_idx(root / f"{stem}-images-idx3-ubyte.gz", 2051)
-        labels_N = _read_idx(root / f"{stem}-labels-idx1-ubyte.gz", 2049)
+        images_NHW = _read_idx(join(p.source, f"{stem}-images-idx3-ubyte.gz"), 2051)
+        labels_N = _read_idx(join(p.source, f"{stem}-labels-idx1-ubyte.gz"), 2049)
         if limit is not None:  # the official files are already class-mixed, so a prefix is a fair subset
             images_NHW, labels_N = images_NHW[:limit], labels_N[:limit]
         ids = [f"fmnist-{split}-{i:05d}" for i in range(len(labels_N))]
@@ -134,8 +146,8 @@ def scan_folder(source: str) -> tuple[list[tuple[str, str, str | None]], list[di
         root = root.rstrip("/")
         if not fs.exists(root) or not fs.isdir(root):
             raise FileNotFoundError(
-                f"{source}: image folder not found; set ingest.source to an existing folder, an s3:// prefix, "
-                f"or 'fashion-mnist'"
+                f"{source}: image folder not found; set ingest.source to an existing folder or an s3:// prefix "
+                f"(of images, or of the Fashion-MNIST idx files)"
             )
         files = sorted(fs.find(root))
     entries, skipped = [], []
@@ -226,7 +238,7 @@ def _npz_bytes(images_NHWC: np.ndarray, labels_N: np.ndarray, ids: list[str]) ->
 
 
 def run_ingest(p: IngestParams) -> dict:
-    if p.source == "fashion-mnist":
+    if is_fashion_mnist(p.source):
         splits, skipped, class_names = ingest_fashion_mnist(p)
     else:
         splits, skipped, class_names = ingest_folder(p)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class Section(BaseModel):
@@ -23,8 +23,7 @@ class Section(BaseModel):
 
 
 class IngestParams(Section):
-    source: str = "fashion-mnist"  # "fashion-mnist", a folder of images, or an s3:// prefix
-    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    source: str = "/usr/share/datasets/fashion-mnist"  # a folder or s3:// prefix: Fashion-MNIST idx files or images
     out_dir: str = "data/ingest"
     image_size: int = Field(28, ge=8, le=1024)
     channels: Literal[1, 3] = 1
@@ -33,6 +32,14 @@ class IngestParams(Section):
     max_train: Optional[int] = Field(None, ge=1)
     max_test: Optional[int] = Field(None, ge=1)
     seed: int = 0
+
+    @field_validator("source")
+    @classmethod
+    def _a_place(cls, v: str) -> str:
+        if v == "fashion-mnist":  # the old keyword: dvc.yaml now tracks the source itself, so it must be a path
+            raise ValueError("'fashion-mnist' is no longer a keyword: set the folder holding the idx .gz files, "
+                             "e.g. /usr/share/datasets/fashion-mnist")
+        return v
 
 
 class TokenizerParams(Section):
@@ -111,6 +118,14 @@ class ExtractParams(Section):
     splits: list[Literal["train", "test"]] = Field(["train", "test"], min_length=1)
     seed: int = 0
 
+    @field_validator("splits")
+    @classmethod
+    def _train_needed(cls, v: list[str]) -> list[str]:
+        if "train" not in v:  # finetune learns the train orders, and parts of unlisted splits are deleted
+            raise ValueError("must include 'train' (finetune learns the train images' orders); add 'test' for the "
+                             "held-out diagnostics")
+        return v
+
 
 class LocationParams(Section):
     """How a confidence- or policy-order sampler picks the next position (oar_core.location.LocationRule)."""
@@ -143,7 +158,9 @@ class SampleParams(Section):
     out_dir: str = "samples"
     tokenizer: str = "models/tokenizer.pt"
     models: list[SampleModelParams] = Field(DEFAULT_SAMPLE_MODELS, min_length=1)
-    n_per_model: int = Field(500, ge=1)
+    # FID needs a feature covariance, KID its subsets and precision/recall k=3 neighbours: below 10 samples the
+    # numbers are noise or fail
+    n_per_model: int = Field(500, ge=10)
     batch_size: int = Field(250, ge=1)
     temperature: float = Field(1.0, gt=0)
     top_k: Optional[int] = Field(None, ge=1)

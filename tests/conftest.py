@@ -40,7 +40,7 @@ def fmnist_small(tmp_path_factory) -> Path:
     from oar_core.params import IngestParams
 
     out = tmp_path_factory.mktemp("fmnist_small")
-    run_ingest(IngestParams(fashion_mnist_dir=str(FMNIST_DIR), out_dir=str(out), max_train=512, max_test=128))
+    run_ingest(IngestParams(source=str(FMNIST_DIR), out_dir=str(out), max_train=512, max_test=128))
     return out
 
 

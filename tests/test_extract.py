@@ -80,10 +80,10 @@ def test_resume_skips_finished_parts_and_redoes_missing_ones(orders_dir, any_ord
 
 
 def test_workers_split_the_shards(any_order_model, tiny_shards, tmp_path):
-    p = ExtractParams(checkpoint=str(any_order_model[0]), out_dir=str(tmp_path), splits=["test"], batch_size=128)
+    p = ExtractParams(checkpoint=str(any_order_model[0]), out_dir=str(tmp_path), batch_size=128)
     with single_thread():
-        s = run_extract(p, str(tiny_shards), num_workers=2, worker_index=1)
-    assert s["parts_written"] == 0  # one test shard: it belongs to worker 0
+        s = run_extract(p, str(tiny_shards), num_workers=4, worker_index=3)
+    assert s["parts_written"] == 0  # three shards (2 train, 1 test): none is the fourth worker's
     with pytest.raises(ValueError, match="worker_index"):
         run_extract(p, str(tiny_shards), num_workers=2, worker_index=2)
 

@@ -183,3 +183,35 @@ def test_ingest_script_summary(image_folder, tmp_path, capsys):
     main(["--params", str(path)])
     out = capsys.readouterr().out.strip()
     assert out.startswith("ingest:") and "skipped=3" in out and "\n" not in out
+
+
+def test_the_image_source_is_a_dvc_dependency(image_folder, tmp_path):
+    """dvc.yaml tracks `ingest.source` itself: adding an image makes ingest (and what it feeds) stale."""
+    import shutil
+
+    import yaml
+
+    from tests.test_flows import ROOT, dvc, ran_stages, sh
+
+    repo = tmp_path / "repo"
+    for d in ("pipeline", "oar_core"):
+        shutil.copytree(ROOT / d, repo / d, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(image_folder, repo / "images")
+    dag = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+    dag["stages"] = {s: dag["stages"][s] for s in ("ingest", "tokenizer")}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(dag, sort_keys=False))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["ingest"].update(source="images", test_fraction=0.3, max_train=None, max_test=None, image_size=16)
+    params["tokenizer"].update(steps=2, batch_size=8, hidden=8, code_dim=4, codebook_size=8, grid=4)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(["git", "init", "-q"], repo)
+    dvc(repo, "init", "-q")
+    assert ran_stages(dvc(repo, "repro").stdout) == ["ingest", "tokenizer"]
+    assert ran_stages(dvc(repo, "repro").stdout) == []
+    before = load_manifest(repo / "data/ingest")["counts"]
+
+    new = next((repo / "images").rglob("*.png"))
+    Image.new("L", (16, 16), 200).save(new.with_name("added.png"))
+    assert "images" in dvc(repo, "status").stdout
+    assert ran_stages(dvc(repo, "repro").stdout) == ["ingest", "tokenizer"]
+    assert sum(load_manifest(repo / "data/ingest")["counts"].values()) == sum(before.values()) + 1

@@ -29,7 +29,7 @@ def test_ingest_tokenizer_tokenize_twice_give_identical_tokens(fmnist_small, tmp
     runs = []
     for k in ("a", "b"):
         root = tmp_path / k
-        ingest = run_ingest(IngestParams(fashion_mnist_dir=str(FMNIST_DIR), out_dir=str(root / "ingest"),
+        ingest = run_ingest(IngestParams(source=str(FMNIST_DIR), out_dir=str(root / "ingest"),
                                          max_train=512, max_test=128))
         with single_thread():
             tok = run_tokenizer(TokenizerParams(codebook_size=64, steps=40, batch_size=64), root / "ingest",
