@@ -8,6 +8,7 @@ manifest.json, report.json (skipped files and why).
 """
 from __future__ import annotations
 
+import collections
 import gzip
 import hashlib
 import io
@@ -27,6 +28,7 @@ FASHION_MNIST_CLASSES = [
 ]
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 SPLITS = ("train", "test")
+IGNORED_KINDS = ("hidden", "empty_folder")  # listed in the report, never counted as skipped images
 
 
 # ----------------------------------------------------------------------------- image normalization
@@ -65,13 +67,50 @@ def _square_resize(img: Image.Image, size: int) -> Image.Image:
     return img.resize((size, size), resample)
 
 
-def decode_image(data: bytes, p: IngestParams) -> tuple[np.ndarray | None, str | None]:
+def skip(rel: str, kind: str, reason: str) -> dict:
+    """A skipped or ignored file: `kind` is stable (counted at the end of the stage), `reason` says what to do."""
+    return {"file": rel, "kind": kind, "reason": reason}
+
+
+def sniff(data: bytes) -> str:
+    """What a file that is not an image holds, from its first bytes."""
+    head = data[:512]
+    for magic, kind in ((b"%PDF", "a PDF"), (b"PK\x03\x04", "a zip archive"), (b"\x1f\x8b", "gzip data"),
+                        (b"\x7fELF", "an executable")):
+        if head.startswith(magic):
+            return kind
+    if head.lstrip()[:1] == b"<":
+        return "HTML/XML text (a saved web page or error page?)"
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        head.decode("utf-8")
+        return "text"
+    except UnicodeDecodeError:
+        return "unknown binary data"
+
+
+def decode_image(data: bytes, p: IngestParams) -> tuple[np.ndarray | None, tuple[str, str] | None]:
+    """(H,W,C) uint8, or None and (kind, reason) when the file must be skipped. Reasons never carry exception
+    reprs (PIL's hold memory addresses), so the report is the same bytes on every run."""
+    if not data:
+        return None, ("empty", "empty file (0 bytes): re-export it or delete it")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        return None, ("not_an_image", f"not an image: the content is {sniff(data)}; delete it or replace it")
+    except Image.DecompressionBombError:
+        return None, ("too_large", "more pixels than PIL's decompression-bomb limit: downscale it")
+    except (OSError, ValueError, SyntaxError):  # cut off inside its header
+        return None, ("truncated", "truncated or corrupt image header: re-download or re-export it")
+    with img:
+        try:
             img.load()  # force full decode: a truncated file only fails here, not at open()
-            return normalize_image(img, p)
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
-        return None, f"unreadable image ({type(e).__name__}: {e})"
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None, ("truncated", f"truncated or corrupt {img.format} data: re-download or re-export it")
+        try:
+            arr_HWC, why = normalize_image(img, p)
+        except (OSError, ValueError):
+            return None, ("unsupported_mode", f"unsupported pixel mode {img.mode}: convert it to RGB or grayscale")
+        return arr_HWC, None if why is None else ("size", why)
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
@@ -83,7 +122,7 @@ FASHION_MNIST_FILES = tuple(f"{stem}-{kind}-idx{d}-ubyte.gz" for stem in ("train
 def is_fashion_mnist(source: str) -> bool:
     """A source holding any of the Fashion-MNIST idx files is read as Fashion-MNIST (a missing one is then an
     error naming it, rather than a folder "without images")."""
-    with storage_errors(source, "list"):
+    with storage_errors(source, "list images"):
         fs, root = fs_for(source)
         return any(fs.exists(f"{root.rstrip('/')}/{f}") for f in FASHION_MNIST_FILES)
 
@@ -149,17 +188,23 @@ def scan_folder(source: str) -> tuple[list[tuple[str, str, str | None]], list[di
                 f"{source}: image folder not found; set ingest.source to an existing folder or an s3:// prefix "
                 f"(of images, or of the Fashion-MNIST idx files)"
             )
-        files = sorted(fs.find(root))
-    entries, skipped = [], []
+        found = fs.find(root, withdirs=True, detail=True)
+    files = sorted(f for f, info in found.items() if info["type"] != "directory")
+    top_dirs = {f[len(root) + 1:] for f, info in found.items() if info["type"] == "directory" and f != root}
+    entries, skipped, ignored = [], [], []
+    for d in sorted(top_dirs):
+        if "/" not in d and not d.startswith(".") and not any(f.startswith(f"{root}/{d}/") for f in files):
+            ignored.append(skip(d + "/", "empty_folder", "empty class folder: ignored (no class is made for it)"))
     for full in files:
         rel = full[len(root) + 1:]
         parts = rel.split("/")
-        if any(part.startswith(".") for part in parts):
-            continue  # hidden files (.DS_Store, editor temp files) are never data
-        if Path(rel).suffix.lower() not in IMAGE_EXTS:
-            skipped.append({"file": rel, "reason": f"unsupported extension (expected one of {sorted(IMAGE_EXTS)})"})
+        if any(part.startswith(".") for part in parts):  # .DS_Store, editor temp files: never data
+            ignored.append(skip(rel, "hidden", "hidden file: ignored"))
+        elif Path(rel).suffix.lower() not in IMAGE_EXTS:
+            skipped.append(skip(rel, "extension", f"unsupported extension (expected one of {sorted(IMAGE_EXTS)}); "
+                                                  f"convert it or move it out of the source"))
         elif len(parts) > 2:
-            skipped.append({"file": rel, "reason": "nested deeper than one class sub-folder"})
+            skipped.append(skip(rel, "nested", "nested deeper than one class sub-folder; move it up"))
         else:
             entries.append((full, rel, parts[0] if len(parts) == 2 else None))
     if not entries:
@@ -172,14 +217,14 @@ def scan_folder(source: str) -> tuple[list[tuple[str, str, str | None]], list[di
         # mixing class folders with loose top-level files would leave the loose ones without a label
         for _, rel, c in entries:
             if c is None:
-                skipped.append({"file": rel, "reason": "top-level file beside class sub-folders has no class; move it into one"})
+                skipped.append(skip(rel, "no_class", "top-level file beside class sub-folders has no class; move it into one"))
         entries = [e for e in entries if e[2] is not None]
     else:
         class_names = [Path(root).name or "images"]
     if is_remote(source):
         scheme = source.split("://", 1)[0]
         entries = [(f"{scheme}://{full}", rel, c) for full, rel, c in entries]
-    return entries, skipped, class_names
+    return entries, skipped + ignored, class_names
 
 
 def _fetch(paths: list[str]) -> dict[str, bytes | Exception]:
@@ -213,11 +258,12 @@ def ingest_folder(p: IngestParams, chunk: int = 256) -> tuple[dict, list[dict], 
                     break
                 blob = data[full]
                 if isinstance(blob, Exception):
-                    skipped.append({"file": rel, "reason": f"unreadable file ({type(blob).__name__}: {blob})"})
+                    skipped.append(skip(rel, "unreadable_file", f"cannot read the file ({type(blob).__name__}); check "
+                                                                "its permissions or the storage"))
                     continue
-                arr_HWC, reason = decode_image(blob, p)
+                arr_HWC, why = decode_image(blob, p)
                 if arr_HWC is None:
-                    skipped.append({"file": rel, "reason": reason})
+                    skipped.append(skip(rel, *why))
                     continue
                 images.append(arr_HWC)
                 labels.append(label)
@@ -243,7 +289,10 @@ def run_ingest(p: IngestParams) -> dict:
     else:
         splits, skipped, class_names = ingest_folder(p)
     counts = {s: int(len(splits[s][2])) for s in SPLITS}
-    report = {"skipped": skipped, "n_skipped": len(skipped)}
+    ignored = [e for e in skipped if e["kind"] in IGNORED_KINDS]
+    skipped = [e for e in skipped if e["kind"] not in IGNORED_KINDS]
+    by_kind = dict(sorted(collections.Counter(e["kind"] for e in skipped + ignored).items()))
+    report = {"skipped": skipped, "n_skipped": len(skipped), "ignored": ignored, "by_kind": by_kind}
     for s in SPLITS:
         if counts[s] == 0:
             # write the report anyway so the user can see why every file was rejected
@@ -263,7 +312,7 @@ def run_ingest(p: IngestParams) -> dict:
     }
     write_json(join(p.out_dir, "report.json"), report)
     write_json(join(p.out_dir, "manifest.json"), manifest)  # written last: its presence means the rest is complete
-    return {**manifest, "n_skipped": len(skipped), "out_dir": p.out_dir}
+    return {**manifest, "n_skipped": len(skipped), "by_kind": by_kind, "out_dir": p.out_dir}
 
 
 def load_manifest(in_dir: str | os.PathLike) -> dict:

@@ -50,8 +50,10 @@ def test_folder_with_classes_corrupt_and_resize(image_folder, tmp_path):
     report = json.loads((out / "report.json").read_text())
     reasons = {s["file"]: s["reason"] for s in report["skipped"]}
     assert set(reasons) == {"cat/broken.png", "dog/cut.png", "dog/notes.txt"}
-    assert "unreadable" in reasons["cat/broken.png"] and "unreadable" in reasons["dog/cut.png"]
+    assert reasons["cat/broken.png"] == "not an image: the content is text; delete it or replace it"
+    assert reasons["dog/cut.png"] == "truncated or corrupt PNG data: re-download or re-export it"
     assert "extension" in reasons["dog/notes.txt"]
+    assert report["by_kind"] == {"extension": 1, "not_an_image": 1, "truncated": 1}
     ids, labels = [], []
     for split in ("train", "test"):
         images, lab, idx = load_split(out, split)
@@ -215,3 +217,20 @@ def test_the_image_source_is_a_dvc_dependency(image_folder, tmp_path):
     assert "images" in dvc(repo, "status").stdout
     assert ran_stages(dvc(repo, "repro").stdout) == ["ingest", "tokenizer"]
     assert sum(load_manifest(repo / "data/ingest")["counts"].values()) == sum(before.values()) + 1
+
+
+def test_ignored_files_are_listed_and_the_report_is_the_same_bytes_every_run(image_folder, tmp_path):
+    (image_folder / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (image_folder / "bird").mkdir()  # an empty class folder: no class is made for it
+    (image_folder / "dog" / "empty.png").write_bytes(b"")
+    (image_folder / "dog" / "page.jpg").write_bytes(b"<html><body>404</body></html>")
+    runs = [run_ingest(params(image_folder, tmp_path / f"out{i}")) for i in range(2)]
+    files = [{f.name: f.read_bytes() for f in (tmp_path / f"out{i}").iterdir()} for i in range(2)]
+    assert files[0] == files[1]  # no memory addresses, times or other run-dependent bytes
+    report = json.loads(files[0]["report.json"])
+    assert {(e["file"], e["kind"]) for e in report["ignored"]} == {(".DS_Store", "hidden"), ("bird/", "empty_folder")}
+    assert runs[0]["num_classes"] == 2 and runs[0]["n_skipped"] == 5
+    assert report["by_kind"] == {"empty": 1, "empty_folder": 1, "extension": 1, "hidden": 1, "not_an_image": 2,
+                                 "truncated": 1}
+    why = {e["file"]: e["reason"] for e in report["skipped"]}
+    assert why["dog/empty.png"].startswith("empty file") and "HTML" in why["dog/page.jpg"]

@@ -108,8 +108,10 @@ def test_corrupt_and_truncated_images_are_skipped_and_reported(tmp_path):
     report = {e["file"]: e["reason"] for e in json.loads((out / "report.json").read_text())["skipped"]}
     assert set(report) == set(bad)
     assert report["Coat/notes.txt"].startswith("unsupported extension")
-    for rel in ("Bag/truncated.png", "Bag/empty.png", "Coat/text.jpg", "Coat/truncated.jpg"):
-        assert report[rel].startswith("unreadable image ("), report[rel]
+    assert report["Bag/empty.png"].startswith("empty file (0 bytes)")
+    assert report["Coat/text.jpg"].startswith("not an image: the content is text")
+    for rel in ("Bag/truncated.png", "Coat/truncated.jpg"):
+        assert report[rel].startswith("truncated or corrupt"), report[rel]
     assert files_under(out) == {"train.npz", "test.npz", "report.json", "manifest.json"}
 
     # fatal only when nothing usable is left: then only report.json (the reasons) is written
