@@ -74,6 +74,10 @@ def _storage_error(path, action: str, e: Exception) -> Exception:
     return e
 
 
+_UMASK = os.umask(0o022)  # read once (it can only be read by setting it), then restored
+os.umask(_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary local path beside `path`; rename it over `path` only if the block succeeds,
@@ -84,6 +88,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's private 0600 would otherwise become the artifact's mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -97,3 +97,14 @@ def test_webdataset_reads_s3_shards(s3_prefix, monkeypatch):
     samples = list(wds.WebDataset(url, shardshuffle=False).decode())
     assert [s["id.txt"] for s in samples] == [f"id{i}" for i in range(20)]
     np.testing.assert_array_equal(np.stack([s["tokens.npy"] for s in samples]), tokens)
+
+
+def test_artifacts_get_the_usual_file_mode_not_the_temp_files_private_one(tmp_path):
+    from oar_core.io import write_json
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "m.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644  # as DVC restores it from its cache
