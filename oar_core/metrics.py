@@ -11,6 +11,7 @@ are repeated to 3 channels and the in-domain extractor converts them back.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -266,8 +267,24 @@ def in_space(m: dict, space: str) -> dict:
 
 
 def temp_cache_dir() -> tempfile.TemporaryDirectory:
-    """A per-run torch-fidelity cache (never $TORCH_HOME): real features computed once, reused per model."""
-    return tempfile.TemporaryDirectory(prefix="oar-fidelity-", dir=os.environ.get("TMPDIR"))
+    """A per-run torch-fidelity cache (never $TORCH_HOME): real features computed once, reused per model. Named by
+    process id, so the caches a killed run leaked are found and removed here (their process is gone)."""
+    root = Path(tempfile.gettempdir())
+    for d in root.glob("oar-fidelity-*-*"):
+        pid = d.name.split("-")[2]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"oar-fidelity-{os.getpid()}-", dir=root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 # ---- the evaluate stage -----------------------------------------------------------------------------

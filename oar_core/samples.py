@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 import time
 import zlib
 from pathlib import Path
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from oar_core.io import atomic_path, autocast, file_hash, pick_device, write_bytes_atomic, write_json
+from oar_core.io import autocast, file_hash, pick_device, write_bytes_atomic, write_json
 from oar_core.location import LocationRule
 from oar_core.model import GPT, load_gpt
 from oar_core.params import SampleModelParams, SampleParams
@@ -116,17 +117,32 @@ def orders_table(res: dict, files: list[str]) -> pa.Table:
 
 
 def write_model_samples(folder: Path, res: dict, meta: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
+    """Write one model's samples into a hidden folder, then swap it in whole: a killed or rerun stage never leaves
+    old and new images mixed under the model's name."""
+    tmp, old = folder.parent / f".{folder.name}.partial", folder.parent / f".{folder.name}.old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     files = [f"{i:05d}.png" for i in range(len(res["images"]))]
-    for old in folder.glob("*.png"):  # a previous, larger run must not leak extra images into the metrics
-        if old.name not in files and old.name != "grid.png":
-            old.unlink()
     for name, im in zip(files, res["images"]):
-        save_png(folder / name, im)
-    with atomic_path(folder / "orders.parquet") as tmp:
-        pq.write_table(orders_table(res, files), tmp)
-    save_png(folder / "grid.png", class_grid(res["images"], res["labels"]))
-    write_json(folder / "meta.json", meta)  # last: its presence means the folder is complete
+        (tmp / name).write_bytes(png_bytes(im))
+    pq.write_table(orders_table(res, files), tmp / "orders.parquet")
+    (tmp / "grid.png").write_bytes(png_bytes(class_grid(res["images"], res["labels"])))
+    write_json(tmp / "meta.json", meta)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def tidy_samples_dir(out_dir: Path, names: list[str]) -> list[str]:
+    """Remove what a killed run left (hidden .partial/.old folders, .tmp files) and the folders of models no longer
+    in sample.models, so evaluate sees exactly the models listed. Returns what was removed."""
+    gone = []
+    for f in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
+        if f.name.startswith(".") or (f.is_dir() and f.name not in names):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+            gone.append(f.name)
+    return gone
 
 
 def load_meta(folder) -> dict:
@@ -142,6 +158,10 @@ def run_sample(p: SampleParams, metrics_dir: str = "metrics", progress: bool = T
 
     device = pick_device()
     tokenizer = load_tokenizer(p.tokenizer, device)
+    removed = tidy_samples_dir(Path(p.out_dir), [m.name for m in p.models])
+    if removed and progress:
+        print(f"[sample] removed from {p.out_dir}: {', '.join(removed)} (leftovers of a killed run, or models no "
+              f"longer in sample.models)", flush=True)
     summary = {}
     for spec in p.models:
         model, ckpt = load_gpt(spec.checkpoint, device)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -140,3 +141,31 @@ def test_evaluate_wrong_size_images_names_folder_and_fix(pipeline_dir, fmnist_sm
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(samples / "any-order" / "00003.png")
     with pytest.raises(ValueError, match=r"any-order: 00003.png is 32x32 but the real test images are 28x28"):
         _evaluate(root, fmnist_small, samples, tmp_path, classifier)
+
+
+def test_a_sample_rerun_leaves_exactly_the_listed_models_and_no_leftovers(pipeline_dir, tmp_path):
+    import shutil
+
+    root, sp = pipeline_dir
+    out = tmp_path / "samples"
+    shutil.copytree(root / "samples", out)  # four models of 40 images, as a previous run left them
+    (out / ".oar.partial").mkdir()  # what a killed run leaves
+    (out / ".meta.json.123.tmp").write_text("{")
+    rerun = sp.model_copy(update={"out_dir": str(out), "models": sp.models[3:], "n_per_model": 10})
+    run_sample(rerun, metrics_dir=str(tmp_path / "m"), progress=False)
+    assert sorted(f.name for f in out.iterdir()) == ["oar"]  # models no longer listed are gone
+    assert sorted(f.name for f in (out / "oar").iterdir()) == [f"{i:05d}.png" for i in range(10)] + [
+        "grid.png", "meta.json", "orders.parquet"]  # none of the previous run's 40 images
+
+
+def test_evaluate_sweeps_the_fidelity_caches_that_killed_runs_leaked():
+    import os
+    import tempfile
+
+    from oar_core.metrics import temp_cache_dir
+
+    dead = Path(tempfile.gettempdir()) / "oar-fidelity-999999999-leak"  # above Linux's pid_max: never alive
+    dead.mkdir(exist_ok=True)
+    with temp_cache_dir() as mine:
+        assert not dead.exists() and Path(mine).name.startswith(f"oar-fidelity-{os.getpid()}-")
+        assert Path(mine).exists()
