@@ -4,9 +4,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
+import yaml
+
+from oar_core.io import remove_stale_temps
 from oar_core.params import load_section
+
+
+def sweep_temps(stage: str, dag: str = "dvc.yaml") -> None:
+    """Remove the `.*.tmp` files a killed run of this stage left inside its declared outputs, before DVC can
+    record them (remove_stale_temps spares files another live process is still writing)."""
+    if not Path(dag).exists():
+        return
+    spec = (yaml.safe_load(Path(dag).read_text()) or {}).get("stages", {}).get(stage) or {}
+    for entry in [o for key in ("outs", "metrics", "plots") for o in spec.get(key) or []]:
+        out = Path(next(iter(entry)) if isinstance(entry, dict) else entry)
+        folders = {f.parent for f in out.rglob(".*.tmp")} if out.is_dir() else {out.parent}
+        for folder in folders:
+            remove_stale_temps(folder)
 
 
 def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args: Callable | None = None,
@@ -19,6 +36,7 @@ def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args
         add_args(ap)
     args = ap.parse_args(argv)
     name = section or args.stage
+    sweep_temps(name)
     try:
         result = run(load_section(name, args.params), args)
     except (ValueError, FileNotFoundError, KeyError) as e:

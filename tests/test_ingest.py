@@ -234,3 +234,19 @@ def test_ignored_files_are_listed_and_the_report_is_the_same_bytes_every_run(ima
                                  "truncated": 1}
     why = {e["file"]: e["reason"] for e in report["skipped"]}
     assert why["dog/empty.png"].startswith("empty file") and "HTML" in why["dog/page.jpg"]
+
+
+def test_a_stage_sweeps_the_temp_files_a_killed_run_left_in_its_outputs(image_folder, tmp_path, monkeypatch):
+    import os
+
+    from pipeline.ingest import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  ingest:\n    cmd: python -m pipeline.ingest\n    outs: [o]\n")
+    (tmp_path / "params.yaml").write_text(f"ingest:\n  source: {image_folder}\n  out_dir: o\n  test_fraction: 0.3\n")
+    (tmp_path / "o").mkdir()
+    leftover = tmp_path / "o" / ".train.npz.abc123.tmp"
+    leftover.write_bytes(b"half an array")
+    os.utime(leftover, (1, 1))  # from a run that is over
+    main([])
+    assert sorted(f.name for f in (tmp_path / "o").iterdir()) == ["manifest.json", "report.json", "test.npz", "train.npz"]
