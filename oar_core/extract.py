@@ -73,7 +73,7 @@ def run_extract(p: ExtractParams, shards: str = "data/shards", num_workers: int 
     if only_parts is not None:
         jobs = [j for j in jobs if Path(j[1]).stem in only_parts]
     if num_workers == 1 and only_parts is None:  # parts of shards that no longer exist would poison the table
-        remove_stale_temps(p.out_dir)  # temp files of a killed earlier run (no other writer in this mode)
+        remove_stale_temps(p.out_dir)  # temp files of a killed earlier run; a live writer's are kept
         keep = {Path(s).stem for _, s in jobs}
         for old in Path(p.out_dir).glob("*.parquet"):
             if old.stem not in keep:
@@ -82,10 +82,10 @@ def run_extract(p: ExtractParams, shards: str = "data/shards", num_workers: int 
     t0 = time.time()
     for split, shard in jobs:
         part = Path(p.out_dir) / f"{Path(shard).stem}.parquet"
-        if part_is_current(part, ckpt_hash, params_hash):
+        d = read_shard(shard)  # a part is current only if it holds exactly its shard's ids
+        if part_is_current(part, ckpt_hash, params_hash, d["ids"]):
             skipped += 1
             continue
-        d = read_shard(shard)
         tokens_NN = torch.from_numpy(d["tokens"].astype(np.int64)).flatten(1)
         labels_N = torch.from_numpy(np.asarray(d["labels"], dtype=np.int64))
         g = torch.Generator().manual_seed(p.seed)

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -95,13 +97,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.remove(tmp)
 
 
+_STARTED = time.time()  # about when this process started: every stage imports oar_core.io first thing
+
+
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
-    """Delete the hidden `.NAME.*.tmp` files that a process killed inside `atomic_path` leaves behind.
-    Call it only where no other process writes into `folder` at the same time."""
-    folder = Path(folder)
-    stale = sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
-    for f in stale:
-        f.unlink(missing_ok=True)
+    """Delete the hidden `.NAME.*.tmp` files that a process killed inside `atomic_path` leaves behind. Another
+    process may be writing into `folder` right now, so a temp file newer than this process, or one a live
+    writer holds a flock on (order_table.write_part does), is left alone."""
+    stale = []
+    for f in sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []:
+        try:
+            with f.open("rb") as fh:
+                if os.fstat(fh.fileno()).st_mtime < _STARTED:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    f.unlink()
+                    stale.append(f)
+        except (FileNotFoundError, BlockingIOError):
+            pass  # finished (renamed) meanwhile, or still being written
     return stale
 
 

@@ -9,6 +9,7 @@ CLI: `python -m oar_core.order_table data/orders {summary,heatmap,per-class,clos
 from __future__ import annotations
 
 import argparse
+import fcntl
 import math
 import sys
 from pathlib import Path
@@ -22,44 +23,74 @@ import torch
 from oar_core.io import atomic_path
 from oar_core.orders import is_permutation, kendall_tau_to_raster, step_of_position
 
-META_CKPT, META_PARAMS = b"oar.checkpoint_hash", b"oar.params_hash"
+META_CKPT, META_PARAMS, META_CRC = b"oar.checkpoint_hash", b"oar.params_hash", b"oar.page_checksums"
+RERUN = "rerun `dvc repro extract_orders`"
 
 
 def write_part(path: Path, table: pa.Table, ckpt_hash: str, params_hash: str) -> None:
-    table = table.replace_schema_metadata({META_CKPT: ckpt_hash.encode(), META_PARAMS: params_hash.encode()})
-    # temp name ends in .tmp, so `*.parquet` globs never see a half-written part
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
+    table = table.replace_schema_metadata({META_CKPT: ckpt_hash.encode(), META_PARAMS: params_hash.encode(),
+                                           META_CRC: b"crc32"})
+    # temp name ends in .tmp, so `*.parquet` globs never see a half-written part; the lock tells another run's
+    # remove_stale_temps that this temp file is live (its mtime check covers the instants around the lock)
+    with atomic_path(path) as tmp, tmp.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        pq.write_table(table, tmp, write_page_checksum=True)
 
 
-def part_is_current(path: Path, ckpt_hash: str, params_hash: str) -> bool:
-    """A finished part made by the same checkpoint and params (so a restarted run can skip it)."""
-    if not Path(path).exists():
-        return False
+def read_part(path, columns: list[str] | None = None) -> pa.Table:
+    """A part read whole, every page checked against its CRC: bytes flipped under an intact footer decode
+    to plausible garbage otherwise (polars does not check the CRCs)."""
     try:
-        meta = pq.read_schema(path).metadata or {}
-    except Exception:
-        return False  # unreadable: redo it
-    return meta.get(META_CKPT) == ckpt_hash.encode() and meta.get(META_PARAMS) == params_hash.encode()
+        return pq.read_table(path, columns=columns, page_checksum_verification=True)
+    except Exception as e:  # truncated, bit-flipped or foreign: pyarrow raises OSError or Arrow*Error
+        raise ValueError(f"{path}: corrupt orders part ({type(e).__name__}: {' '.join(str(e).split())}); "
+                         f"{RERUN}, which redoes it") from None
+
+
+def part_is_current(path: Path, ckpt_hash: str, params_hash: str, ids: list[str]) -> bool:
+    """A part a restarted run can skip: made by the same checkpoint and params, holding exactly `ids` (its
+    shard's, in order), and reading back completely under the checksums written with it. Anything else
+    (missing, corrupt, from another shard layout or from a writer without checksums) is redone."""
+    try:
+        table = read_part(path)
+    except ValueError:
+        return False
+    meta = table.schema.metadata or {}
+    return (meta.get(META_CKPT) == ckpt_hash.encode() and meta.get(META_PARAMS) == params_hash.encode()
+            and meta.get(META_CRC) == b"crc32" and table.column("image_id").to_pylist() == list(ids))
+
+
+def parts(orders_dir: str | Path) -> list[Path]:
+    found = sorted(Path(orders_dir).glob("*.parquet"))
+    if not found:
+        raise FileNotFoundError(f"{orders_dir}: no orders parts (*.parquet); run `dvc repro extract_orders` first")
+    return found
 
 
 def scan(orders_dir: str | Path) -> pl.LazyFrame:
-    parts = sorted(Path(orders_dir).glob("*.parquet"))
-    if not parts:
-        raise FileNotFoundError(f"{orders_dir}: no orders parts (*.parquet); run `dvc repro extract_orders` first")
-    return pl.scan_parquet([str(p) for p in parts])
+    return pl.scan_parquet([str(p) for p in parts(orders_dir)])
 
 
 def orders_for_ids(orders_dir, ids: list[str], N: int, missing_ok: bool = False) -> torch.Tensor | None:
-    """(len(ids), N) orders aligned with `ids`; checks that every row is a permutation of the grid."""
+    """(len(ids), N) orders matched to `ids` by image id; checks every part reads back intact, that no image
+    has two rows (a join would then return extra rows and shift every later one onto a neighbour's order)
+    and that every row is a permutation of the grid."""
+    table = pl.concat([pl.from_arrow(read_part(f, ["image_id", "permutation"])).with_columns(part=pl.lit(f.name))
+                       for f in parts(orders_dir)])
+    dup = table.filter(pl.col("image_id").is_duplicated())
+    if len(dup):
+        first = dup.filter(pl.col("image_id") == dup["image_id"][0])
+        raise ValueError(f"{orders_dir}: {dup['image_id'].n_unique()} image(s) have more than one row, e.g. "
+                         f"{first['image_id'][0]!r}: {len(first)} rows in "
+                         f"{', '.join(first['part'].unique(maintain_order=True))}; {RERUN}")
     want = pl.DataFrame({"image_id": ids, "_row": np.arange(len(ids))})
-    got = want.join(scan(orders_dir).select("image_id", "permutation").collect(), on="image_id", how="left")
+    got = want.join(table.drop("part"), on="image_id", how="left")
     missing = got.filter(pl.col("permutation").is_null())
     if len(missing):
         if missing_ok and len(missing) == len(ids):
             return None
         raise ValueError(f"{orders_dir}: no extracted order for {len(missing)} image(s), e.g. {missing['image_id'][0]!r}; "
-                         "rerun `dvc repro extract_orders` on the current shards")
+                         f"{RERUN} on the current shards")
     got = got.sort("_row")
     lengths = got["permutation"].list.len()
     if (lengths != N).any():

@@ -13,6 +13,7 @@ from oar_core.params import ExtractParams
 from oar_core.shards import load_tokens
 from tests.conftest import single_thread
 from tests.fixtures_pipeline import any_order_model, tiny_shards, tiny_train_params  # noqa: F401
+from tests.test_order_table import flip_data_pages
 
 N = 49
 
@@ -77,6 +78,20 @@ def test_resume_skips_finished_parts_and_redoes_missing_ones(orders_dir, any_ord
         s = run_extract(p, str(tiny_shards))
     assert s["parts_written"] == 1 and s["parts_skipped"] == 2
     assert {f.name: f.read_bytes() for f in sorted(orders_dir.glob("*.parquet"))} == before  # same rows, same bytes
+
+
+def test_a_part_corrupt_under_an_intact_footer_is_named_by_finetune_and_redone(orders_dir, any_order_model,
+                                                                               tiny_shards):
+    p = ExtractParams(checkpoint=str(any_order_model[0]), out_dir=str(orders_dir), batch_size=128)
+    parts = sorted(orders_dir.glob("*.parquet"))
+    before = {f.name: f.read_bytes() for f in parts}
+    flip_data_pages(parts[1])
+    with pytest.raises(ValueError, match=rf"{parts[1].name}: corrupt orders part"):
+        orders_for_ids(orders_dir, load_tokens(tiny_shards, "train")["ids"], N)
+    with single_thread():
+        s = run_extract(p, str(tiny_shards))
+    assert s["parts_written"] == 1 and s["parts_skipped"] == 2
+    assert {f.name: f.read_bytes() for f in sorted(orders_dir.glob("*.parquet"))} == before
 
 
 def test_workers_split_the_shards(any_order_model, tiny_shards, tmp_path):
