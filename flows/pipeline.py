@@ -10,8 +10,13 @@ The DAG of record is `dvc.yaml`; these flows only orchestrate. A flow run
 A failing stage fails its task and the flow run with the stage's last error line. DVC leaves dvc.lock and the
 cache of the last good run untouched, so `dvc checkout` restores those artifacts.
 
-The repository is the current directory, or $OAR_REPO. Parameter forms are prefilled from its params.yaml
-as read when this module is imported (a served deployment: when `python -m flows.serve` started).
+The repository is the current directory, or $OAR_REPO. A run's parameters set only the keys they name: every
+key they leave out (a UI form field left empty or not a number, which the form drops; a key missing from
+`--param`) keeps the value params.yaml has when the run starts, never a class default, and the run log lists
+which keys came from where. A value of the wrong type is refused by the Prefect API before a run exists; what
+its schema cannot check (e.g. d_model divisible by n_head) fails the run with one line naming the key. Parameter
+forms are prefilled from params.yaml as read when this module is imported (a served deployment: when
+`python -m flows.serve` started).
 """
 from __future__ import annotations
 
@@ -21,15 +26,17 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import SkipValidation, ValidationError
 from ruamel.yaml import YAML
 
 from oar_core.io import atomic_path
-from oar_core.params import (EvaluateParams, ExtractParams, IngestParams, Params, SampleParams, Section,
+from oar_core.params import (EvaluateParams, ExtractParams, IngestParams, Params, ParamsError, SampleParams, Section,
                              TokenizeParams, TokenizerParams, TrainParams, load_params)
 
 RAN = re.compile(r"^Running stage '([^']+)'")
@@ -48,7 +55,13 @@ def _defaults() -> Params:
     return load_params(path) if path.exists() else Params()
 
 
-DEFAULTS = _defaults()
+DEFAULTS = _defaults()  # only to prefill the forms: runs read params.yaml when they start
+
+
+def _form(section: Section) -> Section:
+    """`section`'s values with no key marked as set: they prefill the UI form, yet a run that passes nothing sets
+    no key and so takes all of them from params.yaml as it is then."""
+    return type(section).model_construct(_fields_set=set(), **dict(section))
 
 
 # ---------------------------------------------------------------- params.yaml
@@ -96,6 +109,44 @@ def write_params(repo: Path, sections: dict[str, Section]) -> dict[str, tuple]:
             y.dump(doc, f)
         load_params(tmp)  # never leave a params.yaml that the stages would reject
     return {".".join(map(str, k)): v for k, v in changes.items()}
+
+
+def _set_keys(params: Any) -> Any:
+    # a Section built in Python sets the keys it was built with (or read from a file), not its class defaults
+    if isinstance(params, Section):
+        return params.model_dump(mode="json", exclude_unset=True)
+    return {k: _set_keys(v) for k, v in params.items()} if isinstance(params, dict) else params
+
+
+def _overlay(current: dict, given: dict, prefix: str = "") -> tuple[dict, list[str], list[str]]:
+    """`given` laid over `current` key by key, nested sections included. Returns the result and the dotted keys
+    taken from `given` and from `current` (a sub-section `given` does not touch is named whole)."""
+    merged, ours, theirs = {**current, **given}, [], []
+    for k, v in current.items():
+        if k not in given:
+            theirs.append(prefix + k)
+        elif isinstance(v, dict) and isinstance(given[k], dict):
+            merged[k], o, t = _overlay(v, given[k], f"{prefix}{k}.")
+            ours += o
+            theirs += t if o else [prefix + k]
+        else:
+            ours.append(prefix + k)
+    return merged, ours, theirs
+
+
+def resolve(sections: dict[str, Any], repo: Path) -> tuple[Params, list[str], list[str]]:
+    """repo/params.yaml as it is now with each of `sections` ({name: a run's parameters for it, any subset of its
+    keys}) laid over its section, validated whole. Returns it and the dotted keys of those sections that came
+    from the run and from the file; invalid values raise ParamsError, one line naming each bad key."""
+    current = load_params(repo / "params.yaml").model_dump(mode="json")
+    given = _set_keys(sections)
+    merged, ours, theirs = _overlay({n: current.get(n, {}) for n in given}, given)
+    try:
+        return Params.model_validate({**current, **merged}), ours, theirs
+    except ValidationError as e:
+        raise ParamsError("invalid run parameters: " + "; ".join(
+            ".".join(map(str, err["loc"])) + ": " + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
+            + ("" if isinstance(err["input"], dict) else f" (got {err['input']!r})") for err in e.errors())) from None
 
 
 # ---------------------------------------------------------------- dvc.yaml
@@ -171,14 +222,16 @@ def dvc(*args: str) -> list[str]:
 
 
 @task(cache_policy=NO_CACHE, task_run_name="write params.yaml")
-def apply_params(names: list[str], params: Params | dict, repo: str) -> dict[str, tuple]:
-    sections = {n: (getattr(params, n) if isinstance(params, Params) else params[n]) for n in names}
-    changes = write_params(Path(repo), sections)
+def apply_params(sections: dict[str, Any], repo: str) -> dict[str, tuple]:
+    params, ours, theirs = resolve(sections, Path(repo))
     log = get_run_logger()
+    log.info("from this run's parameters: %s", ", ".join(ours) or "nothing")
+    log.info("from params.yaml as it is now: %s", ", ".join(theirs) or "nothing")
+    changes = write_params(Path(repo), {n: getattr(params, n) for n in sections})
     for key, (old, new) in changes.items():
         log.info("params.yaml: %s: %r -> %r", key, old, new)
     if not changes:
-        log.info("params.yaml already has these values for %s", ", ".join(names))
+        log.info("params.yaml already has these values for %s", ", ".join(sections))
     return changes
 
 
@@ -218,77 +271,82 @@ def is_current(stage: str, repo: str) -> bool:
 # ---------------------------------------------------------------- flows
 
 
-def run_stage(stage: str, params: Section, push: bool) -> dict:
+# Flow parameters are `SkipValidation[<Section>]`: the form is still built from the Section's schema, but Prefect hands
+# the run's mapping through as it is instead of filling the keys it lacks with class defaults; apply_params lays it
+# over params.yaml when the run starts and validates the result.
+
+
+def run_stage(stage: str, params: Any, push: bool) -> dict:
     repo = str(repo_dir())
-    changed = apply_params([stage], {stage: params}, repo)
+    changed = apply_params({stage: params}, repo)
     ran = repro([stage], repo)
     pushed = push_if_remote(repo) if push else False
     return {"stage": stage, "params_changed": sorted(changed), "ran": ran, "pushed": pushed}
 
 
 @flow(name="ingest")
-def ingest(params: IngestParams = DEFAULTS.ingest, push: bool = True) -> dict:
+def ingest(params: SkipValidation[IngestParams] = _form(DEFAULTS.ingest), push: bool = True) -> dict:
     """Images -> normalized arrays + split manifest (data/ingest)."""
     return run_stage("ingest", params, push)
 
 
 @flow(name="tokenizer")
-def tokenizer(params: TokenizerParams = DEFAULTS.tokenizer, push: bool = True) -> dict:
+def tokenizer(params: SkipValidation[TokenizerParams] = _form(DEFAULTS.tokenizer), push: bool = True) -> dict:
     """Train (or adopt) the VQ tokenizer (models/tokenizer.pt)."""
     return run_stage("tokenizer", params, push)
 
 
 @flow(name="tokenize")
-def tokenize(params: TokenizeParams = DEFAULTS.tokenize, push: bool = True) -> dict:
+def tokenize(params: SkipValidation[TokenizeParams] = _form(DEFAULTS.tokenize), push: bool = True) -> dict:
     """Images -> WebDataset token shards (data/shards)."""
     return run_stage("tokenize", params, push)
 
 
 @flow(name="train_raster")
-def train_raster(params: TrainParams = DEFAULTS.train_raster, push: bool = True) -> dict:
+def train_raster(params: SkipValidation[TrainParams] = _form(DEFAULTS.train_raster), push: bool = True) -> dict:
     """Raster-order baseline (models/raster)."""
     return run_stage("train_raster", params, push)
 
 
 @flow(name="train_random")
-def train_random(params: TrainParams = DEFAULTS.train_random, push: bool = True) -> dict:
+def train_random(params: SkipValidation[TrainParams] = _form(DEFAULTS.train_random), push: bool = True) -> dict:
     """Any-order (random permutation) model (models/random)."""
     return run_stage("train_random", params, push)
 
 
 @flow(name="extract_orders")
-def extract_orders(params: ExtractParams = DEFAULTS.extract_orders, push: bool = True) -> dict:
+def extract_orders(params: SkipValidation[ExtractParams] = _form(DEFAULTS.extract_orders), push: bool = True) -> dict:
     """Per-image generation orders from the any-order model (data/orders), in one process."""
     return run_stage("extract_orders", params, push)
 
 
 @flow(name="finetune")
-def finetune(params: TrainParams = DEFAULTS.finetune, push: bool = True) -> dict:
+def finetune(params: SkipValidation[TrainParams] = _form(DEFAULTS.finetune), push: bool = True) -> dict:
     """Finetune the any-order model on the extracted orders (models/oar)."""
     return run_stage("finetune", params, push)
 
 
 @flow(name="sample")
-def sample(params: SampleParams = DEFAULTS.sample, push: bool = True) -> dict:
+def sample(params: SkipValidation[SampleParams] = _form(DEFAULTS.sample), push: bool = True) -> dict:
     """Generate images from each checkpoint."""
     return run_stage("sample", params, push)
 
 
 @flow(name="evaluate")
-def evaluate(params: EvaluateParams = DEFAULTS.evaluate, push: bool = True) -> dict:
+def evaluate(params: SkipValidation[EvaluateParams] = _form(DEFAULTS.evaluate), push: bool = True) -> dict:
     """Metrics, plots and grids for the samples."""
     return run_stage("evaluate", params, push)
 
 
 @flow(name="extract_orders_fanout", task_runner=ThreadPoolTaskRunner(max_workers=64))
-def extract_orders_fanout(params: ExtractParams = DEFAULTS.extract_orders, num_workers: int = 2,
+def extract_orders_fanout(params: SkipValidation[ExtractParams] = _form(DEFAULTS.extract_orders), num_workers: int = 2,
                           push: bool = True) -> dict:
     """extract_orders split over `num_workers` parallel workers (one task each, every one writing the Parquet
     parts of its share of the shards), then `dvc repro extract_orders`, which finds every part current and
     only records the result in dvc.lock. Locally the tasks are threads running subprocesses; on a cluster
     swap the task runner (see docs/prefect.md)."""
     repo = str(repo_dir())
-    changed = apply_params(["extract_orders"], {"extract_orders": params}, repo)
+    changed = apply_params({"extract_orders": params}, repo)
     upstream = sorted(stage_graph(Path(repo))["extract_orders"])
     ran = repro(upstream, repo) if upstream else []  # shards and the any-order checkpoint must be current
     if is_current("extract_orders", repo):
@@ -302,16 +360,17 @@ def extract_orders_fanout(params: ExtractParams = DEFAULTS.extract_orders, num_w
 
 
 @flow(name="oar-pipeline")
-def oar_pipeline(params: Params = DEFAULTS, extract_workers: int = 1, push: bool = True) -> dict:
+def oar_pipeline(params: SkipValidation[Params] = _form(DEFAULTS), extract_workers: int = 1, push: bool = True) -> dict:
     """The whole DAG: each stage of dvc.yaml in dependency order (`dvc repro <stage>`, so up-to-date stages
     are skipped); extract_orders fans out over `extract_workers` when that is more than 1."""
     repo = str(repo_dir())
     stages = stage_order(Path(repo))
-    changed = apply_params(list(Params.model_fields), params, repo)
+    changed = apply_params({**dict.fromkeys(Params.model_fields, {}), **_set_keys(params)}, repo)
     ran: list[str] = []
     for stage in stages:
         if stage == "extract_orders" and extract_workers > 1:
-            ran += extract_orders_fanout(params.extract_orders, num_workers=extract_workers, push=False)["ran"]
+            # no keys of its own: its section is params.yaml's, as apply_params just wrote it
+            ran += extract_orders_fanout({}, num_workers=extract_workers, push=False)["ran"]
         else:
             ran += repro([stage], repo)
     pushed = push_if_remote(repo) if push else False

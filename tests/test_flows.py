@@ -13,6 +13,7 @@ os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="oar-prefect-home-
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 
 import json  # noqa: E402
+import logging  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -122,6 +123,18 @@ def commit(repo: Path) -> None:
     sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "test", "--allow-empty"], repo)
 
 
+@pytest.fixture
+def stub_repo(tmp_path, monkeypatch) -> Path:
+    """This checkout's params.yaml under a DVC repo whose only stage, `finetune`, just echoes: a flow run that
+    takes seconds. Flows act on it ($OAR_REPO)."""
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"finetune": {"cmd": "echo finetuned",
+                                                                               "params": ["finetune"]}}}))
+    dvc(tmp_path, "init", "-q", "--no-scm")
+    monkeypatch.setenv("OAR_REPO", str(tmp_path))
+    return tmp_path
+
+
 # ---------------------------------------------------------------- no server needed
 
 
@@ -168,6 +181,21 @@ def test_last_error_prefers_the_stage_message():
     assert last_error(tb).startswith("ZeroDivisionError: division by zero [ERROR:")
 
 
+def test_deployments_are_named_for_what_they_run_and_keep_the_typed_form():
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import ALL_FLOWS, DEFAULTS, finetune
+    from flows.serve import deployments
+
+    names = {d.flow_name: d.name for d in deployments()}
+    assert set(names) == {f.name for f in ALL_FLOWS}
+    assert len(set(names.values())) == len(names) and "local" not in names.values()
+    assert names["train_random"] == "train-any-order-model" and names["oar-pipeline"] == "all-stages"
+    form = parameter_schema(finetune).model_dump()["properties"]["params"]
+    assert form["properties"]["steps"]["type"] == "integer"  # typed fields ...
+    assert form["default"] == DEFAULTS.finetune.model_dump(mode="json")  # ... prefilled from params.yaml
+
+
 def test_cli_param_change_reruns_the_stage_and_only_its_downstream(tiny_repo):
     assert_clean(tiny_repo)
     set_params(tiny_repo, "train_random", seed=101)
@@ -202,6 +230,42 @@ def test_stage_flow_reruns_only_that_stage_and_pushes(in_repo, prefect_api, s3):
         assert again["ran"] == [] and again["params_changed"] == []
     finally:
         dvc(in_repo, "remote", "remove", "s3remote")
+
+
+def test_keys_a_run_leaves_out_keep_params_yaml_values_as_the_run_starts(stub_repo, prefect_api, caplog):
+    """The UI form drops a cleared or non-numeric field, as `--param params=...` may leave keys out: such a key keeps
+    the value params.yaml has when the run starts (finetune.steps: the file's, never TrainParams' default 1200),
+    and the run log says which keys came from where."""
+    from flows.pipeline import finetune
+    from oar_core.params import TrainParams, load_params
+
+    caplog.set_level(logging.INFO)
+    set_params(stub_repo, "finetune", steps=7)  # after flows.pipeline was imported: a run must read the file anew
+    assert finetune(push=False)["params_changed"] == []  # no parameters: all of params.yaml as it is now
+    assert "from params.yaml as it is now: finetune" in [r.getMessage() for r in caplog.records]
+
+    before = load_params(stub_repo / "params.yaml").finetune
+    assert before.steps == 7 != TrainParams.model_fields["steps"].default
+    form = {k: v for k, v in before.model_dump(mode="json").items() if k != "steps"} | {"lr": before.lr * 2}
+    caplog.clear()
+    assert finetune(params=form, push=False)["params_changed"] == ["finetune.lr"]
+    assert load_params(stub_repo / "params.yaml").finetune == before.model_copy(update={"lr": before.lr * 2})
+    logs = [r.getMessage() for r in caplog.records]
+    assert "from params.yaml as it is now: finetune.steps" in logs
+    ours = next(m for m in logs if m.startswith("from this run's parameters: "))
+    assert "finetune.lr" in ours and "finetune.order" in ours and "finetune.steps" not in ours
+
+
+def test_a_run_param_of_the_wrong_type_fails_the_run_naming_the_key(stub_repo, prefect_api):
+    from flows.pipeline import finetune
+
+    before = (stub_repo / "params.yaml").read_text()
+    state = finetune(params={"steps": "abc"}, push=False, return_state=True)
+    assert state.is_failed() and "finetune.steps" in state.message
+    with pytest.raises(ValueError, match=r"^invalid run parameters: finetune\.steps: Input should be a valid integer"
+                                         r"[^\n]* \(got 'abc'\)$"):  # one line
+        state.result()
+    assert (stub_repo / "params.yaml").read_text() == before
 
 
 def test_pipeline_flow_fans_out_extraction_and_reruns_downstream_only(in_repo, prefect_api):
@@ -246,21 +310,29 @@ def test_failed_stage_fails_the_run_and_keeps_versioned_artifacts(in_repo, prefe
 
 def test_served_deployment_runs_when_triggered_through_the_api(in_repo, prefect_api):
     """What the UI's Run button does: create a flow run from a deployment; a runner (as started by
-    `python -m flows.serve`) picks it up and executes it in a subprocess."""
+    `python -m flows.serve`) picks it up and executes it in a subprocess. The custom run's form lost max_train and
+    max_test (cleared fields are dropped): the run keeps params.yaml's, not the class default (None: all images)."""
     import asyncio
 
     from prefect import get_client
     from prefect.deployments import run_deployment
+    from prefect.exceptions import PrefectHTTPStatusError
     from prefect.runner import Runner
 
     from flows.serve import deployments
+    from oar_core.params import load_params
 
     deployment = next(d for d in deployments() if d.flow_name == "ingest")
+    ingest = load_params(in_repo / "params.yaml").ingest
+    form = {k: v for k, v in ingest.model_dump(mode="json").items() if k not in ("max_train", "max_test")}
 
     async def trigger_and_serve():
         runner = Runner(limit=1, query_seconds=1)
         await runner.add_deployment(deployment)
-        flow_run = await run_deployment(f"ingest/{deployment.name}", timeout=0)  # returns once scheduled
+        name = f"ingest/{deployment.name}"
+        with pytest.raises(PrefectHTTPStatusError, match=r"params\.max_train"):  # the API checks each value's type: no run
+            await run_deployment(name, parameters={"params": {"max_train": "many"}}, timeout=0)
+        flow_run = await run_deployment(name, parameters={"params": form}, timeout=0)  # returns once scheduled
         await runner.start(run_once=True)  # one poll: picks up the scheduled run and waits for it
         async with get_client() as client:
             flow_run = await client.read_flow_run(flow_run.id)
@@ -273,4 +345,6 @@ def test_served_deployment_runs_when_triggered_through_the_api(in_repo, prefect_
     flow_run, messages = asyncio.run(trigger_and_serve())
     assert flow_run.state.is_completed(), flow_run.state
     assert any("Stage 'ingest' didn't change, skipping" in m for m in messages), messages  # DVC output streamed
+    assert "from params.yaml as it is now: ingest.max_train, ingest.max_test" in messages
+    assert load_params(in_repo / "params.yaml").ingest == ingest
     assert time.time() - t0 < 60
