@@ -208,13 +208,29 @@ class Params(Section):
 class ParamsError(ValueError):
     pass
 
+    @model_validator(mode="after")
+    def _grid_divides_image(self):
+        """The tokenizer halves the image k times down to the grid: image_size must be grid * 2^k, else every
+        image would be resampled to the nearest such size and back."""
+        size, grid = self.ingest.image_size, self.tokenizer.grid
+        ratio = size / grid
+        if self.tokenizer.checkpoint is None and (ratio != int(ratio) or int(ratio) & (int(ratio) - 1)):
+            grids = [size >> k for k in range(size.bit_length()) if (size >> k) << k == size and size >> k >= 2]
+            sizes = sorted({grid << k for k in range(8)}, key=lambda s: abs(s - size))[:2]
+            raise ValueError(f"ingest.image_size ({size}) must be tokenizer.grid ({grid}) times a power of 2: use "
+                             f"tokenizer.grid in {grids} or ingest.image_size in {sorted(sizes)}")
+        return self
+
 
 def _format(err: ValidationError, path: Path) -> str:
     lines = [f"{path}: invalid parameters ({err.error_count()} problem(s)); fix these keys:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = "unknown key (check spelling; see params.yaml for valid keys)" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {key}: {msg}")
+        if not e["loc"]:  # a rule across sections: its message names the keys
+            lines.append(f"  {msg.removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {key}: {msg}")
     return "\n".join(lines)
 
 

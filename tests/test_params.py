@@ -15,8 +15,8 @@ def test_empty_file_gives_defaults(tmp_path):
 
 
 def test_section_values_are_read(tmp_path):
-    p = load_section("tokenizer", write(tmp_path, "tokenizer:\n  grid: 4\n  steps: 10\n"))
-    assert isinstance(p, TokenizerParams) and (p.grid, p.steps) == (4, 10)
+    p = load_section("tokenizer", write(tmp_path, "tokenizer:\n  grid: 14\n  steps: 10\n"))
+    assert isinstance(p, TokenizerParams) and (p.grid, p.steps) == (14, 10)
 
 
 def test_unknown_key_reported_with_dotted_path(tmp_path):
@@ -81,6 +81,7 @@ def test_scripts_print_one_line_error_and_exit_1(tmp_path, capsys, module):
     ("extract_orders:\n  splits: [test]\n", "extract_orders.splits.*must include 'train'"),
     ("sample:\n  n_per_model: 3\n", "sample.n_per_model"),
     ("ingest:\n  source: fashion-mnist\n", "ingest.source.*/usr/share/datasets/fashion-mnist"),
+    ("ingest:\n  image_size: 30\n", r"ingest.image_size \(30\) must be tokenizer.grid \(7\) times a power of 2"),
     ("sample:\n  models: []\n", "sample.models"),
     ("sample:\n  models:\n  - {name: a, checkpoint: x, order: confidence, location: {score: gt_prob}}\n",
      "sample.models.0.location.score"),  # a sampler cannot look at the answer
