@@ -204,10 +204,6 @@ class Params(Section):
     sample: SampleParams = SampleParams()
     evaluate: EvaluateParams = EvaluateParams()
 
-
-class ParamsError(ValueError):
-    pass
-
     @model_validator(mode="after")
     def _grid_divides_image(self):
         """The tokenizer halves the image k times down to the grid: image_size must be grid * 2^k, else every
@@ -220,6 +216,10 @@ class ParamsError(ValueError):
             raise ValueError(f"ingest.image_size ({size}) must be tokenizer.grid ({grid}) times a power of 2: use "
                              f"tokenizer.grid in {grids} or ingest.image_size in {sorted(sizes)}")
         return self
+
+
+class ParamsError(ValueError):
+    pass
 
 
 def _format(err: ValidationError, path: Path) -> str:
