@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from oar_core.io import fs_for, is_remote, join, read_bytes, storage_errors, write_bytes_atomic, write_json
+from oar_core.io import fs_for, is_remote, join, read_bytes, read_json, storage_errors, write_bytes_atomic, write_json
 from oar_core.params import IngestParams
 
 FASHION_MNIST_CLASSES = [
@@ -316,11 +316,9 @@ def run_ingest(p: IngestParams) -> dict:
 
 
 def load_manifest(in_dir: str | os.PathLike) -> dict:
-    path = join(str(in_dir), "manifest.json")
-    try:
-        return json.loads(read_bytes(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: ingest manifest not found; run `dvc repro ingest` (or python -m pipeline.ingest)") from None
+    return read_json(join(str(in_dir), "manifest.json"),
+                     "ingest manifest not found; run `dvc repro ingest` (or python -m pipeline.ingest)",
+                     "rerun `dvc repro ingest` (or python -m pipeline.ingest)")
 
 
 def load_split(in_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -92,6 +92,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's private 0600 would otherwise become the artifact's mode
         os.replace(tmp, path)
+    except OSError as e:  # disk full while writing the temp file: name the artifact, not the temp name
+        if e.filename == tmp:
+            raise OSError(e.errno, e.strerror, str(path)) from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -134,6 +138,16 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         fs, p = fs_for(path)
         with fs.open(p, "rb") as f:
             return f.read()
+
+
+def read_json(path: str | os.PathLike, missing: str, fix: str) -> Any:
+    """A JSON artifact; a missing or corrupt one is one line naming the file and the fix."""
+    try:
+        return json.loads(read_bytes(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {missing}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: corrupt JSON ({e}); {fix}") from None
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from oar_core.io import autocast, file_hash, pick_device, write_bytes_atomic, write_json
+from oar_core.io import autocast, file_hash, pick_device, read_json, write_bytes_atomic, write_json
 from oar_core.location import LocationRule
 from oar_core.model import GPT, load_gpt
 from oar_core.params import SampleModelParams, SampleParams
@@ -146,11 +146,12 @@ def tidy_samples_dir(out_dir: Path, names: list[str]) -> list[str]:
 
 
 def load_meta(folder) -> dict:
-    path = Path(folder) / "meta.json"
-    if not path.exists():
-        raise ValueError(f"{folder}: no meta.json, so these samples are incomplete or not from the sample stage; "
-                         "rerun `dvc repro sample` (or python -m pipeline.sample)")
-    return json.loads(path.read_text())
+    fix = "rerun `dvc repro sample` (or python -m pipeline.sample)"
+    try:
+        return read_json(Path(folder) / "meta.json", f"no meta.json, so these samples are incomplete or not from the "
+                                                     f"sample stage; {fix}", fix)
+    except FileNotFoundError as e:
+        raise ValueError(str(e)) from None
 
 
 def run_sample(p: SampleParams, metrics_dir: str = "metrics", progress: bool = True) -> dict:

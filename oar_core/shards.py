@@ -17,7 +17,7 @@ import time
 import numpy as np
 
 from oar_core.data import load_manifest, load_split
-from oar_core.io import (file_hash, fs_for, is_remote, join, list_files, pick_device, read_bytes, storage_errors,
+from oar_core.io import (file_hash, fs_for, is_remote, join, list_files, pick_device, read_bytes, read_json, storage_errors,
                          write_bytes_atomic, write_json)
 from oar_core.params import TokenizeParams
 from oar_core.tokenizer import encode_all, load_tokenizer
@@ -121,11 +121,7 @@ def read_shard(path) -> dict:
 
 
 def load_meta(prefix) -> dict:
-    path = join(prefix, "meta.json")
-    try:
-        return json.loads(read_bytes(path))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: shard metadata not found; {RERUN_HINT}") from None
+    return read_json(join(prefix, "meta.json"), f"shard metadata not found; {RERUN_HINT}", RERUN_HINT)
 
 
 def load_tokens(prefix, split: str) -> dict:
@@ -145,10 +141,14 @@ def load_tokens(prefix, split: str) -> dict:
     if not paths:
         raise FileNotFoundError(f"{prefix}: no {split} shards found; {RERUN_HINT}")
     parts = []
+    V = meta.get("codebook_size") if meta else None
     for path, n in zip(paths, expected):
         part = read_shard(path)
         if n is not None and len(part["ids"]) != n:
             raise ValueError(f"{path}: has {len(part['ids'])} samples, meta.json says {n} (truncated); {RERUN_HINT}")
+        if V is not None and len(part["ids"]) and int(part["tokens"].max()) >= V:  # would index past the embedding
+            raise ValueError(f"{path}: token id {int(part['tokens'].max())} >= codebook size {V} of meta.json (shards "
+                             f"from another tokenizer?); {RERUN_HINT}")
         parts.append(part)
     parts = [pt for pt in parts if len(pt["ids"])]
     return {

@@ -42,5 +42,13 @@ def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: [{name}] {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # disk full, permissions, quota: name the file and what to check
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: [{name}] {where}{e.strerror or e} (errno {e.errno}); check free space, quota and permissions "
+              f"there, then rerun (finished work is kept)", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(f"error: [{name}] interrupted; nothing partial is visible, rerun to continue", file=sys.stderr)
+        sys.exit(130)
     print(f"{name}: {summary(result) if summary else json.dumps(result, default=str)}")
     return result

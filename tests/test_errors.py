@@ -1,0 +1,59 @@
+"""Faults a user meets turn into one line naming the file and the fix, never a traceback."""
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+
+import pytest
+
+from oar_core.io import write_bytes_atomic
+from oar_core.shards import load_meta, load_tokens
+from pipeline._stage import stage_main
+from tests.fixtures_pipeline import tiny_shards  # noqa: F401
+
+
+def test_a_corrupt_json_artifact_is_named(tmp_path):
+    (tmp_path / "meta.json").write_text('{"grid_h": 7,')
+    with pytest.raises(ValueError, match=r"meta\.json: corrupt JSON .*dvc repro tokenize"):
+        load_meta(tmp_path)
+
+
+def test_token_ids_past_the_codebook_name_the_shard(tiny_shards, tmp_path):
+    shards = tmp_path / "shards"
+    shutil.copytree(tiny_shards, shards)
+    meta = json.loads((shards / "meta.json").read_text())
+    meta["codebook_size"] = 8  # the shards hold ids up to 63
+    (shards / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"train-000000\.tar: token id \d+ >= codebook size 8"):
+        load_tokens(shards, "train")
+
+
+def test_disk_full_names_the_artifact_not_its_temp_file(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    def full(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError) as e:
+        write_bytes_atomic(tmp_path / "model.pt", b"x")
+    assert e.value.filename == str(tmp_path / "model.pt") and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("fault,code,says", [
+    (OSError(errno.ENOSPC, "No space left on device", "models/oar/model.pt"), 1,
+     "error: [ingest] models/oar/model.pt: No space left on device (errno 28); check free space"),
+    (KeyboardInterrupt(), 130, "error: [ingest] interrupted; nothing partial is visible, rerun to continue"),
+])
+def test_a_stage_turns_os_errors_and_ctrl_c_into_one_line(tmp_path, capsys, monkeypatch, fault, code, says):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("ingest: {}\n")
+
+    def run(p, a):
+        raise fault
+
+    with pytest.raises(SystemExit) as e:
+        stage_main("doc", "ingest", run, [])
+    err = capsys.readouterr().err
+    assert e.value.code == code and err.startswith(says) and err.count("\n") == 1
