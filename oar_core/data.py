@@ -12,7 +12,6 @@ import collections
 import gzip
 import hashlib
 import io
-import json
 import os
 from pathlib import Path
 

@@ -11,7 +11,6 @@ Deterministic: every model draws from its own generator seeded by (seed, model n
 from __future__ import annotations
 
 import io
-import json
 import math
 import shutil
 import time

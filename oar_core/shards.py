@@ -10,7 +10,6 @@ key from the field at the first dot; the real id travels in id.txt.
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 import time
 
