@@ -3,17 +3,26 @@
 
     OMP_NUM_THREADS=1 python -m bench.memory                  # the full 60k train set (slow on CPU)
     OMP_NUM_THREADS=1 python -m bench.memory --images 2000    # measure, then extrapolate to 60k
+    OMP_NUM_THREADS=1 python -m bench.memory --decode-step    # candidate scoring at 16x16, V=16384 only
 
 The tokenizer and the AR model are untrained unless --tokenizer / --model are given: memory and speed do not
 depend on the weights, only on the shapes (default: 7x7 grid, 256 codes, the pipeline model, 4 layers x d=128). The memory bound
 checked: extraction adds at most --bound-mb over the RSS before it, whatever the number of images, because
 run_extract holds one shard (shard_size token grids + their outputs) at a time. Writes into a temp folder.
+
+--decode-step measures the peak memory of the widest confidence-order decode steps (the first ones: C = N
+candidates) at a 16x16 grid with a 16384-code vocabulary and a small random model, for order extraction
+(teacher forcing, gt_prob) and for sampling (CFG doubles the rows), before (every candidate in one forward,
+as a budget >= C gives) and after (the default `candidate_chunk_mb`). Peak: the kernel's high-water RSS
+(VmHWM, reset through /proc/self/clear_refs) above the RSS before, on CPU; torch.cuda.max_memory_allocated
+above the allocated memory before, on CUDA.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import resource
 import tempfile
 import threading
@@ -26,9 +35,11 @@ import torch
 
 from oar_core.data import run_ingest
 from oar_core.extract import run_extract
+from oar_core.location import LocationRule
 from oar_core.model import GPT, GPTConfig, save_gpt
 from oar_core.params import ExtractParams, IngestParams, ModelParams, SampleModelParams, SampleParams, TokenizeParams
 from oar_core.samples import sample_model
+from oar_core.sampling import CANDIDATE_CHUNK_MB, candidate_chunk, decode
 from oar_core.shards import load_tokens, run_tokenize
 from oar_core.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
 
@@ -62,6 +73,85 @@ class PeakRSS:
         self.peak = max(self.peak, self.proc.memory_info().rss)
 
 
+class PeakMemory:
+    """Peak memory above the start of the block: exact, not sampled (the kernel's high-water RSS on CPU, the
+    caching allocator's peak on CUDA)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def _now(self) -> int:
+        if self.cuda:
+            return torch.cuda.max_memory_allocated()
+        return int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
+            self.start = psutil.Process().memory_info().rss
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.peak = self._now() - self.start
+
+
+class _Stop(Exception):
+    pass
+
+
+def decode_step_peaks(batch: int, steps: int = 2, grid: int = 16, vocab: int = 16384, device=None) -> dict:
+    """Peak memory (MB) of the first `steps` confidence-order steps, unchunked vs the default budget."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(grid_h=grid, grid_w=grid, vocab_size=vocab, num_classes=10, n_layer=2, n_head=4,
+                          d_model=128)).to(device).eval()
+    tokens_BN = torch.randint(0, vocab, (batch, grid * grid), device=device)
+    labels_B, rows = torch.arange(batch, device=device) % 10, torch.arange(batch, device=device)
+
+    def peak(budget_mb, n_steps=steps, **kw) -> float:
+        def pick(t, pos_B, logits_BV):  # the content does not matter for memory: feed the true tokens
+            if t == n_steps - 1:
+                raise _Stop
+            return tokens_BN[rows, pos_B]
+
+        with PeakMemory(device) as m:
+            try:
+                decode(model, labels_B, pick, "confidence", candidate_chunk_mb=budget_mb, **kw)
+            except _Stop:
+                pass
+        return m.peak / MB
+
+    peak(CANDIDATE_CHUNK_MB, 1)  # warm-up: one-time allocations (thread pools, kernels) are not the step's
+    out = {}
+    for name, kw in {"extraction (gt_prob)": dict(gt_tokens_BN=tokens_BN, location=LocationRule(score="gt_prob")),
+                     "sampling (CFG 2.5)": dict(cfg_scale=2.5)}.items():
+        R = batch * (2 if "cfg_scale" in kw else 1)
+        t0 = time.perf_counter()
+        before, after = peak(1e9, **kw), peak(CANDIDATE_CHUNK_MB, **kw)
+        out[name] = {"rows": R, "chunk": min(grid * grid, candidate_chunk(CANDIDATE_CHUNK_MB, R, vocab)),
+                     "before_mb": round(before, 1), "after_mb": round(after, 1), "ratio": round(before / after, 2),
+                     "seconds": round(time.perf_counter() - t0, 1)}
+    return {"device": str(device), "threads": torch.get_num_threads(), "grid": grid, "vocab": vocab,
+            "batch": batch, "steps": steps, "budget_mb": CANDIDATE_CHUNK_MB, "modes": out}
+
+
+def print_decode_step(fig: dict) -> None:
+    g = fig["grid"]
+    print(f"peak memory of the first {fig['steps']} confidence-order steps (C = {g * g} candidates): {g}x{g} grid, "
+          f"V={fig['vocab']}, batch {fig['batch']}, 2 layers d=128, {fig['device']}, {fig['threads']} threads")
+    after = f"after ({fig['budget_mb']:.0f} MB)"
+    print(f"{'':<22}{'rows':>6}{'chunk':>7}{'before (C in one)':>19}{after:>16}{'ratio':>8}{'seconds':>9}")
+    for name, r in fig["modes"].items():
+        print(f"{name:<22}{r['rows']:>6}{r['chunk']:>7}{r['before_mb']:>16.0f} MB{r['after_mb']:>13.0f} MB"
+              f"{r['ratio']:>7.1f}x{r['seconds']:>9.1f}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=FULL, help="train images to ingest, tokenize and extract")
@@ -74,7 +164,15 @@ def main(argv=None):
     ap.add_argument("--fashion-mnist-dir", default=IngestParams().source)
     ap.add_argument("--bound-mb", type=float, default=1024.0, help="allowed RSS growth during extraction/sampling")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--decode-step", action="store_true", help="only the candidate-scoring peak (see above)")
+    ap.add_argument("--decode-batch", type=int, default=64, help="images per batch for --decode-step")
     a = ap.parse_args(argv)
+    if a.decode_step:
+        fig = decode_step_peaks(a.decode_batch)
+        print_decode_step(fig)
+        if a.json:
+            Path(a.json).write_text(json.dumps(fig, indent=2))
+        return fig
     n_sample = a.sample if a.sample is not None else a.images
     torch.manual_seed(0)
     rows, fig = [], {"images": a.images, "threads": torch.get_num_threads(), "shard_size": a.shard_size}

@@ -1,7 +1,8 @@
 """Order extraction: for each image, the order in which the any-order model is most confident.
 
-Teacher-forced: at step t every unfilled position is scored in one batched KV-cached forward (see
-`sampling.decode`), the best is appended and its ground-truth token fed. Scores (`oar_core.location`):
+Teacher-forced: at step t every unfilled position is scored in KV-cached forwards of as many candidates as
+`candidate_chunk_mb` allows (see `sampling.decode`), the best is appended and its ground-truth token fed;
+exact ties for the best are broken at random and counted in the summary. Scores (`oar_core.location`):
 log-probability of the ground-truth token (`gt_prob`, default: an oracle that looks at the answer),
 `max_prob`, `margin` or `neg_entropy`; greedy or top-k sampled.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +40,8 @@ def extract_batch(model: GPT, tokens_BN: torch.Tensor, labels_B: torch.Tensor, p
     """Extracted order_BN, step scores_BN (log-domain) and the content NLL (bits/token) along that order. With
     the default `gt_prob` score the order is chosen by looking at the answer, so that NLL is an "oracle order"
     diagnostic, not a likelihood (see oar_core.likelihood)."""
-    out = teacher_forced(model, tokens_BN, labels_B, "confidence", extraction_rule(p), generator, use_cache)
+    out = teacher_forced(model, tokens_BN, labels_B, "confidence", extraction_rule(p), generator, use_cache,
+                         p.candidate_chunk_mb)
     out["nll_bits"] = -out["logp"].sum(1) / tokens_BN.shape[1] / math.log(2)
     return out
 
@@ -78,7 +81,7 @@ def run_extract(p: ExtractParams, shards: str = "data/shards", num_workers: int 
         for old in Path(p.out_dir).glob("*.parquet"):
             if old.stem not in keep:
                 old.unlink()
-    done = skipped = images = 0
+    done = skipped = images = tied = 0
     t0 = time.time()
     for split, shard in jobs:
         part = Path(p.out_dir) / f"{Path(shard).stem}.parquet"
@@ -88,13 +91,15 @@ def run_extract(p: ExtractParams, shards: str = "data/shards", num_workers: int 
             continue
         tokens_NN = torch.from_numpy(d["tokens"].astype(np.int64)).flatten(1)
         labels_N = torch.from_numpy(np.asarray(d["labels"], dtype=np.int64))
-        g = torch.Generator().manual_seed(p.seed)
+        # per shard, so shards do not share random orders, and from its name, so any worker draws the same
+        g = torch.Generator().manual_seed(zlib.crc32(f"{p.seed}/{part.stem}".encode()))
         cols = {"order": [], "scores": [], "nll": [], "nll_random": []}
         for i in tqdm(range(0, len(tokens_NN), p.batch_size), desc=f"extract {part.stem}", unit="batch", mininterval=2):
             tok_BN, lab_B = tokens_NN[i : i + p.batch_size].to(device), labels_N[i : i + p.batch_size].to(device)
             with autocast(device):
                 out = extract_batch(model, tok_BN, lab_B, p, g)
                 nll_random_B = random_order_bits(model, tok_BN, lab_B, g)
+            tied += int((out["logq"] < 0).sum())  # a greedy step's log q is -log(number of tied best positions)
             cols["order"].append(out["order"].cpu())
             cols["scores"].append(out["scores"].cpu())
             cols["nll"].append(out["nll_bits"].cpu())
@@ -115,5 +120,8 @@ def run_extract(p: ExtractParams, shards: str = "data/shards", num_workers: int 
         write_part(part, table, ckpt_hash, params_hash)
         done, images = done + 1, images + n
     elapsed = time.time() - t0
+    greedy_steps = images * (model.cfg.n_tokens - 1) if p.strategy == "greedy" else 0  # the last has no choice
     return {"parts_written": done, "parts_skipped": skipped, "images": images,
-            "images_per_s": round(images / elapsed, 2) if images else None, "checkpoint_hash": ckpt_hash}
+            "images_per_s": round(images / elapsed, 2) if images else None, "checkpoint_hash": ckpt_hash,
+            "tied_steps": tied if greedy_steps else None,
+            "tied_step_fraction": round(tied / greedy_steps, 6) if greedy_steps else None}

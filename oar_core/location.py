@@ -21,19 +21,23 @@ SCORES = ("max_prob", "margin", "neg_entropy", "gt_prob")
 def location_scores(logits_BCV: torch.Tensor, kind: str, gt_BC: torch.Tensor | None = None) -> torch.Tensor:
     """(B, C) float32 log-domain confidence per candidate. `gt_prob` reads the ground truth: it is an oracle
     for order extraction, never a sampler's rule (a likelihood under it would not be one)."""
-    logp_BCV = F.log_softmax(logits_BCV.float(), dim=-1)
+    # the (B, C, V) input is the largest tensor of a decode step: at most one full-size temporary here
+    # (logsumexp's or softmax's), the scores themselves read from the logits and a (B, C) normaliser
+    logits_BCV = logits_BCV.float()
+    if kind == "neg_entropy":  # sum p log p, the product written into p's own buffer
+        p_BCV = torch.softmax(logits_BCV, dim=-1)
+        return p_BCV.xlogy_(p_BCV).sum(-1)
+    if kind not in SCORES:
+        raise ValueError(f"unknown location score {kind!r}; use one of {', '.join(SCORES)}")
+    if kind == "gt_prob" and gt_BC is None:
+        raise ValueError("score 'gt_prob' needs the ground-truth tokens (it is for order extraction only)")
+    lse_BC = torch.logsumexp(logits_BCV, dim=-1)
     if kind == "max_prob":
-        return logp_BCV.max(-1).values
+        return logits_BCV.amax(-1) - lse_BC
     if kind == "margin":  # top-1 minus top-2 probability, in log space so temperatures mean the same as above
-        top2 = logp_BCV.topk(2, dim=-1).values.exp()
+        top2 = (logits_BCV.topk(2, dim=-1).values - lse_BC[..., None]).exp()
         return torch.log((top2[..., 0] - top2[..., 1]).clamp_min(1e-12))
-    if kind == "neg_entropy":
-        return (logp_BCV.exp() * logp_BCV).sum(-1)
-    if kind == "gt_prob":
-        if gt_BC is None:
-            raise ValueError("score 'gt_prob' needs the ground-truth tokens (it is for order extraction only)")
-        return torch.gather(logp_BCV, 2, gt_BC[..., None])[..., 0]
-    raise ValueError(f"unknown location score {kind!r}; use one of {', '.join(SCORES)}")
+    return torch.gather(logits_BCV, 2, gt_BC[..., None])[..., 0] - lse_BC
 
 
 def filled_neighbours(filled_BN: torch.Tensor, cand_BC: torch.Tensor, H: int, W: int) -> torch.Tensor:

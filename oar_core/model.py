@@ -37,8 +37,9 @@ class GPTConfig:
 
 class KVCache:
     """Per-layer keys/values of the inputs whose next position is fixed (slots [0, length)). Candidate inputs
-    are written just after them (slots [length, length + C)) so attention reads one contiguous buffer, and
-    `commit` moves the chosen candidate into slot `length`."""
+    are written just after them (slots [length, length + C)) so attention reads one contiguous buffer; `commit`
+    keeps the one candidate of the last write. N slots suffice: each candidate is an unfilled position, so
+    length + C <= N (length committed inputs have filled `length` positions)."""
 
     def __init__(self, n_layer: int, batch: int, max_len: int):
         self.batch, self.max_len = batch, max_len
@@ -50,8 +51,8 @@ class KVCache:
         """Store T inputs after the committed prefix; return keys/values of prefix + them."""
         if self.k[layer] is None:
             B, h, _, d = k_BhTd.shape
-            self.k[layer] = k_BhTd.new_zeros(B, h, 2 * self.max_len, d)  # room for a prefix and all candidates
-            self.v[layer] = v_BhTd.new_zeros(B, h, 2 * self.max_len, d)
+            self.k[layer] = k_BhTd.new_zeros(B, h, self.max_len, d)
+            self.v[layer] = v_BhTd.new_zeros(B, h, self.max_len, d)
         end = self.length + k_BhTd.shape[2]
         if end > self.k[layer].shape[2]:
             raise ValueError(f"KV cache overflow: {end} > {self.k[layer].shape[2]}")
@@ -59,12 +60,8 @@ class KVCache:
         self.v[layer][:, :, self.length : end] = v_BhTd
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def commit(self, choice_B: torch.Tensor):
-        """Keep candidate `choice_B[b]` of every row as the next committed input."""
-        rows, src = torch.arange(self.batch, device=choice_B.device), self.length + choice_B
-        for k, v in zip(self.k, self.v):
-            k[:, :, self.length] = k[rows, :, src]
-            v[:, :, self.length] = v[rows, :, src]
+    def commit(self):
+        """The single candidate just written (slot `length`) becomes the next committed input."""
         self.length += 1
 
 
@@ -219,7 +216,8 @@ class GPT(nn.Module):
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_tokens)
 
     def candidate_logits(self, cache: KVCache, labels_B, last_tok_B, last_pos_B, cand_BC) -> torch.Tensor:
-        """Logits at every candidate next position in one forward; `last_tok_B is None` at the first step."""
+        """Logits at the candidate next positions cand_BC in one forward (decode passes a chunk of them at a time,
+        or the one it chose); `last_tok_B is None` at the first step."""
         if last_tok_B is None:
             x_BCD = self.embed_start(labels_B, cand_BC)
         else:

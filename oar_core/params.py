@@ -107,6 +107,13 @@ class TrainParams(Section):
         return self
 
 
+CANDIDATE_CHUNK_DOC = (
+    "Memory budget (MiB) for scoring confidence-order candidates: each forward scores as many candidate positions "
+    "as fit their (rows x candidates x vocab) float32 logits in it (rows: the batch, doubled under CFG), at least "
+    "one; a decode step peaks at about twice it. Only memory and speed depend on it: results agree up to float "
+    "rounding (on CPU in fp32, bit for bit but for a sampled location rule's log q).")
+
+
 class ExtractParams(Section):
     checkpoint: str = "models/random/model.pt"
     out_dir: str = "data/orders"
@@ -116,6 +123,7 @@ class ExtractParams(Section):
     temperature: float = Field(1.0, gt=0)
     batch_size: int = Field(256, ge=1)
     splits: list[Literal["train", "test"]] = Field(["train", "test"], min_length=1)
+    candidate_chunk_mb: float = Field(256.0, gt=0, description=CANDIDATE_CHUNK_DOC)
     seed: int = 0
 
     @field_validator("splits")
@@ -166,6 +174,7 @@ class SampleParams(Section):
     top_k: Optional[int] = Field(None, ge=1)
     cfg_scale: float = Field(2.5, ge=0)  # uncond + s * (cond - uncond); 1 = no guidance
     cfg_schedule: Literal["constant", "linear"] = "constant"  # linear: ramp from 1 to cfg_scale over the steps
+    candidate_chunk_mb: float = Field(256.0, gt=0, description=CANDIDATE_CHUNK_DOC)
     seed: int = 0
 
     @model_validator(mode="after")

@@ -3,8 +3,10 @@
 `decode` is the one loop behind sampling, order extraction and likelihoods. At each step it picks where the
 next token goes and then what it is:
 - fixed orders (raster, spiral, center_out, halton, random): the order's next position;
-- `confidence`: every unfilled position is scored in one batched forward (the last token repeated once per
-  candidate), and a `LocationRule` picks among the scores (greedy, annealed Gumbel, top-k, locality);
+- `confidence`: every unfilled position is scored in batched forwards (the last token repeated once per
+  candidate), a chunk of candidates at a time so that only (B, C) scores, never (B, C, V) logits, outlive a
+  chunk (`candidate_chunk_mb`); a `LocationRule` picks among the scores (greedy, annealed Gumbel, top-k,
+  locality), and the chosen position is forwarded once more on its own for its content logits and cache entry;
 - `policy`: the model's location-policy head gives a distribution over the unfilled positions from the prefix
   (one query row), the rule draws from it, then one more row gives the content there: a few rows per step,
   like raster.
@@ -23,6 +25,7 @@ from oar_core.location import LocationRule, filled_neighbours, location_scores
 from oar_core.model import GPT
 from oar_core.orders import sample_orders
 
+CANDIDATE_CHUNK_MB = 256.0  # the params' default (ExtractParams, SampleParams)
 PickToken = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (step, pos_B, logits_BV) -> token_B
 ADAPTIVE_ORDERS = ("confidence", "policy")  # the location is chosen per image, step by step
 ORDERS = ("raster", "random", "spiral", "center_out", "halton", *ADAPTIVE_ORDERS)
@@ -32,6 +35,11 @@ def unfilled_positions(filled_BN: torch.Tensor) -> torch.Tensor:
     """(B, C) unfilled positions in raster order; every row has the same count C."""
     C = int((~filled_BN[0]).sum())
     return torch.sort(filled_BN.to(torch.int8), dim=1, stable=True).indices[:, :C]
+
+
+def candidate_chunk(budget_mb: float, rows: int, vocab: int) -> int:
+    """Candidates per scoring forward: their (rows x chunk x vocab) float32 logits within the budget, at least 1."""
+    return max(1, int(budget_mb * 2**20) // (rows * vocab * 4))
 
 
 def cfg_at(cfg_scale: float, schedule: str, t: int, N: int) -> float:
@@ -74,7 +82,8 @@ def decode(model: GPT, labels_B: torch.Tensor, pick_token: PickToken, order: str
            location: LocationRule | None = None, gt_tokens_BN: torch.Tensor | None = None,
            known_tokens_BN: torch.Tensor | None = None, known_mask_BN: torch.Tensor | None = None,
            cfg_scale: float = 1.0, cfg_schedule: str = "constant", generator: torch.Generator | None = None,
-           use_cache: bool = True, progress: bool = False) -> dict[str, torch.Tensor]:
+           use_cache: bool = True, progress: bool = False,
+           candidate_chunk_mb: float = CANDIDATE_CHUNK_MB) -> dict[str, torch.Tensor]:
     """Fill every position of the grid. Known tokens (inpainting/outpainting) are placed in the context first,
     in raster order; the rest follow `order`. `gt_tokens_BN` is only for the `gt_prob` location score (order
     extraction). Returns, per step: tokens (raster layout), order (position generated at each step), scores
@@ -117,12 +126,12 @@ def decode(model: GPT, labels_B: torch.Tensor, pick_token: PickToken, order: str
             # of a guided batch gets the null class here too)
             model.run(model.sequence_inputs(dup(tokens_BN), dup(known_pos_BK), labels_R), cache, mode="prefill")
 
-    def guide(logits_R, t):
-        logits_R = logits_R.float()
-        if not guided:
-            return logits_R, logits_R
-        cond, uncond = logits_R.chunk(2)
-        return uncond + cfg_at(cfg_scale, cfg_schedule, t, N) * (cond - uncond), cond
+    def guide(logits_R, t, cond_only=False):
+        """float32 logits: guided, or the conditional half alone (what locations are scored on by default)."""
+        if not guided or cond_only:
+            return logits_R[:B].float()
+        cond, uncond = logits_R.float().chunk(2)  # one (B, ...) buffer for uncond + s * (cond - uncond), same bits
+        return (cond - uncond).mul_(cfg_at(cfg_scale, cfg_schedule, t, N)).add_(uncond)
 
     steps = range(K, N)
     if progress:
@@ -130,9 +139,15 @@ def decode(model: GPT, labels_B: torch.Tensor, pick_token: PickToken, order: str
 
         steps = tqdm(steps, desc="decode", unit="step", leave=False)
     rows = torch.arange(B, device=device)
+    chunk = candidate_chunk(candidate_chunk_mb, labels_R.shape[0], model.cfg.vocab_size)
+
+    def score(t, logits_RCV, cand_BC):
+        gt_BC = None if gt_tokens_BN is None else torch.gather(gt_tokens_BN, 1, cand_BC)
+        return location_scores(guide(logits_RCV, t, location.logits == "cond"), location.score, gt_BC)
 
     def locate(t, score_BC, cand_BC):
-        """Pick a candidate by the location rule; record its score and log q."""
+        """Pick a candidate by the location rule; record its score (confidence re-records it from the chosen
+        position's own forward) and log q."""
         bonus = filled_neighbours(filled_BN, cand_BC, H, W) if location.locality else None
         choice_B, out["logq"][:, t] = location.pick(t, N, score_BC, bonus, generator)
         out["scores"][:, t] = score_BC[rows, choice_B]
@@ -143,25 +158,26 @@ def decode(model: GPT, labels_B: torch.Tensor, pick_token: PickToken, order: str
         last = (None, None) if t == 0 else (dup(tokens_BN[rows, last_pos_B]), dup(last_pos_B))
         prefix = None if use_cache else (dup(torch.gather(tokens_BN, 1, order_BN[:, :t])), dup(order_BN[:, :t]))
         cand_BC = fixed_order_BN[:, t: t + 1] if fixed else unfilled_positions(filled_BN)
+
+        def forward(c_BC):  # raw (R, C, V) logits at the candidates c_BC
+            if use_cache:
+                return model.candidate_logits(cache, labels_R, *last, dup(c_BC))
+            return uncached_candidate_logits(model, labels_R, *prefix, dup(c_BC))
+
         if order == "policy":  # where: the policy's distribution over the unfilled positions
             pol_R = model.policy_logits(cache, labels_R, *last) if use_cache else \
                 uncached_policy_logits(model, labels_R, *prefix)
-            guided_BN, cond_BN = guide(pol_R, t)
-            score_BC = torch.gather(F.log_softmax((cond_BN if location.logits == "cond" else guided_BN), 1), 1, cand_BC)
+            score_BC = torch.gather(F.log_softmax(guide(pol_R, t, location.logits == "cond"), 1), 1, cand_BC)
             cand_BC = cand_BC[rows, locate(t, score_BC, cand_BC)][:, None]
+        if order == "confidence":  # only (B, C) scores outlive a chunk; the chosen position is forwarded again alone
+            score_BC = torch.cat([score(t, forward(c_Bc), c_Bc) for c_Bc in cand_BC.split(chunk, 1)], 1)
+            cand_BC = cand_BC[rows, locate(t, score_BC, cand_BC)][:, None]
+        logits_R1V = forward(cand_BC)  # one candidate, so it is what the cache keeps
         if use_cache:
-            logits_RCV = model.candidate_logits(cache, labels_R, *last, dup(cand_BC))
-        else:
-            logits_RCV = uncached_candidate_logits(model, labels_R, *prefix, dup(cand_BC))
-        logits_BCV, cond_BCV = guide(logits_RCV, t)
-        choice_B = torch.zeros(B, dtype=torch.long, device=device)
-        if order == "confidence":
-            gt_BC = torch.gather(gt_tokens_BN, 1, cand_BC) if gt_tokens_BN is not None else None
-            score_BC = location_scores(cond_BCV if location.logits == "cond" else logits_BCV, location.score, gt_BC)
-            choice_B = locate(t, score_BC, cand_BC)
-        if use_cache:
-            cache.commit(dup(choice_B))
-        pos_B, logits_BV = cand_BC[rows, choice_B], logits_BCV[rows, choice_B]
+            cache.commit()
+        if order == "confidence":  # the step score from this same-shaped forward: no score depends on the chunk size
+            out["scores"][:, t] = score(t, logits_R1V, cand_BC)[:, 0]
+        pos_B, logits_BV = cand_BC[:, 0], guide(logits_R1V, t)[:, 0]
         token_B = pick_token(t, pos_B, logits_BV)
         out["logp"][:, t] = torch.gather(F.log_softmax(logits_BV, -1), 1, token_B[:, None])[:, 0]
         tokens_BN[rows, pos_B] = token_B
@@ -184,18 +200,20 @@ def sample_token(logits_BV: torch.Tensor, temperature: float, top_k: int | None,
 def generate(model: GPT, labels_B: torch.Tensor, order: str = "confidence", temperature: float = 1.0,
              top_k: int | None = None, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
              location: LocationRule | None = None, known_tokens_BN=None, known_mask_BN=None,
-             generator: torch.Generator | None = None, use_cache: bool = True, progress: bool = False):
+             generator: torch.Generator | None = None, use_cache: bool = True, progress: bool = False,
+             candidate_chunk_mb: float = CANDIDATE_CHUNK_MB):
     """Sample token grids: the location by `order` (and `location`'s rule for confidence/policy orders), then
     the content there (temperature, top-k, classifier-free guidance)."""
     return decode(model, labels_B, lambda t, pos_B, logits_BV: sample_token(logits_BV, temperature, top_k, generator),
                   order, location, None, known_tokens_BN, known_mask_BN, cfg_scale, cfg_schedule, generator,
-                  use_cache, progress)
+                  use_cache, progress, candidate_chunk_mb)
 
 
 def teacher_forced(model: GPT, tokens_BN: torch.Tensor, labels_B: torch.Tensor, order: str,
                    location: LocationRule | None = None, generator: torch.Generator | None = None,
-                   use_cache: bool = True) -> dict[str, torch.Tensor]:
+                   use_cache: bool = True, candidate_chunk_mb: float = CANDIDATE_CHUNK_MB) -> dict[str, torch.Tensor]:
     """Run a sampler's own location rule on real images, feeding the true token at each chosen position."""
     gt = location is not None and location.score == "gt_prob"
     return decode(model, labels_B, lambda t, pos_B, logits_BV: tokens_BN[torch.arange(len(pos_B)), pos_B], order,
-                  location, tokens_BN if gt else None, generator=generator, use_cache=use_cache)
+                  location, tokens_BN if gt else None, generator=generator, use_cache=use_cache,
+                  candidate_chunk_mb=candidate_chunk_mb)

@@ -1,4 +1,6 @@
 """Order extraction on a trained any-order model, the orders table, and OAR finetuning."""
+import shutil
+
 import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
@@ -6,7 +8,7 @@ import pytest
 import torch
 
 from oar_core.extract import extract_batch, run_extract
-from oar_core.model import load_gpt
+from oar_core.model import load_gpt, save_gpt
 from oar_core.order_table import closest_to_raster, first_positions, mean_step_heatmap, orders_for_ids, per_class, save_heatmap
 from oar_core.orders import is_permutation
 from oar_core.params import ExtractParams
@@ -25,6 +27,7 @@ def orders_dir(any_order_model, tiny_shards, tmp_path_factory):
         summary = run_extract(ExtractParams(checkpoint=str(any_order_model[0]), out_dir=str(out), batch_size=128),
                               str(tiny_shards))
     assert summary["images"] == 512 + 128 and summary["parts_written"] == 3
+    assert summary["tied_steps"] == 0 == summary["tied_step_fraction"]  # a trained model: no exact ties
     return out
 
 
@@ -144,3 +147,33 @@ def test_finetune_lowers_nll_under_extracted_orders_and_learns_a_policy(any_orde
     assert before["policy_top1_agreement"] < 1.5 * chance < 2 * chance < after["policy_top1_agreement"]
     assert after["policy_location_bits_per_token"] < before["policy_location_bits_per_token"] - 0.2
     assert after["policy_bits_per_token"] < before["policy_bits_per_token"] - 0.5
+
+
+def test_exact_ties_for_the_best_position_are_counted(any_order_model, tiny_shards, tmp_path):
+    """With a zero output layer every candidate ties at every step that has a choice (the orders_dir fixture
+    checks that a trained model has none); a sampled rule has no greedy steps to count."""
+    model, _ = load_gpt(any_order_model[0])
+    torch.nn.init.zeros_(model.head.weight)
+    save_gpt(tmp_path / "flat.pt", model)
+    p = ExtractParams(checkpoint=str(tmp_path / "flat.pt"), out_dir=str(tmp_path / "orders"), batch_size=128)
+    with single_thread():
+        s = run_extract(p, str(tiny_shards), only_parts=["test-000000"])
+        topk = run_extract(p.model_copy(update={"strategy": "topk", "out_dir": str(tmp_path / "topk")}),
+                           str(tiny_shards), only_parts=["test-000000"])
+    assert s["tied_steps"] == 128 * (N - 1) and s["tied_step_fraction"] == 1.0
+    assert topk["tied_steps"] is None and topk["tied_step_fraction"] is None
+    order = pl.read_parquet(tmp_path / "orders/*.parquet")["permutation"].to_list()
+    assert len({tuple(o) for o in order}) == len(order)  # ties broken at random, not by raster index
+
+
+def test_each_shard_draws_its_own_random_orders(any_order_model, tiny_shards, tmp_path):
+    """Two shards holding the same images: the same greedy orders, but their random-order baselines differ
+    (one generator reseeded alike for every shard gave every shard the same random orders)."""
+    shutil.copytree(tiny_shards, tmp_path / "shards")
+    shutil.copy(tmp_path / "shards/test-000000.tar", tmp_path / "shards/test-000001.tar")
+    p = ExtractParams(checkpoint=str(any_order_model[0]), out_dir=str(tmp_path / "orders"), batch_size=128)
+    with single_thread():
+        run_extract(p, str(tmp_path / "shards"), only_parts=["test-000000", "test-000001"])
+    a, b = (pl.read_parquet(tmp_path / f"orders/test-00000{i}.parquet") for i in (0, 1))
+    assert a["permutation"].to_list() == b["permutation"].to_list()
+    assert (a["nll_random"] != b["nll_random"]).all()

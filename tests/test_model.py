@@ -1,11 +1,12 @@
 """The model and its decoding paths, on a small random-weight model (no data needed)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from oar_core.model import GPT, GPTConfig
 from oar_core.orders import is_permutation, sample_orders
-from oar_core.location import LocationRule
-from oar_core.sampling import generate, uncached_candidate_logits
+from oar_core.location import LocationRule, location_scores
+from oar_core.sampling import generate, teacher_forced, uncached_candidate_logits
 
 N = 16
 
@@ -121,3 +122,81 @@ def test_policy_order_needs_a_policy_head():
     plain = GPT(GPTConfig(grid_h=4, grid_w=4, vocab_size=32, num_classes=3, n_layer=1, n_head=2, d_model=32))
     with pytest.raises(ValueError, match="policy head"):
         generate(plain, torch.tensor([0]), order="policy")
+
+
+def chunk_mb(chunk: int, rows: int, V: int = 32) -> float:
+    """The candidate_chunk_mb budget that scores exactly `chunk` candidates per forward."""
+    return chunk * rows * V * 4 / 2**20
+
+
+@pytest.mark.parametrize("rule,cfg_scale", [(r, s) for r in RULES for s in (1.0, 2.0)] + [("gt_prob", 1.0)])
+def test_chunked_candidate_scoring_equals_unchunked(model, monkeypatch, rule, cfg_scale):
+    """Scoring the candidates a chunk at a time changes nothing but memory: tokens, orders, step scores and
+    content log-probs are bit-identical (the chosen position is forwarded alone whatever the chunking); a
+    stochastic rule's log q reads every candidate's score, which the chunk's shape perturbs by float rounding."""
+    labels, tokens = torch.tensor([0, 1, 2]), torch.randint(0, 32, (3, N), generator=torch.Generator().manual_seed(1))
+    widths = []
+    candidate_logits = model.candidate_logits
+    monkeypatch.setattr(model, "candidate_logits", lambda *a: widths.append(a[-1].shape[1]) or candidate_logits(*a))
+    rows = 3 * (1 + (cfg_scale != 1.0))
+
+    def run(chunk, use_cache=True):
+        widths.clear()
+        kw = dict(generator=torch.Generator().manual_seed(3), use_cache=use_cache,
+                  candidate_chunk_mb=chunk_mb(chunk, rows))
+        if rule == "gt_prob":  # extraction: teacher forcing, the score peeks at the answer
+            return teacher_forced(model, tokens, labels, "confidence", LocationRule(score="gt_prob"), **kw)
+        return generate(model, labels, cfg_scale=cfg_scale, cfg_schedule="linear", top_k=8, location=RULES[rule], **kw)
+
+    ref = run(N)
+    assert max(widths) == N
+    for chunk in (1, 3, N + 5):
+        out = run(chunk)
+        assert max(widths) == min(chunk, N)
+        for k in ("tokens", "order", "scores", "logp"):
+            assert torch.equal(out[k], ref[k]), k
+        assert torch.equal(out["logq"], ref["logq"]) if rule in ("greedy", "gt_prob") else \
+            torch.allclose(out["logq"], ref["logq"], rtol=0, atol=1e-4)
+    uncached = run(3, use_cache=False)
+    assert torch.equal(uncached["tokens"], ref["tokens"]) and torch.equal(uncached["order"], ref["order"])
+    for k in ("scores", "logq", "logp"):
+        assert torch.allclose(uncached[k], ref[k], rtol=0, atol=1e-4), k
+
+
+@pytest.mark.parametrize("kind", ["max_prob", "margin", "neg_entropy", "gt_prob"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_location_scores_are_the_log_softmax_definitions(kind, dtype):
+    """From one logsumexp (or one softmax) instead of a full log-softmax copy; the same float32 log-domain values."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 7, 300, generator=g) * 4).to(dtype)
+    logits[0, 0] = 0.0  # flat: every score at its extreme
+    gt = torch.randint(0, 300, (4, 7), generator=g)
+    logp = F.log_softmax(logits.double(), -1)
+    top2 = logp.topk(2, -1).values.exp()
+    want = {"max_prob": logp.max(-1).values, "margin": torch.log((top2[..., 0] - top2[..., 1]).clamp_min(1e-12)),
+            "neg_entropy": (logp.exp() * logp).sum(-1), "gt_prob": logp.gather(2, gt[..., None])[..., 0]}[kind]
+    got = location_scores(logits, kind, gt)
+    assert got.dtype == torch.float32
+    # margin is log(p1 - p2): its rounding error is relative to the gap, which can be tiny
+    assert torch.allclose(got.double(), want, rtol=1e-3 if kind == "margin" else 0, atol=1e-5)
+
+
+def test_kv_cache_has_exactly_n_slots_and_a_decode_fills_them(model, monkeypatch):
+    """N - 1 committed inputs and one candidate fill the N slots: no room is left over (it used to be 2N)."""
+    caches = []
+    new_cache = model.new_cache
+    monkeypatch.setattr(model, "new_cache", lambda b: caches.append(new_cache(b)) or caches[-1])
+    known = torch.zeros(2, N, dtype=torch.bool)
+    known[:, :5] = True
+    for kw in (dict(order="confidence", cfg_scale=2.0), dict(order="confidence", candidate_chunk_mb=chunk_mb(3, 2)),
+               dict(order="policy", cfg_scale=2.0), dict(order="raster"),
+               dict(order="confidence", known_tokens_BN=torch.zeros(2, N, dtype=torch.long), known_mask_BN=known)):
+        generate(model, torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0), **kw)
+        assert caches[-1].length == N and all(k.shape[2] == N for k in caches[-1].k)
+
+    tokens, order, labels = torch.randint(0, 32, (2, N)), torch.arange(N).expand(2, -1), torch.tensor([0, 1])
+    cache = model.new_cache(2)
+    model.run(model.sequence_inputs(tokens, order[:, : N - 1], labels), cache, mode="prefill")
+    last_tok, last_pos = tokens[:, N - 2], order[:, N - 2]
+    with pytest.raises(ValueError, match="KV cache overflow: 17 > 16"):
+        model.candidate_logits(cache, labels, last_tok, last_pos, order[:, N - 2:])
