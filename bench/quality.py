@@ -110,7 +110,7 @@ def run_common(a, common: Path, timer: Timer) -> None:
     import torch
 
     from oar_core.data import ingest_fashion_mnist, run_ingest
-    from oar_core.metrics import classifier_accuracy, save_classifier, train_classifier
+    from oar_core.features import classifier_accuracy, save_classifier, train_classifier
     from oar_core.params import IngestParams, load_params
     from oar_core.shards import run_tokenize
     from oar_core.tokenizer import load_tokenizer, run_tokenizer, to_float_BCHW
@@ -144,7 +144,7 @@ def run_common(a, common: Path, timer: Timer) -> None:
 
 
 def evaluate_images(images, ref, common: Path, seed: int, cache: str) -> dict:
-    from oar_core.metrics import INDOMAIN_NAME, fidelity_metrics
+    from oar_core.features import INDOMAIN_NAME, fidelity_metrics
 
     m = fidelity_metrics(images, ref, INDOMAIN_NAME, str(common / "classifier.pt"), 100, seed,
                          cache_dir=cache, real_cache_name="fmnist-test-10k")
@@ -163,12 +163,13 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
 
     from oar_core.extract import run_extract
     from oar_core.io import file_hash, pick_device, write_json
-    from oar_core.metrics import sampler_nll
+    from oar_core.likelihood import sampler_nll
     from oar_core.model import load_gpt
     from oar_core.params import LocationParams, SampleModelParams, load_params
     from oar_core.samples import class_grid, sample_model, save_png
     from oar_core.tokenizer import load_tokenizer
-    from oar_core.train import load_split, run_train
+    from oar_core.shards import load_token_split
+    from oar_core.train import run_train
 
     shards = str(common / "data/shards")
     root = Path(a.workdir) / f"seed_{seed}"
@@ -209,7 +210,7 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
         ckpt = {"raster": "models/raster/model.pt", "any": "models/random_ft/model.pt", "oar": oar}
         device = pick_device()
         tok = load_tokenizer(p.sample.tokenizer, device)
-        test_NN, test_labels, _ = load_split(shards, "test")
+        test_NN, test_labels, _ = load_token_split(shards, "test")
         results = {}
         for name, key, order, loc in SAMPLERS:
             if a.samplers and name not in a.samplers:
@@ -314,7 +315,7 @@ def main(argv=None):
     out = Path(f"bench/quality_{a.tag}.md").resolve()
     run_common(a, common, timer)
     ref = dict(np.load(common / "reference.npz"))
-    from oar_core.metrics import load_classifier, temp_cache_dir
+    from oar_core.features import load_classifier, temp_cache_dir
 
     with temp_cache_dir() as cache:
         refrows = {k: evaluate_images(ref[k], ref["test"], common, 0, cache) for k in REFERENCE}

@@ -36,8 +36,8 @@ from pydantic import SkipValidation, ValidationError
 from ruamel.yaml import YAML
 
 from oar_core.io import atomic_path
-from oar_core.params import (EvaluateParams, ExtractParams, IngestParams, Params, ParamsError, SampleParams, Section,
-                             TokenizeParams, TokenizerParams, TrainParams, load_params)
+from oar_core.params import (EvaluateParams, ExtractParams, FeatureNetParams, IngestParams, Params, ParamsError,
+                             SampleParams, Section, TokenizeParams, TokenizerParams, TrainParams, load_params)
 
 RAN = re.compile(r"^Running stage '([^']+)'")
 
@@ -332,6 +332,12 @@ def sample(params: SkipValidation[SampleParams] = _form(DEFAULTS.sample), push: 
     return run_stage("sample", params, push)
 
 
+@flow(name="feature_net")
+def feature_net(params: SkipValidation[FeatureNetParams] = _form(DEFAULTS.feature_net), push: bool = True) -> dict:
+    """Train evaluate's in-domain feature network on the ingested data."""
+    return run_stage("feature_net", params, push)
+
+
 @flow(name="evaluate")
 def evaluate(params: SkipValidation[EvaluateParams] = _form(DEFAULTS.evaluate), push: bool = True) -> dict:
     """Metrics, plots and grids for the samples."""
@@ -378,5 +384,5 @@ def oar_pipeline(params: SkipValidation[Params] = _form(DEFAULTS), extract_worke
 
 
 STAGE_FLOWS = {f.name: f for f in (ingest, tokenizer, tokenize, train_raster, train_random, extract_orders, finetune,
-                                   sample, evaluate)}
+                                   sample, feature_net, evaluate)}
 ALL_FLOWS = [oar_pipeline, extract_orders_fanout, *STAGE_FLOWS.values()]

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from oar_core import io as io_
 from oar_core.io import fs_for, is_remote, join, read_bytes, read_json, storage_errors, write_bytes_atomic, write_json
 from oar_core.params import IngestParams
 
@@ -283,6 +284,7 @@ def _npz_bytes(images_NHWC: np.ndarray, labels_N: np.ndarray, ids: list[str]) ->
 
 
 def run_ingest(p: IngestParams) -> dict:
+    io_.S3_TIMEOUT_S = p.s3_timeout_s
     if is_fashion_mnist(p.source):
         splits, skipped, class_names = ingest_fashion_mnist(p)
     else:

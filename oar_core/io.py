@@ -6,7 +6,9 @@ import fcntl
 import hashlib
 import io
 import json
+import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +27,40 @@ def join(prefix: str | os.PathLike, name: str) -> str:
     return f"{str(prefix).rstrip('/')}/{name}" if is_remote(prefix) else str(Path(prefix) / name)
 
 
+S3_TIMEOUT_S = 10.0  # connect and read timeout per S3 attempt (ingest.s3_timeout_s sets it for its stage)
+
+
 def fs_for(path: str | os.PathLike) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and in-filesystem path for a local path or URL (s3:// uses s3fs,
-    which honours AWS_ENDPOINT_URL / FSSPEC_S3_ENDPOINT_URL for S3-compatible servers)."""
-    fs, _, (p,) = fsspec.get_fs_token_paths(str(path))
+    which honours AWS_ENDPOINT_URL / FSSPEC_S3_ENDPOINT_URL for S3-compatible servers). An endpoint that
+    accepts connections and never answers fails after AWS_MAX_ATTEMPTS attempts of S3_TIMEOUT_S each (botocore's
+    own read timeout is 60 s), with a line per retry so a slow endpoint is not a silent hang."""
+    opts = {}
+    if str(path).startswith("s3://"):
+        opts = {"config_kwargs": {"connect_timeout": S3_TIMEOUT_S, "read_timeout": S3_TIMEOUT_S}}
+        _report_s3_retries()
+    fs, _, (p,) = fsspec.get_fs_token_paths(str(path), storage_options=opts)
+    if opts:
+        fs.retries = 1  # s3fs's own loop (5 tries) would multiply botocore's attempts: botocore alone retries
     return fs, p
+
+
+class _RetryLine(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.getMessage().startswith("Retry needed"):
+            endpoint = os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+            print(f"[storage] no answer from {endpoint} within {S3_TIMEOUT_S:g} s or a failed request; retrying "
+                  f"(at most AWS_MAX_ATTEMPTS={os.environ.get('AWS_MAX_ATTEMPTS', '5')} attempts)", file=sys.stderr,
+                  flush=True)
+
+
+def _report_s3_retries() -> None:
+    for name in ("botocore.retries.standard", "botocore.retryhandler"):
+        log = logging.getLogger(name)
+        if not any(isinstance(h, _RetryLine) for h in log.handlers):
+            log.addHandler(_RetryLine(logging.DEBUG))
+            log.setLevel(logging.DEBUG)
+            log.propagate = False  # its other debug lines must not reach handlers a host app put on the root
 
 
 class StorageError(ValueError):
@@ -63,7 +94,12 @@ def _storage_error(path, action: str, e: Exception) -> Exception:
     if bx is not None and isinstance(e, bx.NoCredentialsError):
         return StorageError(f"{path}: cannot {action}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
                             f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
-    if bx is not None and isinstance(e, (bx.ConnectionError, bx.HTTPClientError)) or isinstance(e, (ConnectionError, TimeoutError)):
+    if bx is not None and isinstance(e, (bx.ReadTimeoutError, bx.ConnectTimeoutError)) or isinstance(e, TimeoutError):
+        attempts = os.environ.get("AWS_MAX_ATTEMPTS") or "5"
+        return StorageError(f"{path}: cannot {action}: S3 endpoint {endpoint} did not answer within {S3_TIMEOUT_S:g} s "
+                            f"in {attempts} attempts; check that the server is up and not overloaded, AWS_ENDPOINT_URL, "
+                            f"or raise ingest.s3_timeout_s")
+    if bx is not None and isinstance(e, (bx.ConnectionError, bx.HTTPClientError)) or isinstance(e, ConnectionError):
         attempts = os.environ.get("AWS_MAX_ATTEMPTS") or "5"  # botocore's legacy-mode default
         return StorageError(f"{path}: cannot {action}: S3 endpoint {endpoint} unreachable after {attempts} attempts "
                             f"({detail}); check AWS_ENDPOINT_URL, the network/proxy, and that the server is up")

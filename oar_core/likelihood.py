@@ -115,3 +115,16 @@ def policy_bits(model: GPT, tokens_NN, labels_N, order_NN, batch_size: int = 250
     n = len(tokens_NN)
     return {"content": content / n, "location": location / n, "total": (content + location) / n,
             "top1": hits / (n * (order_NN.shape[1] - 1))}
+
+
+def sampler_nll(model, meta: dict, test_NN, test_labels, p, device) -> tuple[float, str]:
+    """Held-out bits/token of the model as it samples (its order and location rule): a valid likelihood bound."""
+    order = meta["order"]
+    rule = LocationRule(**meta["location"]) if meta.get("location") else None
+    bits = sampler_bits(model, test_NN, test_labels, order, rule, p.nll_orders, p.nll_batch_size, p.seed, device)
+    if order in ADAPTIVE_ORDERS:
+        how = ("exact: its greedy location rule, teacher-forced" if is_deterministic(order, rule) else
+               f"bound: mean over {p.nll_orders} orders drawn from its own location rule, teacher-forced")
+    else:
+        how = "exact" if is_deterministic(order, rule) else f"bound: mean over {p.nll_orders} random orders"
+    return bits, f"{order} order, {how}"

@@ -31,6 +31,7 @@ class IngestParams(Section):
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # folders/S3 only; Fashion-MNIST keeps its official split
     max_train: Optional[int] = Field(None, ge=1)
     max_test: Optional[int] = Field(None, ge=1)
+    s3_timeout_s: float = Field(10.0, gt=0)  # connect/read timeout per attempt for an s3:// source
     seed: int = 0
 
     @field_validator("source")
@@ -185,13 +186,18 @@ class SampleParams(Section):
         return self
 
 
+class FeatureNetParams(Section):
+    """The in-domain feature network evaluate measures in: a small CNN trained on the ingest train labels."""
+    checkpoint: Optional[str] = None  # adopt this feature-network checkpoint instead of training one
+    steps: int = Field(800, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    seed: int = 0
+
+
 class EvaluateParams(Section):
     out_dir: str = "reports"
     inception_weights: Optional[str] = None  # local torch-fidelity Inception weights; standard FID/IS only if set
-    classifier: Optional[str] = None  # reuse this in-domain classifier checkpoint instead of training one
-    classifier_steps: int = Field(800, ge=1)
-    classifier_batch_size: int = Field(128, ge=1)
-    classifier_lr: float = Field(2e-3, gt=0)
     kid_subset_size: int = Field(100, ge=2)
     nll_batch_size: int = Field(250, ge=1)
     nll_orders: int = Field(2, ge=1)  # orders drawn per test image for stochastic samplers' likelihood bounds
@@ -211,6 +217,7 @@ class Params(Section):
         random_mix=0.2, policy_weight=1.0, steps=400, lr=3e-4, min_lr=3e-5, warmup_steps=50,
     )
     sample: SampleParams = SampleParams()
+    feature_net: FeatureNetParams = FeatureNetParams()
     evaluate: EvaluateParams = EvaluateParams()
 
     @model_validator(mode="after")

@@ -177,7 +177,6 @@ def write_report(path, metrics: dict, labels: dict, models: list[str], figures: 
     """`figures`: {"grids": {model: rel}, "strips": {model: rel}, "heat_samples": {model: rel},
     "heat_extracted": rel|None, "curves": rel|None}; paths relative to the report's folder."""
     lines = ["# OAR evaluation report", ""]
-    clf = metrics.get("classifier", {})
     lines += ["## Metrics", "",
               f"Feature space: **{labels['feature_space']['indomain']}**. Not comparable with published "
               "(Inception) FID numbers; compare models with each other and with `real_reference` (real train "
@@ -191,9 +190,6 @@ def write_report(path, metrics: dict, labels: dict, models: list[str], figures: 
     lines += [f"Standard Inception metrics: **{labels['feature_space']['inception']}**", ""]
     if any(f"fid_inception" in metrics.get(m, {}) for m in models):
         lines += [metrics_table({m: metrics.get(m, {}) for m in models + ["real_reference"]}, models, "inception"), ""]
-    if clf:
-        lines += [f"In-domain classifier: test accuracy {clf.get('test_accuracy', float('nan')):.3f} "
-                  f"({clf.get('steps', '?')} steps).", ""]
     lines += ["## Samples", "", "One column per class. Strips: one sample being generated in its order "
               "(gray = not generated yet).", "",
               "| model | samples | generation order (partial canvases) |", "|---|---|---|"]

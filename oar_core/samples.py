@@ -93,8 +93,9 @@ def sample_model(model: GPT, tokenizer, spec: SampleModelParams, p: SampleParams
         labels_B = labels_N[i: i + p.batch_size].to(device)
         with autocast(device):
             res = generate(model, labels_B, order=spec.order, temperature=p.temperature, top_k=p.top_k,
-                           cfg_scale=p.cfg_scale, cfg_schedule=p.cfg_schedule, location=LocationRule(**spec.location.model_dump()),
-                           generator=g, progress=progress)
+                           cfg_scale=p.cfg_scale, cfg_schedule=p.cfg_schedule,
+                           location=LocationRule(**spec.location.model_dump()), generator=g, progress=progress,
+                           candidate_chunk_mb=p.candidate_chunk_mb)
         tokens_BN = res["tokens"]
         images_BCHW = tokenizer.decode(tokens_BN.view(-1, H, W)).float()
         out["images"].append(to_uint8_NHWC(images_BCHW))

@@ -14,6 +14,7 @@ import tarfile
 import time
 
 import numpy as np
+import torch
 
 from oar_core.data import load_manifest, load_split
 from oar_core.io import (file_hash, fs_for, is_remote, join, list_files, pick_device, read_bytes, read_json, storage_errors,
@@ -190,3 +191,10 @@ def run_tokenize(p: TokenizeParams, ingest_dir="data/ingest", tokenizer="models/
     }
     write_json(meta_path, meta)  # last: readers treat meta.json as "the shard set is complete"
     return {**meta, "out": p.out, "seconds": round(time.time() - t0, 2)}
+
+
+def load_token_split(prefix, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """(tokens_NN int64 in raster order, labels_N, ids) of one split, as the models take them."""
+    d = load_tokens(prefix, split)
+    tokens_NN = torch.from_numpy(d["tokens"].astype(np.int64)).flatten(1)
+    return tokens_NN, torch.from_numpy(np.asarray(d["labels"], dtype=np.int64)), list(d["ids"])

@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -27,7 +26,7 @@ from oar_core.likelihood import bits_along_orders, policy_bits
 from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
 from oar_core.orders import sample_orders
 from oar_core.params import TrainParams
-from oar_core.shards import list_shards, load_meta, load_tokens
+from oar_core.shards import list_shards, load_meta, load_token_split
 
 RESULT_NEUTRAL = {"log_every", "eval_every", "ckpt_every"}  # fields that do not change the trained weights
 
@@ -85,12 +84,6 @@ class OrderSource:
         mix_B = torch.rand(B, generator=g) < self.mix_at(step)
         order_BN[mix_B] = sample_orders("random", int(mix_B.sum()), self.H, self.W, g)
         return order_BN, ~mix_B
-
-
-def load_split(shards: str, split: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    d = load_tokens(shards, split)
-    tokens_NN = torch.from_numpy(d["tokens"].astype(np.int64)).flatten(1)
-    return tokens_NN, torch.from_numpy(np.asarray(d["labels"], dtype=np.int64)), list(d["ids"])
 
 
 def build_model(p: TrainParams, meta: dict) -> GPT:
@@ -163,8 +156,8 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
 
     meta = load_meta(shards)
     H, W = meta["grid_h"], meta["grid_w"]
-    train_NN, train_labels, train_ids = load_split(shards, "train")
-    test_NN, test_labels, test_ids = load_split(shards, "test")
+    train_NN, train_labels, train_ids = load_token_split(shards, "train")
+    test_NN, test_labels, test_ids = load_token_split(shards, "test")
     given_train = given_test = None
     if p.order == "given":
         from oar_core.order_table import orders_for_ids

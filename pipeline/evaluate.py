@@ -1,6 +1,6 @@
-"""Stage `evaluate`: FID/KID/IS (in-domain always; Inception with local weights) + held-out NLL per model,
+"""Stage `evaluate`: FID/KID/IS/precision/recall (feature_net's space always; Inception with local weights) + held-out NLL per model,
 then pictures and reports/report.md. Metrics: metrics/evaluate.json; labels: reports/metrics_labels.json."""
-from oar_core.metrics import run_evaluate
+from oar_core.evaluate import run_evaluate
 from pipeline._stage import stage_main
 
 
@@ -12,11 +12,12 @@ def _args(ap):
     ap.add_argument("--tokenizer", default="models/tokenizer.pt")
     ap.add_argument("--plots-dir", default="plots")
     ap.add_argument("--metrics", default="metrics/evaluate.json")
+    ap.add_argument("--feature-net", default="models/feature_net.pt")
 
 
 def main(argv=None):
     return stage_main(__doc__, "evaluate", lambda p, a: run_evaluate(
-        p, a.samples, a.ingest_dir, a.shards, a.orders_dir, a.tokenizer, a.plots_dir, a.metrics), argv, _args)
+        p, a.samples, a.ingest_dir, a.shards, a.orders_dir, a.tokenizer, a.plots_dir, a.metrics, a.feature_net), argv, _args)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ def test_every_module_a_stage_runs_is_one_of_its_deps(stage):
     needed = {m.replace(".", "/") + ".py" for m in closure(script)}
     missing = sorted(needed - set(spec["deps"]))
     assert not missing, f"dvc.yaml stage {stage!r} runs code it does not depend on: add {missing} to its deps"
+    unused = sorted({d for d in spec["deps"] if d.endswith(".py")} - needed)
+    assert not unused, f"dvc.yaml stage {stage!r} reruns when {unused} change but never runs them: remove them"
 
 
 def test_the_walk_follows_function_level_imports():

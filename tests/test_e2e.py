@@ -10,7 +10,7 @@ import yaml
 from tests.test_flows import ROOT, TINY, TINY_TRAIN, dvc, ran_stages, sh
 
 ALL_STAGES = ["ingest", "tokenizer", "tokenize", "train_raster", "train_random", "extract_orders", "finetune",
-              "sample", "evaluate"]
+              "sample", "feature_net", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,8 @@ def full_repo_files(repo: Path) -> Path:
         if "model" in params[section]:
             params[section]["model"].update(TINY_TRAIN["model"])
     params["sample"].update(n_per_model=20, batch_size=20)
-    params["evaluate"].update(classifier_steps=20, kid_subset_size=10, strip_steps=3)
+    params["feature_net"].update(steps=20)
+    params["evaluate"].update(kid_subset_size=10, strip_steps=3)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], repo)
     dvc(repo, "init", "-q")
@@ -83,7 +84,7 @@ def test_an_unconditional_model_on_a_folder_without_class_sub_folders_runs_the_w
     params["ingest"].update(source="images", test_fraction=0.2, max_train=None, max_test=None)
     for section in ("train_raster", "train_random"):
         params[section]["model"]["class_cond"] = False
-    params["evaluate"]["classifier_steps"] = 200
+    params["feature_net"]["steps"] = 200
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     assert ran_stages(dvc(repo, "repro").stdout) == ALL_STAGES
@@ -93,6 +94,7 @@ def test_an_unconditional_model_on_a_folder_without_class_sub_folders_runs_the_w
     metrics = json.loads((repo / "metrics/evaluate.json").read_text())
     for m in params["sample"]["models"]:
         assert metrics[m["name"]]["fid_indomain"] >= 0 and metrics[m["name"]]["nll_bits_per_token"] > 0
-    assert metrics["classifier"]["test_accuracy"] > 0.5  # rotations of clothes: learned, far above chance (0.25)
+    net = json.loads((repo / "metrics/feature_net.json").read_text())
+    assert net["task"] == "rotation" and net["test_accuracy"] > 0.5  # rotations of clothes: far above chance (0.25)
     assert "rotation" in (repo / "reports/report.md").read_text()
     assert Image.open(repo / "samples/oar/grid.png").width > 4 * 28  # a square of samples, not one class column

@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from oar_core.data import load_split
-from oar_core.metrics import (INDOMAIN_NAME, classifier_accuracy, fidelity_metrics, load_image_folder,
-                              run_evaluate, save_classifier, train_classifier)
+from oar_core.evaluate import run_evaluate
+from oar_core.features import (INDOMAIN_NAME, classifier_accuracy, fidelity_metrics, load_classifier,
+                               load_image_folder, run_feature_net)
 from oar_core.model import GPT, GPTConfig, save_gpt
-from oar_core.params import EvaluateParams, SampleModelParams, SampleParams, TokenizeParams
+from oar_core.params import EvaluateParams, FeatureNetParams, SampleModelParams, SampleParams, TokenizeParams
 from oar_core.samples import run_sample
 
 MODELS = ["raster", "any-order", "any-order-confidence", "oar"]
@@ -22,11 +23,12 @@ MODELS = ["raster", "any-order", "any-order-confidence", "oar"]
 
 @pytest.fixture(scope="module")
 def classifier(fmnist_small, tmp_path_factory):
-    train_NHWC, train_labels, _ = load_split(fmnist_small, "train")
-    model = train_classifier(train_NHWC, train_labels, steps=60, batch_size=64, seed=0, progress=False)
-    path = tmp_path_factory.mktemp("clf") / "classifier.pt"
-    save_classifier(path, model)
-    return path, model
+    """The feature_net stage at 60 steps."""
+    root = tmp_path_factory.mktemp("clf")
+    summary = run_feature_net(FeatureNetParams(steps=60, batch_size=64), fmnist_small, root / "feature_net.pt",
+                              root / "feature_net.json", progress=False)
+    assert summary["task"] == "classes" and json.loads((root / "feature_net.json").read_text()) == summary
+    return root / "feature_net.pt", load_classifier(root / "feature_net.pt")[0]
 
 
 def test_indomain_extractor_separates_real_from_noise(fmnist_small, classifier):
@@ -86,9 +88,10 @@ def test_sample_outputs_are_complete_and_deterministic(pipeline_dir, tmp_path):
 
 def test_evaluate_writes_metrics_per_model_with_feature_space(pipeline_dir, fmnist_small, classifier, tmp_path):
     root, _ = pipeline_dir
-    p = EvaluateParams(out_dir=str(tmp_path / "reports"), classifier=str(classifier[0]), kid_subset_size=20)
+    p = EvaluateParams(out_dir=str(tmp_path / "reports"), kid_subset_size=20)
     run_evaluate(p, str(root / "samples"), str(fmnist_small), str(root / "shards"), str(tmp_path / "no-orders"),
-                 str(root / "tokenizer.pt"), str(tmp_path / "plots"), str(tmp_path / "evaluate.json"), progress=False)
+                 str(root / "tokenizer.pt"), str(tmp_path / "plots"), str(tmp_path / "evaluate.json"), classifier[0],
+                 progress=False)
     metrics = json.loads((tmp_path / "evaluate.json").read_text())
     labels = json.loads((tmp_path / "reports" / "metrics_labels.json").read_text())
     for m in MODELS + ["real_reference"]:
@@ -116,9 +119,9 @@ def test_evaluate_writes_metrics_per_model_with_feature_space(pipeline_dir, fmni
 
 
 def _evaluate(root, fmnist_small, samples, tmp_path, classifier):
-    p = EvaluateParams(out_dir=str(tmp_path / "r"), classifier=str(classifier[0]), kid_subset_size=20)
+    p = EvaluateParams(out_dir=str(tmp_path / "r"), kid_subset_size=20)
     run_evaluate(p, str(samples), str(fmnist_small), str(root / "shards"), None, str(root / "tokenizer.pt"),
-                 str(tmp_path / "plots"), str(tmp_path / "e.json"), progress=False)
+                 str(tmp_path / "plots"), str(tmp_path / "e.json"), classifier[0], progress=False)
 
 
 def test_evaluate_missing_samples_says_how_to_fix(pipeline_dir, fmnist_small, classifier, tmp_path):
@@ -162,10 +165,21 @@ def test_evaluate_sweeps_the_fidelity_caches_that_killed_runs_leaked():
     import os
     import tempfile
 
-    from oar_core.metrics import temp_cache_dir
+    from oar_core.features import temp_cache_dir
 
     dead = Path(tempfile.gettempdir()) / "oar-fidelity-999999999-leak"  # above Linux's pid_max: never alive
     dead.mkdir(exist_ok=True)
     with temp_cache_dir() as mine:
         assert not dead.exists() and Path(mine).name.startswith(f"oar-fidelity-{os.getpid()}-")
         assert Path(mine).exists()
+
+
+def test_sample_decodes_with_its_candidate_memory_budget(pipeline_dir, tmp_path, monkeypatch):
+    from oar_core import samples
+
+    seen, real = [], samples.generate
+    monkeypatch.setattr(samples, "generate", lambda *a, **k: seen.append(k["candidate_chunk_mb"]) or real(*a, **k))
+    _, sp = pipeline_dir
+    run_sample(sp.model_copy(update={"out_dir": str(tmp_path / "s"), "models": sp.models[3:], "n_per_model": 10,
+                                     "candidate_chunk_mb": 0.5}), metrics_dir=str(tmp_path / "m"), progress=False)
+    assert seen == [0.5]

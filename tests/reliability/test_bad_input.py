@@ -355,3 +355,35 @@ def _run(args, cwd, env):
 
     return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env={**env, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture
+def silent_endpoint():
+    """Accepts connections and never answers (an overloaded or wedged S3 server)."""
+    srv, held = socket.socket(), []
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(64)
+
+    def accept():
+        while True:
+            try:
+                held.append(srv.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    srv.close()
+    for c in held:
+        c.close()
+
+
+def test_a_silent_s3_endpoint_times_out_with_progress_not_a_hang(tmp_path, silent_endpoint):
+    write_params(tmp_path / "params.yaml", ingest=IngestParams(source="s3://oar-data/images", out_dir="out",
+                                                                s3_timeout_s=1))
+    env = {**os.environ, **_s3_env(silent_endpoint)}
+    t0 = time.time()
+    r = _run(["pipeline.ingest"], tmp_path, env)
+    assert time.time() - t0 < 60  # botocore's defaults alone waited 423 s here
+    assert f"S3 endpoint {silent_endpoint} did not answer within 1 s in 2 attempts" in error_line(r, "ingest")
+    assert f"[storage] no answer from {silent_endpoint} within 1 s" in r.stderr  # progress while it retries

@@ -12,7 +12,7 @@ from oar_core.data import load_split, run_ingest
 from oar_core.extract import run_extract
 from oar_core.io import file_hash
 from oar_core.likelihood import sampler_bits
-from oar_core.metrics import INDOMAIN_NAME, fidelity_metrics, save_classifier, train_classifier
+from oar_core.features import INDOMAIN_NAME, fidelity_metrics, save_classifier, train_classifier
 from oar_core.model import load_gpt
 from oar_core.params import ExtractParams, IngestParams, TokenizeParams, TokenizerParams
 from oar_core.shards import load_tokens, run_tokenize

@@ -1,8 +1,10 @@
-"""Sample quality without internet: FID / KID / IS through torch-fidelity, in two feature spaces.
+"""The in-domain feature space and sample-quality metrics without internet: FID / KID / IS / precision-recall
+through torch-fidelity.
 
-- in-domain (always): a small CNN classifier trained here on the ingest train split's labels. Its pooled
-  features feed FID/KID and its logits feed IS. Registered with torch-fidelity as `oar-indomain-cnn`,
-  its weights passed as `feature_extractor_weights_path`, so nothing is ever downloaded.
+- in-domain (always): a small CNN trained by the `feature_net` stage on the ingest train split's labels (on
+  one-class data: on rotations, self-supervised). Its pooled features feed FID/KID/precision/recall and its
+  logits IS. Registered with torch-fidelity as `oar-indomain-cnn`, its weights passed as
+  `feature_extractor_weights_path`, so nothing is ever downloaded.
 - Inception (optional): torch-fidelity's standard `inception-v3-compat`, only when a local weights file is
   given (torch-fidelity would otherwise download it at first use).
 torch-fidelity 0.4 takes a torch Dataset whose items are uint8 tensors of shape (3, H, W); grayscale images
@@ -21,11 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
-import polars as pl
 from tqdm import tqdm
 
-from oar_core.io import load_torch, save_torch
-from oar_core.sampling import ADAPTIVE_ORDERS
+from oar_core.io import load_torch, save_torch, write_json
+from oar_core.params import FeatureNetParams
 from oar_core.tokenizer import to_float_BCHW
 
 INDOMAIN_NAME = "oar-indomain-cnn"
@@ -117,10 +118,10 @@ def save_classifier(path, model: SmallCNN, **extra) -> None:
 
 
 def load_classifier(path) -> tuple[SmallCNN, dict]:
-    ckpt = load_torch(path, "in-domain classifier")
+    ckpt = load_torch(path, "in-domain feature network")
     if not isinstance(ckpt, dict) or ckpt.get("kind") != "oar-indomain-cnn":
-        raise ValueError(f"{path}: not an in-domain classifier checkpoint (written by save_classifier); "
-                         "unset evaluate.classifier to train one")
+        raise ValueError(f"{path}: not an in-domain feature-network checkpoint (written by save_classifier); "
+                         "run `dvc repro feature_net` (or unset feature_net.checkpoint)")
     model = SmallCNN(**ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), ckpt
@@ -287,143 +288,29 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# ---- the evaluate stage -----------------------------------------------------------------------------
-def model_folders(samples_dir) -> list[tuple[str, dict]]:
-    """(name, meta) of every sampled model, in the order the sample stage listed them."""
-    from oar_core.samples import load_meta
-
-    root = Path(samples_dir)
-    if not root.is_dir():
-        raise ValueError(f"{root}: samples folder not found; run `dvc repro sample` (or python -m pipeline.sample) "
-                         "before evaluating")
-    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not folders:
-        raise ValueError(f"{root}: no model sub-folders; run `dvc repro sample` (or python -m pipeline.sample)")
-    found = [(d.name, load_meta(d)) for d in folders]
-    listed = [m["name"] for m in found[0][1].get("params", {}).get("models", [])]
-    rank = {n: i for i, n in enumerate(listed)}
-    return sorted(found, key=lambda x: (rank.get(x[0], len(rank)), x[0]))
 
 
-def sampler_nll(model, meta: dict, test_NN, test_labels, p, device) -> tuple[float, str]:
-    """Held-out bits/token of the model as it samples (its order and location rule): a valid likelihood bound."""
-    from oar_core.likelihood import is_deterministic, sampler_bits
-    from oar_core.location import LocationRule
+# ---- the feature_net stage --------------------------------------------------------------------------
+def run_feature_net(p: FeatureNetParams, ingest_dir="data/ingest", out="models/feature_net.pt",
+                    metrics_path="metrics/feature_net.json", progress: bool = True) -> dict:
+    """Train the in-domain feature network on the ingested train split (or adopt p.checkpoint), once per data:
+    every evaluation of the same data then measures in the same feature space."""
+    from oar_core.data import load_split
 
-    order = meta["order"]
-    rule = LocationRule(**meta["location"]) if meta.get("location") else None
-    bits = sampler_bits(model, test_NN, test_labels, order, rule, p.nll_orders, p.nll_batch_size, p.seed, device)
-    if order in ADAPTIVE_ORDERS:
-        how = ("exact: its greedy location rule, teacher-forced" if is_deterministic(order, rule) else
-               f"bound: mean over {p.nll_orders} orders drawn from its own location rule, teacher-forced")
-    else:
-        how = "exact" if is_deterministic(order, rule) else f"bound: mean over {p.nll_orders} random orders"
-    return bits, f"{order} order, {how}"
-
-
-def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="data/shards", orders_dir="data/orders",
-                 tokenizer_path="models/tokenizer.pt", plots_dir="plots", metrics_path="metrics/evaluate.json",
-                 progress: bool = True) -> dict:
-    from oar_core import report
-    from oar_core.data import load_manifest, load_split
-    from oar_core.io import pick_device, write_json
-    from oar_core.model import load_gpt
-    from oar_core.samples import class_grid
-    from oar_core.train import load_split as load_token_split
-
-    out = Path(p.out_dir)
-    manifest = load_manifest(ingest_dir)
-    size, channels = manifest["image_size"], manifest["channels"]
-    models = model_folders(samples_dir)
-    gen = {name: load_image_folder(Path(samples_dir) / name, size, channels) for name, _ in models}
     train_NHWC, train_labels, _ = load_split(ingest_dir, "train")
     test_NHWC, test_labels, _ = load_split(ingest_dir, "test")
-    metrics: dict = {}
-
-    # the in-domain feature space
-    if p.classifier:
-        clf, _ = load_classifier(p.classifier)
-        clf_path, steps = p.classifier, None
+    if p.checkpoint:
+        net, ckpt = load_classifier(p.checkpoint)
+        if (net.config["channels"], net.config["image_size"]) != train_NHWC.shape[3:0:-2]:
+            raise ValueError(f"{p.checkpoint}: made for {net.config['image_size']}px x{net.config['channels']} "
+                             f"images, the ingested ones are {train_NHWC.shape[1]}px x{train_NHWC.shape[3]}; unset "
+                             f"feature_net.checkpoint to train one on this data")
+        source = {"source": p.checkpoint, "steps": ckpt.get("steps")}
     else:
-        clf = train_classifier(train_NHWC, train_labels, p.classifier_steps, p.classifier_batch_size,
-                               p.classifier_lr, p.seed, progress)
-        clf_path, steps = str(out / "classifier.pt"), p.classifier_steps
-        save_classifier(clf_path, clf, steps=steps, seed=p.seed)
-    acc = classifier_accuracy(clf, test_NHWC, test_labels)
-    metrics["classifier"] = {"test_accuracy": round(acc, 4), **({"steps": steps} if steps else {})}
-    space = (f"in-domain classifier ({INDOMAIN_NAME}, test acc {acc:.3f})" if clf.config.get("task") != "rotation" else
-             f"in-domain rotation predictor ({INDOMAIN_NAME}; one class, so self-supervised; test acc {acc:.3f})")
-    inception = check_inception_weights(p.inception_weights) if p.inception_weights else None
-    labels = {"feature_space": {
-        "indomain": space,
-        "inception": f"Inception-v3 (torch-fidelity {INCEPTION_NAME}, weights {inception})" if inception
-        else "skipped: no local Inception weights (set evaluate.inception_weights)"}}
-
-    # reference: real train images (as many as one model's samples) vs the same test set
-    n_ref = max(len(v) for v in gen.values())
-    ref_idx = np.random.default_rng(p.seed).permutation(len(train_NHWC))[:n_ref]
-    sets = {**{name: gen[name] for name, _ in models}, "real_reference": train_NHWC[ref_idx]}
-    with temp_cache_dir() as cache:
-        for name, images in tqdm(sets.items(), desc="fidelity", unit="model", disable=not progress):
-            m = fidelity_metrics(images, test_NHWC, INDOMAIN_NAME, clf_path, p.kid_subset_size, p.seed,
-                                 cache_dir=cache, real_cache_name="real-test")
-            metrics[name] = in_space(m, "indomain")
-            if inception:
-                m = fidelity_metrics(images, test_NHWC, INCEPTION_NAME, inception, p.kid_subset_size, p.seed,
-                                     cache_dir=cache, real_cache_name="real-test")
-                metrics[name].update(in_space(m, "inception"))
-            labels[name] = {"feature_space": space}
-
-    # held-out NLL, each model as it samples; the extracted ("oracle") orders only as a labelled diagnostic
-    from oar_core.likelihood import bits_along_orders
-
-    device = pick_device()
-    test_NN, test_tok_labels, test_ids = load_token_split(shards, "test")
-    oracle_NN = None
-    has_orders = bool(orders_dir) and Path(orders_dir).is_dir() and any(Path(orders_dir).glob("*.parquet"))
-    if has_orders:
-        from oar_core.order_table import orders_for_ids
-
-        oracle_NN = orders_for_ids(orders_dir, test_ids, test_NN.shape[1], missing_ok=True)
-    for name, meta in models:
-        model, _ = load_gpt(meta["checkpoint"], device)
-        bits, label = sampler_nll(model, meta, test_NN, test_tok_labels, p, device)
-        metrics[name]["nll_bits_per_token"] = bits
-        if oracle_NN is not None and meta["order"] in ADAPTIVE_ORDERS:
-            metrics[name]["oracle_order_bits_per_token"] = bits_along_orders(model, test_NN, test_tok_labels, oracle_NN,
-                                                                       p.nll_batch_size, device)
-        labels[name].update(nll_order=label, sample_order=meta["order"], location=meta.get("location"),
-                            checkpoint=meta["checkpoint"])
-
-    # pictures + report
-    from oar_core.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(tokenizer_path)
-    class_names = manifest.get("class_names")
-    fig = out / "figures"
-    figures = {"grids": {}, "strips": {}, "heat_samples": {}, "heat_extracted": None, "curves": None}
-    for name, meta in models:
-        table = pl.read_parquet(Path(samples_dir) / name / "orders.parquet")
-        report.save_png(fig / f"grid_{name}.png", class_grid(gen[name], table["label"].to_numpy()))
-        figures["grids"][name] = f"figures/grid_{name}.png"
-        report.save_strips(tok, Path(samples_dir) / name / "orders.parquet", fig / f"strip_{name}.png", p.strip_steps)
-        figures["strips"][name] = f"figures/strip_{name}.png"
-        if meta["order"] in ADAPTIVE_ORDERS:  # fixed orders give trivial maps
-            heat = report.step_heatmaps_from_orders(np.stack(table["order"].to_numpy()).astype(np.int64),
-                                                    table["label"].to_numpy())
-            report.save_heatmap_panel(heat, fig / f"heat_{name}.png", f"{name}: mean sampling step", class_names)
-            figures["heat_samples"][name] = f"figures/heat_{name}.png"
-    if has_orders:
-        report.save_heatmap_panel(report.extracted_heatmaps(orders_dir), fig / "heat_extracted.png",
-                                  "extracted training orders: mean step", class_names)
-        figures["heat_extracted"] = "figures/heat_extracted.png"
-    curves = ["train_raster", "train_random", "finetune", "finetune_random"]  # the last one: bench.quality's
-    if report.save_training_curves(plots_dir, curves, fig / "training_curves.png"):
-        figures["curves"] = "figures/training_curves.png"
-    names = [n for n, _ in models]
-    report.write_report(out / "report.md", metrics, labels, names, figures)
-    write_json(out / "metrics_labels.json", labels)
-    write_json(metrics_path, metrics)
-    return {"metrics": metrics_path, "report": str(out / "report.md"),
-            **{n: {k: round(v, 4) for k, v in metrics[n].items() if k in ("fid_indomain", "nll_bits_per_token")}
-               for n in names}}
+        net = train_classifier(train_NHWC, train_labels, p.steps, p.batch_size, p.lr, p.seed, progress)
+        source = {"source": "trained", "steps": p.steps}
+    acc = round(classifier_accuracy(net, test_NHWC, test_labels), 4)
+    save_classifier(out, net, **source, test_accuracy=acc)
+    summary = {**source, "task": net.config.get("task", "classes"), "test_accuracy": acc}
+    write_json(metrics_path, summary)
+    return summary
