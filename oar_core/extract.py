@@ -9,6 +9,7 @@ log-probability of the ground-truth token (`gt_prob`, default: an oracle that lo
 from __future__ import annotations
 
 import math
+import os
 import time
 import zlib
 from pathlib import Path
@@ -58,7 +59,14 @@ def random_order_bits(model: GPT, tokens_BN, labels_B, generator: torch.Generato
 def run_extract(p: ExtractParams, shards: str = "data/shards", num_workers: int = 1, worker_index: int = 0,
                 only_parts: list[str] | None = None) -> dict:
     """Write one Parquet part per shard (skipping parts already current); this worker takes every
-    `num_workers`-th shard starting at `worker_index`, so workers on many machines share one table."""
+    `num_workers`-th shard starting at `worker_index`, so workers on many machines share one table. Under
+    `torchrun` each rank is a worker (on its own GPU): parts depend only on their shard, so the table is
+    byte-identical to a one-process run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        if num_workers > 1:
+            raise ValueError("launched by torchrun and given --num-workers: use one way of splitting the work")
+        num_workers, worker_index = world, int(os.environ["RANK"])
     if not 0 <= worker_index < num_workers:
         raise ValueError(f"worker_index {worker_index} must be in [0, num_workers={num_workers})")
     device = pick_device(worker_index)
@@ -71,13 +79,15 @@ def run_extract(p: ExtractParams, shards: str = "data/shards", num_workers: int 
         raise ValueError(f"{p.checkpoint}: model vocab {model.cfg.vocab_size} does not match the shards' codebook "
                          f"{meta['codebook_size']} ({shards}); retrain it on these shards")
     ckpt_hash, params_hash = file_hash(p.checkpoint), p.digest()
-    jobs = [(split, s) for split in p.splits for s in list_shards(shards, split)]
-    jobs = [j for i, j in enumerate(jobs) if i % num_workers == worker_index]
+    all_jobs = [(split, s) for split in p.splits for s in list_shards(shards, split)]
+    jobs = [j for i, j in enumerate(all_jobs) if i % num_workers == worker_index]
     if only_parts is not None:
         jobs = [j for j in jobs if Path(j[1]).stem in only_parts]
-    if num_workers == 1 and only_parts is None:  # parts of shards that no longer exist would poison the table
+    # parts of shards that no longer exist would poison the table; one process sees the whole job list (workers
+    # started by hand on several machines may each see only their own shards, so they leave the table alone)
+    if (num_workers == 1 or world > 1 and worker_index == 0) and only_parts is None:
         remove_stale_temps(p.out_dir)  # temp files of a killed earlier run; a live writer's are kept
-        keep = {Path(s).stem for _, s in jobs}
+        keep = {Path(s).stem for _, s in all_jobs}
         for old in Path(p.out_dir).glob("*.parquet"):
             if old.stem not in keep:
                 old.unlink()

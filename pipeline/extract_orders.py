@@ -1,5 +1,8 @@
 """Stage `extract_orders`: per-image generation orders from the any-order model, as Parquet parts.
 
+    python -m pipeline.extract_orders
+    torchrun --nproc_per_node 4 -m pipeline.extract_orders       # one process per GPU, same table as one process
+
 Fan out over machines with --num-workers N --worker-index i (each writes its own shards' parts).
 """
 from oar_core.extract import run_extract

@@ -1,4 +1,5 @@
 """Order extraction on a trained any-order model, the orders table, and OAR finetuning."""
+import json
 import shutil
 
 import numpy as np
@@ -177,3 +178,23 @@ def test_each_shard_draws_its_own_random_orders(any_order_model, tiny_shards, tm
     a, b = (pl.read_parquet(tmp_path / f"orders/test-00000{i}.parquet") for i in (0, 1))
     assert a["permutation"].to_list() == b["permutation"].to_list()
     assert (a["nll_random"] != b["nll_random"]).all()
+
+
+def test_torchrun_ranks_write_the_same_table_as_one_process(any_order_model, tiny_shards, tmp_path):
+    """Two CPU ranks split the shards and write byte-identical parts to one process's; a stale part of a shard
+    that no longer exists is removed once."""
+    from tests.fixtures_pipeline import run_module, write_params
+
+    p = ExtractParams(checkpoint=str(any_order_model[0]), out_dir="orders", batch_size=128)
+    args = ["-m", "pipeline.extract_orders", "--shards", str(tiny_shards)]
+    for name, launch in (("one", []), ("two", ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        (tmp_path / name / "orders").mkdir(parents=True)
+        write_params(tmp_path / name / "params.yaml", extract_orders=p)
+        (tmp_path / name / "orders" / "train-000099.parquet").write_bytes(b"from a shard that is gone")
+        r = run_module(launch + args if launch else args[1:], tmp_path / name)
+        assert r.returncode == 0, r.stderr[-2000:]
+        written = [json.loads(ln.split(": ", 1)[1])["parts_written"] for ln in r.stdout.splitlines()
+                   if ln.startswith("extract_orders: ")]
+        assert sorted(written) == ([3] if name == "one" else [1, 2])  # the ranks split the work, not repeat it
+    one, two = ({f.name: f.read_bytes() for f in sorted((tmp_path / d / "orders").iterdir())} for d in ("one", "two"))
+    assert len(one) == 3 and one == two
