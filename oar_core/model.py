@@ -36,33 +36,56 @@ class GPTConfig:
 
 
 class KVCache:
-    """Per-layer keys/values of the inputs whose next position is fixed (slots [0, length)). Candidate inputs
-    are written just after them (slots [length, length + C)) so attention reads one contiguous buffer; `commit`
-    keeps the one candidate of the last write. N slots suffice: each candidate is an unfilled position, so
-    length + C <= N (length committed inputs have filled `length` positions)."""
+    """Per-layer keys/values of the decoded inputs in N slots: `length` committed inputs (slots [0, length)) whose
+    next positions are fixed, then the rows of the latest forward (slots [length, length + T)). `append` declares
+    those rows before the forward and so what they attend to: a causal continuation of the prefix (prefill), or
+    `candidates`, alternatives for the next input that each see the prefix and themselves only; `commit` makes
+    them part of the prefix (of candidates, the single one of the last forward). Nothing else moves `length`.
+    N slots suffice: each candidate is an unfilled position, so length + C <= N."""
 
     def __init__(self, n_layer: int, batch: int, max_len: int):
         self.batch, self.max_len = batch, max_len
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0
+        self.rows, self.candidates = 0, False  # the rows after `length` that the next forward writes
+        self.mask_TS: torch.Tensor | None = None  # what those rows see; built by the first layer that writes
 
-    def write(self, layer: int, k_BhTd: torch.Tensor, v_BhTd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store T inputs after the committed prefix; return keys/values of prefix + them."""
+    def append(self, rows: int, candidates: bool = False) -> None:
+        """The next forward writes `rows` inputs after the committed prefix, replacing the last uncommitted ones."""
+        if self.length + rows > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.length + rows} > {self.max_len}")
+        self.rows, self.candidates, self.mask_TS = rows, candidates, None
+
+    def commit(self) -> None:
+        """The rows of the last forward join the prefix: a prefill's all, or the one chosen candidate."""
+        if self.candidates and self.rows != 1:
+            raise ValueError(f"commit keeps one candidate; the last forward wrote {self.rows}")
+        self.length += self.rows
+        self.rows = 0
+
+    def write(self, layer: int, k_BhTd: torch.Tensor, v_BhTd: torch.Tensor):
+        """Store a layer's keys/values of the appended rows; return those of prefix + rows and the rows' mask."""
+        L, T = self.length, self.rows
+        if k_BhTd.shape[2] != T:
+            raise ValueError(f"the forward has {k_BhTd.shape[2]} inputs; the cache was told {T} (append first)")
         if self.k[layer] is None:
             B, h, _, d = k_BhTd.shape
             self.k[layer] = k_BhTd.new_zeros(B, h, self.max_len, d)
             self.v[layer] = v_BhTd.new_zeros(B, h, self.max_len, d)
-        end = self.length + k_BhTd.shape[2]
-        if end > self.k[layer].shape[2]:
-            raise ValueError(f"KV cache overflow: {end} > {self.k[layer].shape[2]}")
-        self.k[layer][:, :, self.length : end] = k_BhTd
-        self.v[layer][:, :, self.length : end] = v_BhTd
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        self.k[layer][:, :, L : L + T] = k_BhTd
+        self.v[layer][:, :, L : L + T] = v_BhTd
+        if self.mask_TS is None:  # once per forward, by its first layer
+            self.mask_TS = self.mask(k_BhTd.device)
+        return self.k[layer][:, :, : L + T], self.v[layer][:, :, : L + T], self.mask_TS
 
-    def commit(self):
-        """The single candidate just written (slot `length`) becomes the next committed input."""
-        self.length += 1
+    def mask(self, device) -> torch.Tensor:
+        """(rows, length + rows): what each appended row attends to."""
+        L, T = self.length, self.rows
+        if self.candidates:  # the prefix and itself
+            return torch.cat([torch.ones(T, L, dtype=torch.bool, device=device),
+                              torch.eye(T, dtype=torch.bool, device=device)], dim=1)
+        return torch.ones(T, L + T, dtype=torch.bool, device=device).tril(L)  # the prefix and the rows before it
 
 
 class Attention(nn.Module):
@@ -72,22 +95,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None, layer: int, mode: str,
+    def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 mask_TT: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal self-attention, or `mask_TT`; with a cache, over the cached prefix as the cache's mask says."""
         B, T, D = x_BTD.shape
         q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in self.qkv(x_BTD).split(D, dim=2))
-        dropout = self.dropout if self.training else 0.0
-        if cache is None:  # training / uncached: causal attention, or the given mask
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TT, is_causal=mask_TT is None, dropout_p=dropout)
-        else:
-            L = cache.length
-            k, v = cache.write(layer, k, v)
-            if mode == "prefill":  # T new inputs appended causally after the cache
-                mask_TS = torch.ones(T, L + T, dtype=torch.bool, device=x_BTD.device).tril(L)
-            else:  # "candidates": each of the T rows sees the prefix and itself only
-                mask_TS = torch.cat([torch.ones(T, L, dtype=torch.bool, device=x_BTD.device),
-                                     torch.eye(T, dtype=torch.bool, device=x_BTD.device)], dim=1)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TS, dropout_p=dropout)
+        if cache is not None:
+            k, v, mask_TT = cache.write(layer, k, v)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TT, is_causal=mask_TT is None,
+                                           dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -99,8 +115,8 @@ class Block(nn.Module):
         hidden = int(cfg.mlp_ratio * cfg.d_model)
         self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model), nn.Dropout(cfg.dropout))
 
-    def forward(self, x, cache, layer, mode, mask_TT=None):
-        x = x + self.attn(self.ln1(x), cache, layer, mode, mask_TT)
+    def forward(self, x, cache=None, layer=0, mask_TT=None):
+        x = x + self.attn(self.ln1(x), cache, layer, mask_TT)
         return x + self.mlp(self.ln2(x))
 
 
@@ -172,16 +188,15 @@ class GPT(nn.Module):
         return torch.cat([start_B1D, rest_BTD], dim=1)
 
     # ---- forward passes -----------------------------------------------------------------------------
-    def trunk(self, x_BTD: torch.Tensor, cache: KVCache | None = None, mode: str = "causal", mask_TT=None):
+    def trunk(self, x_BTD: torch.Tensor, cache: KVCache | None = None, mask_TT=None):
+        """Hidden states; with a cache, of the rows its `append` declared."""
         x = self.drop(x_BTD)
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer, mode, mask_TT)
-        if cache is not None and mode == "prefill":
-            cache.length += x_BTD.shape[1]
+            x = block(x, cache, layer, mask_TT)
         return self.ln_f(x)
 
-    def run(self, x_BTD: torch.Tensor, cache: KVCache | None = None, mode: str = "causal") -> torch.Tensor:
-        return self.head(self.trunk(x_BTD, cache, mode))
+    def run(self, x_BTD: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        return self.head(self.trunk(x_BTD, cache))
 
     def forward(self, tokens_BN, order_BN, labels_B, with_policy: bool = False):
         """Teacher-forced logits for every step of `order_BN`, and the matching targets (and the policy's
@@ -215,6 +230,12 @@ class GPT(nn.Module):
     def new_cache(self, batch: int) -> KVCache:
         return KVCache(self.cfg.n_layer, batch, self.cfg.n_tokens)
 
+    def prefill(self, cache: KVCache, x_BTD: torch.Tensor) -> None:
+        """Commit inputs whose next positions are known (inpainting's known tokens): appended causally."""
+        cache.append(x_BTD.shape[1])
+        self.trunk(x_BTD, cache)
+        cache.commit()
+
     def candidate_logits(self, cache: KVCache, labels_B, last_tok_B, last_pos_B, cand_BC) -> torch.Tensor:
         """Logits at the candidate next positions cand_BC in one forward (decode passes a chunk of them at a time,
         or the one it chose); `last_tok_B is None` at the first step."""
@@ -223,13 +244,15 @@ class GPT(nn.Module):
         else:
             C = cand_BC.shape[1]
             x_BCD = self.embed_tokens(last_tok_B[:, None].expand(-1, C), last_pos_B[:, None].expand(-1, C), cand_BC)
-        return self.run(x_BCD, cache, mode="candidates")
+        cache.append(cand_BC.shape[1], candidates=True)
+        return self.run(x_BCD, cache)
 
     def policy_logits(self, cache: KVCache, labels_B, last_tok_B, last_pos_B) -> torch.Tensor:
         """(B, N) policy logits for the next position from the cached prefix; `last_tok_B is None` at the start."""
         x_B1D = self.embed_query(labels_B, None if last_tok_B is None else last_tok_B[:, None],
                                  None if last_pos_B is None else last_pos_B[:, None])
-        return self.policy_head(self.trunk(x_B1D, cache, mode="candidates"))[:, 0]
+        cache.append(1, candidates=True)  # a query row: never committed, the next forward replaces it
+        return self.policy_head(self.trunk(x_B1D, cache))[:, 0]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -124,7 +124,7 @@ def decode(model: GPT, labels_B: torch.Tensor, pick_token: PickToken, order: str
             fixed_order_BN = torch.cat([known_pos_BK, fixed_order_BN[keep].view(B, N - K)], dim=1)
         if use_cache:  # start..known[K-2]; the last known token becomes the next input (the unconditional half
             # of a guided batch gets the null class here too)
-            model.run(model.sequence_inputs(dup(tokens_BN), dup(known_pos_BK), labels_R), cache, mode="prefill")
+            model.prefill(cache, model.sequence_inputs(dup(tokens_BN), dup(known_pos_BK), labels_R))
 
     def guide(logits_R, t, cond_only=False):
         """float32 logits: guided, or the conditional half alone (what locations are scored on by default)."""

@@ -39,7 +39,7 @@ def test_every_candidate_scored_in_one_forward_equals_its_own_order(model):
     cand = torch.sort(filled.to(torch.int8), dim=1, stable=True).indices[:, : N - 6]
 
     cache = model.new_cache(2)
-    model.run(model.sequence_inputs(tokens, prefix, labels), cache, mode="prefill")
+    model.prefill(cache, model.sequence_inputs(tokens, prefix, labels))
     last = prefix[:, -1]
     batched = model.candidate_logits(cache, labels, tokens.gather(1, last[:, None])[:, 0], last, cand)
     for c in range(cand.shape[1]):
@@ -196,7 +196,7 @@ def test_kv_cache_has_exactly_n_slots_and_a_decode_fills_them(model, monkeypatch
 
     tokens, order, labels = torch.randint(0, 32, (2, N)), torch.arange(N).expand(2, -1), torch.tensor([0, 1])
     cache = model.new_cache(2)
-    model.run(model.sequence_inputs(tokens, order[:, : N - 1], labels), cache, mode="prefill")
+    model.prefill(cache, model.sequence_inputs(tokens, order[:, : N - 1], labels))
     last_tok, last_pos = tokens[:, N - 2], order[:, N - 2]
     with pytest.raises(ValueError, match="KV cache overflow: 17 > 16"):
         model.candidate_logits(cache, labels, last_tok, last_pos, order[:, N - 2:])
