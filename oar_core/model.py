@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 from oar_core.orders import step_of_position
 
@@ -98,13 +99,12 @@ class Attention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
                 mask_TT: torch.Tensor | None = None) -> torch.Tensor:
         """Causal self-attention, or `mask_TT`; with a cache, over the cached prefix as the cache's mask says."""
-        B, T, D = x_BTD.shape
-        q, k, v = (t.view(B, T, self.n_head, D // self.n_head).transpose(1, 2) for t in self.qkv(x_BTD).split(D, dim=2))
+        q, k, v = rearrange(self.qkv(x_BTD), "b t (qkv h d) -> qkv b h t d", qkv=3, h=self.n_head)
         if cache is not None:
             k, v, mask_TT = cache.write(layer, k, v)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_TT, is_causal=mask_TT is None,
                                            dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(B, T, D))
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
 
 
 class Block(nn.Module):

@@ -12,7 +12,7 @@ import torch
 
 from oar_core.io import atomic_path, write_bytes_atomic
 from oar_core.orders import step_of_position
-from oar_core.samples import make_grid, save_png
+from oar_core.samples import image_grid, save_png
 
 GRAY = 128  # unfilled token patches in a partial canvas
 
@@ -67,7 +67,7 @@ def partial_canvases(tokenizer, tokens_N: np.ndarray, order_N: np.ndarray, steps
 def generation_strip(tokenizer, tokens_N, order_N, k: int = 8, scale: int = 3) -> np.ndarray:
     N = len(order_N)
     canv = partial_canvases(tokenizer, np.asarray(tokens_N), np.asarray(order_N), strip_steps(N, k))
-    strip = make_grid(canv, ncol=len(canv))
+    strip = image_grid(canv, ncol=len(canv))
     return strip.repeat(scale, 0).repeat(scale, 1)
 
 

@@ -52,15 +52,13 @@ def png_bytes(image_HWC: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_grid(images_NHWC: np.ndarray, ncol: int, pad: int = 2, fill: int = 255) -> np.ndarray:
-    """(rows*H, ncol*W, C) mosaic; the default fill is white so black-background images stay separable."""
-    N, H, W, C = images_NHWC.shape
-    nrow = math.ceil(N / ncol)
-    grid = np.full((nrow * (H + pad) + pad, ncol * (W + pad) + pad, C), fill, np.uint8)
-    for i, im in enumerate(images_NHWC):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (H + pad): pad + r * (H + pad) + H, pad + c * (W + pad): pad + c * (W + pad) + W] = im
-    return grid
+def image_grid(images_NHWC: np.ndarray, ncol: int) -> np.ndarray:
+    """torchvision's make_grid for uint8 NHWC arrays: rows of `ncol` images (at least 2 images) with 2-pixel white
+    gaps, so black-background images stay separable. (rows*(H+2)+2, ncol*(W+2)+2, C) uint8."""
+    from torchvision.utils import make_grid  # torchvision takes seconds to import; only grids need it
+
+    grid_CHW = make_grid(torch.from_numpy(images_NHWC).permute(0, 3, 1, 2), nrow=ncol, padding=2, pad_value=255)
+    return grid_CHW[: images_NHWC.shape[-1]].permute(1, 2, 0).numpy()  # make_grid turns 1 channel into 3
 
 
 def class_grid(images_NHWC: np.ndarray, labels_N: np.ndarray, per_class: int = 8) -> np.ndarray:
@@ -69,11 +67,11 @@ def class_grid(images_NHWC: np.ndarray, labels_N: np.ndarray, per_class: int = 8
     classes = np.unique(labels_N)
     if len(classes) == 1:
         n = min(len(images_NHWC), per_class * per_class)
-        return make_grid(images_NHWC[:n], ncol=math.ceil(math.sqrt(n)))
+        return image_grid(images_NHWC[:n], ncol=math.ceil(math.sqrt(n)))
     cols = [images_NHWC[labels_N == k][:per_class] for k in classes]
     rows = min(len(c) for c in cols)
     ordered = np.stack([cols[j][i] for i in range(rows) for j in range(len(classes))])
-    return make_grid(ordered, ncol=len(classes))
+    return image_grid(ordered, ncol=len(classes))
 
 
 def save_png(path, image_HWC: np.ndarray) -> None:
