@@ -15,7 +15,7 @@ from oar_core.sampling import ADAPTIVE_ORDERS
 
 def model_folders(samples_dir) -> list[tuple[str, dict]]:
     """(name, meta) of every sampled model, in the order the sample stage listed them."""
-    from oar_core.samples import load_meta
+    from oar_core.samples import load_sample_meta
 
     root = Path(samples_dir)
     if not root.is_dir():
@@ -24,7 +24,7 @@ def model_folders(samples_dir) -> list[tuple[str, dict]]:
     folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not folders:
         raise ValueError(f"{root}: no model sub-folders; run `dvc repro sample` (or python -m pipeline.sample)")
-    found = [(d.name, load_meta(d)) for d in folders]
+    found = [(d.name, load_sample_meta(d)) for d in folders]
     listed = [m["name"] for m in found[0][1].get("params", {}).get("models", [])]
     rank = {n: i for i, n in enumerate(listed)}
     return sorted(found, key=lambda x: (rank.get(x[0], len(rank)), x[0]))
@@ -112,11 +112,11 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
         if meta["order"] in ADAPTIVE_ORDERS:  # fixed orders give trivial maps
             heat = report.step_heatmaps_from_orders(np.stack(table["order"].to_numpy()).astype(np.int64),
                                                     table["label"].to_numpy())
-            report.save_heatmap_panel(heat, fig / f"heat_{name}.png", f"{name}: mean sampling step", class_names)
+            report.save_heatmaps(heat, fig / f"heat_{name}.png", f"{name}: mean sampling step", class_names)
             figures["heat_samples"][name] = f"figures/heat_{name}.png"
     if has_orders:
-        report.save_heatmap_panel(report.extracted_heatmaps(orders_dir), fig / "heat_extracted.png",
-                                  "extracted training orders: mean step", class_names)
+        report.save_heatmaps(report.extracted_heatmaps(orders_dir), fig / "heat_extracted.png",
+                             "extracted training orders: mean step", class_names)
         figures["heat_extracted"] = "figures/heat_extracted.png"
     curves = ["train_raster", "train_random", "finetune", "finetune_random"]  # the last one: bench.quality's
     if report.save_training_curves(plots_dir, curves, fig / "training_curves.png"):

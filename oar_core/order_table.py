@@ -148,19 +148,27 @@ def first_positions(orders_dir) -> pl.DataFrame:
             .group_by("position").agg(pl.len().alias("count")).sort("count", descending=True).collect())
 
 
-def save_heatmap(heat_HW: np.ndarray, path, title: str = "mean generation step") -> None:
+def save_heatmaps(heat: dict, path, title: str = "mean generation step", class_names: list[str] | None = None) -> None:
+    """(H, W) mean-generation-step maps side by side, one per key (a class id, named by `class_names` when given;
+    or any label), on one colour scale from 0, under `title`: the report's heat maps and the CLI's --png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(3.2, 3))
-    im = ax.imshow(heat_HW, cmap="viridis")
-    ax.set_title(title, fontsize=9)
-    ax.set_xticks([]), ax.set_yticks([])
-    fig.colorbar(im, ax=ax, fraction=0.046)
+    n = len(heat)
+    vmax = max(float(h.max()) for h in heat.values())
+    fig, axes = plt.subplots(1, n, figsize=(1.4 * n + 0.8, 1.9))
+    axes = np.atleast_1d(axes)
+    for ax, (k, h) in zip(axes, sorted(heat.items())):
+        im = ax.imshow(h, cmap="viridis", vmin=0, vmax=vmax)
+        name = class_names[k] if class_names and k < len(class_names) else str(k)
+        ax.set_title(name, fontsize=7)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.01, label="mean step")
+    fig.suptitle(title, fontsize=9, y=1.04)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -181,7 +189,7 @@ def main(argv=None):
             heat = mean_step_heatmap(a.orders_dir, a.label)
             print(np.array2string(heat, precision=1, max_line_width=200))
             if a.png:
-                save_heatmap(heat, a.png)
+                save_heatmaps({"all labels" if a.label is None else f"label {a.label}": heat}, a.png)
         elif a.query == "per-class":
             print(per_class(a.orders_dir))
         elif a.query == "closest-to-raster":

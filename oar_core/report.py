@@ -11,6 +11,7 @@ import polars as pl
 import torch
 
 from oar_core.io import atomic_path, write_bytes_atomic
+from oar_core.order_table import mean_step_heatmap, save_heatmaps, scan  # noqa: F401 (evaluate saves heat maps here)
 from oar_core.orders import step_of_position
 from oar_core.samples import image_grid, save_png
 
@@ -88,26 +89,8 @@ def step_heatmaps_from_orders(order_RN: np.ndarray, labels_R: np.ndarray) -> dic
 
 def extracted_heatmaps(orders_dir) -> dict[int, np.ndarray]:
     """Per class mean step of the extracted (teacher-forced) training orders, via order_table."""
-    from oar_core.order_table import mean_step_heatmap, scan
-
     labels = scan(orders_dir).select("label").unique().collect()["label"].sort().to_list()
     return {int(k): mean_step_heatmap(orders_dir, label=k, split="train") for k in labels}
-
-
-def save_heatmap_panel(heat: dict[int, np.ndarray], path, title: str, class_names: list[str] | None = None) -> None:
-    plt = _plt()
-    n = len(heat)
-    vmax = max(float(h.max()) for h in heat.values())
-    fig, axes = plt.subplots(1, n, figsize=(1.4 * n + 0.8, 1.9))
-    axes = np.atleast_1d(axes)
-    for ax, (k, h) in zip(axes, sorted(heat.items())):
-        im = ax.imshow(h, cmap="viridis", vmin=0, vmax=vmax)
-        name = class_names[k] if class_names and k < len(class_names) else str(k)
-        ax.set_title(name, fontsize=7)
-        ax.set_xticks([]), ax.set_yticks([])
-    fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.01, label="mean step")
-    fig.suptitle(title, fontsize=9, y=1.04)
-    _save_fig(fig, path)
 
 
 # ---- training curves ------------------------------------------------------------------------------------

@@ -143,7 +143,7 @@ def tidy_samples_dir(out_dir: Path, names: list[str]) -> list[str]:
     return gone
 
 
-def load_meta(folder) -> dict:
+def load_sample_meta(folder) -> dict:
     fix = "rerun `dvc repro sample` (or python -m pipeline.sample)"
     try:
         return read_json(Path(folder) / "meta.json", f"no meta.json, so these samples are incomplete or not from the "

@@ -10,7 +10,7 @@ import torch
 
 from oar_core.extract import extract_batch, run_extract
 from oar_core.model import load_gpt, save_gpt
-from oar_core.order_table import closest_to_raster, first_positions, mean_step_heatmap, orders_for_ids, per_class, save_heatmap
+from oar_core.order_table import closest_to_raster, first_positions, mean_step_heatmap, orders_for_ids, per_class, save_heatmaps
 from oar_core.orders import is_permutation
 from oar_core.params import ExtractParams
 from oar_core.shards import load_tokens
@@ -117,7 +117,7 @@ def test_polars_queries_have_the_right_shapes(orders_dir, tmp_path):
     assert len(close) == 5 and close["tau_to_raster"].is_sorted(descending=True)
     fp = first_positions(orders_dir)
     assert fp["count"].sum() == 640 and fp["position"].max() < N
-    save_heatmap(heat, tmp_path / "heat.png")
+    save_heatmaps({"all": heat}, tmp_path / "heat.png")
     assert (tmp_path / "heat.png").read_bytes()[:4] == b"\x89PNG"
 
 
