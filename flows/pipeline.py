@@ -23,16 +23,17 @@ from __future__ import annotations
 import graphlib
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import ThreadPoolTaskRunner
-from pydantic import SkipValidation, ValidationError
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from pydantic import Field, SkipValidation, ValidationError
 from ruamel.yaml import YAML
 
 from oar_core.io import atomic_path
@@ -257,10 +258,24 @@ def push_if_remote(repo: str) -> bool:
     return True
 
 
+def _dask_worker() -> str | None:
+    """The address of the Dask worker running the caller, or None outside one."""
+    distributed = sys.modules.get("distributed")  # imported already in any Dask worker; never imported here
+    try:
+        return distributed.get_worker().address if distributed else None
+    except ValueError:  # not in a worker
+        return None
+
+
 @task(cache_policy=NO_CACHE, task_run_name="extract_orders worker {worker_index}/{num_workers}")
-def extract_worker(worker_index: int, num_workers: int, repo: str) -> None:
+def extract_worker(worker_index: int, num_workers: int, repo: str) -> dict:
+    """Worker `worker_index` of `num_workers`: writes the Parquet parts of its shards in `repo` (a path valid where
+    the task runs: with a Dask cluster, every worker's machine). Module-level and given everything by argument, so
+    a Dask worker process can run it. Returns where it ran."""
     stream([sys.executable, "-m", "pipeline.extract_orders", "--num-workers", str(num_workers),
             "--worker-index", str(worker_index)], Path(repo))
+    return {"worker_index": worker_index, "host": socket.gethostname(), "pid": os.getpid(),
+            "dask_worker": _dask_worker()}
 
 
 def is_current(stage: str, repo: str) -> bool:
@@ -344,25 +359,76 @@ def evaluate(params: SkipValidation[EvaluateParams] = _form(DEFAULTS.evaluate), 
     return run_stage("evaluate", params, push)
 
 
-@flow(name="extract_orders_fanout", task_runner=ThreadPoolTaskRunner(max_workers=64))
-def extract_orders_fanout(params: SkipValidation[ExtractParams] = _form(DEFAULTS.extract_orders), num_workers: int = 2,
+FanoutRunner = Literal["threads", "dask"]
+
+
+def fanout_task_runner(runner: FanoutRunner, num_workers: int, dask_address: str | None = None,
+                       dask_workers: int | None = None) -> TaskRunner:
+    """The task runner of the extraction workers: `threads` (this process, one thread per worker, each running a
+    subprocess), or `dask`: the Dask scheduler at `dask_address` (an existing cluster), or without one a temporary
+    `distributed.LocalCluster` of `dask_workers` single-threaded worker processes (default: `num_workers`), closed
+    when the workers are done. Raises ValueError, one line, for a choice that does not add up."""
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1 (got {num_workers})")
+    if dask_workers is not None and dask_workers < 1:
+        raise ValueError(f"dask_workers must be at least 1 (got {dask_workers})")
+    if runner == "threads":
+        if dask_address or dask_workers is not None:
+            raise ValueError("dask_address and dask_workers need runner='dask' (runner is 'threads')")
+        return ThreadPoolTaskRunner(max_workers=num_workers)
+    if runner != "dask":
+        raise ValueError(f"runner must be 'threads' or 'dask' (got {runner!r})")
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        if dask_workers is not None:
+            raise ValueError("give dask_address (an existing cluster) or dask_workers (a temporary LocalCluster), "
+                             "not both")
+        return DaskTaskRunner(address=dask_address)
+    # worker processes of one thread each (the extraction subprocess is the CPU work); no dashboard, no fixed port
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs={"n_workers": dask_workers or num_workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
+
+
+@flow(name="extract_orders_workers", flow_run_name="{num_workers} extract_orders workers")
+def extract_orders_workers(num_workers: int, repo: str) -> list[dict]:
+    """One extract_worker task per worker index on this flow's task runner (set by extract_orders_fanout)."""
+    return extract_worker.map(range(num_workers), num_workers=unmapped(num_workers), repo=unmapped(repo)).result()
+
+
+@flow(name="extract_orders_fanout")
+def extract_orders_fanout(params: SkipValidation[ExtractParams] = _form(DEFAULTS.extract_orders),
+                          num_workers: Annotated[int, Field(ge=1)] = 2, runner: FanoutRunner = "threads",
+                          dask_address: str | None = None, dask_workers: Annotated[int, Field(ge=1)] | None = None,
                           push: bool = True) -> dict:
     """extract_orders split over `num_workers` parallel workers (one task each, every one writing the Parquet
     parts of its share of the shards), then `dvc repro extract_orders`, which finds every part current and
-    only records the result in dvc.lock. Locally the tasks are threads running subprocesses; on a cluster
-    swap the task runner (see docs/prefect.md)."""
+    only records the result in dvc.lock. See docs/prefect.md.
+
+    Args:
+        params: the extract_orders section; keys left out keep params.yaml's values
+        num_workers: how many workers share the shards (one task each)
+        runner: where the workers run: threads (here, each a subprocess) or dask
+        dask_address: with runner dask, the scheduler of an existing Dask cluster, e.g. tcp://scheduler:8786;
+            empty: a temporary LocalCluster on this machine
+        dask_workers: with runner dask and no address, the LocalCluster's worker processes (default num_workers)
+        push: dvc push afterwards when a DVC remote is configured
+    """
+    task_runner = fanout_task_runner(runner, num_workers, dask_address, dask_workers)  # a bad choice fails first
     repo = str(repo_dir())
     changed = apply_params({"extract_orders": params}, repo)
     upstream = sorted(stage_graph(Path(repo))["extract_orders"])
     ran = repro(upstream, repo) if upstream else []  # shards and the any-order checkpoint must be current
+    workers: list[dict] = []
     if is_current("extract_orders", repo):
         get_run_logger().info("extract_orders is up to date; no workers started")
     else:
-        extract_worker.map(range(num_workers), num_workers=unmapped(num_workers), repo=unmapped(repo)).result()
+        workers = extract_orders_workers.with_options(task_runner=task_runner)(num_workers, repo)
         ran += repro(["extract_orders"], repo)
     pushed = push_if_remote(repo) if push else False
     return {"stage": "extract_orders", "params_changed": sorted(changed), "ran": ran, "pushed": pushed,
-            "num_workers": num_workers}
+            "num_workers": num_workers, "runner": runner, "workers": workers}
 
 
 @flow(name="oar-pipeline")

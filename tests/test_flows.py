@@ -196,6 +196,29 @@ def test_deployments_are_named_for_what_they_run_and_keep_the_typed_form():
     assert form["default"] == DEFAULTS.finetune.model_dump(mode="json")  # ... prefilled from params.yaml
 
 
+def test_fanout_task_runner_choice():
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from flows.pipeline import fanout_task_runner
+
+    threads = fanout_task_runner("threads", 3)
+    assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
+    existing = fanout_task_runner("dask", 8, dask_address="tcp://scheduler:8786")
+    assert isinstance(existing, DaskTaskRunner) and existing.address == "tcp://scheduler:8786"
+    assert existing.cluster_class is None and existing.cluster_kwargs == {}
+    local = fanout_task_runner("dask", 4, dask_workers=2)  # a LocalCluster of 2 single-threaded worker processes
+    assert local.address is None and local.cluster_class == "distributed.LocalCluster"
+    assert local.cluster_kwargs == {"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    assert fanout_task_runner("dask", 4).cluster_kwargs["n_workers"] == 4  # default: one process per worker
+    for args, kwargs, msg in [(("threads", 2), {"dask_address": "tcp://x:8786"}, "need runner='dask'"),
+                              (("dask", 2), {"dask_address": "tcp://x:8786", "dask_workers": 2}, "not both"),
+                              (("dask", 0), {}, "num_workers must be at least 1"),
+                              (("ray", 2), {}, "runner must be 'threads' or 'dask'")]:
+        with pytest.raises(ValueError, match=msg):
+            fanout_task_runner(*args, **kwargs)
+
+
 def test_cli_param_change_reruns_the_stage_and_only_its_downstream(tiny_repo):
     assert_clean(tiny_repo)
     set_params(tiny_repo, "train_random", seed=101)
@@ -283,6 +306,52 @@ def test_pipeline_flow_fans_out_extraction_and_reruns_downstream_only(in_repo, p
     assert parts == ["test-000000.parquet", "train-000000.parquet", "train-000001.parquet"]
     hashes = scan(in_repo / "data/orders").select("params_hash").unique().collect()["params_hash"].to_list()
     assert hashes == [params.extract_orders.digest()]  # every part written by the workers, under the new params
+
+
+def test_fanout_on_dask_clusters_matches_the_dvc_stage(in_repo, prefect_api):
+    """The fan-out on a 2-worker `distributed.LocalCluster` given by scheduler address (as an existing cluster is),
+    then on a temporary one the task runner starts itself (dask_workers=2): each leaves the same Parquet parts and
+    dvc.lock entry as a plain `dvc repro extract_orders` with the same params, and the workers ran in the clusters'
+    worker processes."""
+    from distributed import LocalCluster
+
+    from flows.pipeline import extract_orders_fanout
+    from oar_core.params import load_params
+
+    orders = in_repo / "data/orders"
+
+    def parts() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(orders.glob("*.parquet"))}
+
+    def lock_entry() -> dict:
+        return yaml.safe_load((in_repo / "dvc.lock").read_text())["stages"]["extract_orders"]
+
+    lock_before, parts_before = (in_repo / "dvc.lock").read_bytes(), parts()
+    assert len(parts_before) == 3  # 2 train shards + 1 test shard
+    seed = load_params(in_repo / "params.yaml").extract_orders.seed
+    t0 = time.time()
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        cluster_workers = set(cluster.scheduler_info["workers"])
+        result = extract_orders_fanout(params={"seed": seed + 1}, num_workers=2, runner="dask",
+                                       dask_address=cluster.scheduler_address, push=False)
+    assert result["ran"] == ["extract_orders"] and result["params_changed"] == ["extract_orders.seed"], result
+    ran_on = result["workers"]
+    assert sorted(w["worker_index"] for w in ran_on) == [0, 1]
+    assert {w["dask_worker"] for w in ran_on} <= cluster_workers and os.getpid() not in {w["pid"] for w in ran_on}
+    on_dask, on_dask_lock = parts(), lock_entry()
+    assert set(on_dask) == set(parts_before) and all(on_dask[n] != parts_before[n] for n in on_dask)  # all redone
+    t_dask = time.time() - t0
+
+    shutil.rmtree(orders)  # the plain DVC stage from nothing, same params.yaml
+    assert ran_stages(dvc(in_repo, "repro", "extract_orders").stdout) == ["extract_orders"]
+    assert parts() == on_dask and lock_entry() == on_dask_lock
+
+    t0 = time.time()  # back to the previous seed on a LocalCluster the runner starts and closes itself
+    result = extract_orders_fanout(params={"seed": seed}, num_workers=2, runner="dask", dask_workers=2, push=False)
+    assert result["ran"] == ["extract_orders"], result
+    assert all(w["dask_worker"] for w in result["workers"]) and os.getpid() not in {w["pid"] for w in result["workers"]}
+    assert parts() == parts_before and (in_repo / "dvc.lock").read_bytes() == lock_before  # = the earlier dvc repro
+    print(f"fan-out on Dask: {t_dask:.0f}s with an existing LocalCluster, {time.time() - t0:.0f}s with its own")
 
 
 def test_failed_stage_fails_the_run_and_keeps_versioned_artifacts(in_repo, prefect_api):
