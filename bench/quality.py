@@ -124,7 +124,7 @@ def run_common(a, common: Path, timer: Timer) -> None:
                 run_ingest(p.ingest)
         if not Path("models/tokenizer.pt").exists():
             with timer("tokenizer"):
-                run_tokenizer(p.tokenizer, "data/ingest", "models/tokenizer.pt", "metrics/tokenizer.json")
+                run_tokenizer(p.tokenizer, "data/ingest", "models/tokenizer.pt", "dvclive/tokenizer")
         if not Path("data/shards/meta.json").exists():
             with timer("tokenize"):
                 run_tokenize(p.tokenize, "data/ingest", "models/tokenizer.pt")
@@ -268,9 +268,9 @@ def table(per_seed: dict[int, dict], a, clf_acc, extract: dict) -> str:
         lines += ["", "Order extraction (OAR's extra compute, on top of the equal gradient steps): " + ", ".join(
             f"seed {s}: " + " + ".join(f"{e['images']} images at {e['images_per_s']} img/s" for e in ex)
             for s, ex in sorted(extract.items()))]
-    policy = [json.loads(sorted(f for f in (Path(a.workdir) / f"seed_{s}/metrics").glob("finetune*.json")
-                                if "random" not in f.name)[-1].read_text()) for s in seeds
-              if (Path(a.workdir) / f"seed_{s}/metrics").is_dir()]
+    policy = [json.loads(sorted(f for f in (Path(a.workdir) / f"seed_{s}/dvclive").glob("finetune*/metrics.json")
+                                if "random" not in f.parent.name)[-1].read_text()) for s in seeds
+              if (Path(a.workdir) / f"seed_{s}/dvclive").is_dir()]
     policy = [m for m in policy if "policy_top1_agreement" in m]
     if policy:
         N = 49  # the 7x7 grid of the default tokenizer

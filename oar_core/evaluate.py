@@ -31,12 +31,13 @@ def model_folders(samples_dir) -> list[tuple[str, dict]]:
 
 
 def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="data/shards", orders_dir="data/orders",
-                 tokenizer_path="models/tokenizer.pt", plots_dir="plots", metrics_path="metrics/evaluate.json",
+                 tokenizer_path="models/tokenizer.pt", plots_dir="dvclive", metrics_dir="dvclive/evaluate",
                  feature_net="models/feature_net.pt", progress: bool = True) -> dict:
     from oar_core import report
     from oar_core.data import load_manifest, load_split
     from oar_core.io import pick_device, write_json
     from oar_core.likelihood import bits_along_orders, sampler_nll
+    from oar_core.live import log_per_key
     from oar_core.model import load_gpt
     from oar_core.samples import class_grid
     from oar_core.shards import load_token_split
@@ -124,7 +125,8 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
     names = [n for n, _ in models]
     report.write_report(out / "report.md", metrics, labels, names, figures)
     write_json(out / "metrics_labels.json", labels)
-    write_json(metrics_path, metrics)
-    return {"metrics": metrics_path, "report": str(out / "report.md"),
+    # one DVCLive folder per model (<metrics_dir>/<model>/metrics.json): `dvc metrics show` prints a row each
+    log_per_key(metrics_dir, metrics)
+    return {"metrics": str(metrics_dir), "report": str(out / "report.md"),
             **{n: {k: round(v, 4) for k, v in metrics[n].items() if k in ("fid_indomain", "nll_bits_per_token")}
                for n in names}}

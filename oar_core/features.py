@@ -25,7 +25,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from oar_core.io import load_torch, save_torch, write_json
+from oar_core.io import load_torch, save_torch
+from oar_core.live import log_stage
 from oar_core.params import FeatureNetParams
 from oar_core.tokenizer import to_float_BCHW
 
@@ -292,9 +293,9 @@ def _alive(pid: int) -> bool:
 
 # ---- the feature_net stage --------------------------------------------------------------------------
 def run_feature_net(p: FeatureNetParams, ingest_dir="data/ingest", out="models/feature_net.pt",
-                    metrics_path="metrics/feature_net.json", progress: bool = True) -> dict:
+                    live_dir="dvclive/feature_net", progress: bool = True) -> dict:
     """Train the in-domain feature network on the ingested train split (or adopt p.checkpoint), once per data:
-    every evaluation of the same data then measures in the same feature space."""
+    every evaluation of the same data then measures in the same feature space. Summary: `<live_dir>/metrics.json`."""
     from oar_core.data import load_split
 
     train_NHWC, train_labels, _ = load_split(ingest_dir, "train")
@@ -312,5 +313,5 @@ def run_feature_net(p: FeatureNetParams, ingest_dir="data/ingest", out="models/f
     acc = round(classifier_accuracy(net, test_NHWC, test_labels), 4)
     save_classifier(out, net, **source, test_accuracy=acc)
     summary = {**source, "task": net.config.get("task", "classes"), "test_accuracy": acc}
-    write_json(metrics_path, summary)
+    log_stage(live_dir, summary)
     return summary

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from oar_core.data import load_manifest, load_split
-from oar_core.io import load_torch, pick_device, read_bytes, save_torch, write_bytes_atomic, write_json
+from oar_core.io import load_torch, pick_device, read_bytes, save_torch, write_bytes_atomic
+from oar_core.live import log_stage
 from oar_core.params import TokenizerParams
 
 
@@ -289,7 +290,8 @@ def check_compatible(model: VQTokenizer, manifest: dict, p: TokenizerParams, pat
 
 
 def run_tokenizer(p: TokenizerParams, ingest_dir="data/ingest", out="models/tokenizer.pt",
-                  metrics="metrics/tokenizer.json") -> dict:
+                  metrics="dvclive/tokenizer") -> dict:
+    """Train (or adopt) the tokenizer; its summary goes to DVCLive's `<metrics>/metrics.json`."""
     manifest = load_manifest(ingest_dir)
     train_NHWC, _, _ = load_split(ingest_dir, "train")
     test_NHWC, _, _ = load_split(ingest_dir, "test")
@@ -306,6 +308,6 @@ def run_tokenizer(p: TokenizerParams, ingest_dir="data/ingest", out="models/toke
         source = "trained"
     result = evaluate_tokenizer(model, train_NHWC, test_NHWC, device)
     result.update(train_seconds=round(time.time() - t0, 2), steps=0 if p.checkpoint else p.steps)
-    write_json(metrics, result)
+    log_stage(metrics, result)
     return {**result, "source": source, "out": str(out), "metrics": str(metrics), "history": history,
             "threads": torch.get_num_threads()}

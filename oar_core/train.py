@@ -20,9 +20,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from oar_core.io import (autocast, file_hash, join, list_files, load_torch, pick_device, remove_stale_temps, save_torch,
-                         write_bytes_atomic, write_json)
+from oar_core.io import autocast, file_hash, join, list_files, load_torch, pick_device, remove_stale_temps, save_torch
 from oar_core.likelihood import bits_along_orders, policy_bits
+from oar_core.live import log_stage
 from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
 from oar_core.orders import sample_orders
 from oar_core.params import TrainParams
@@ -142,7 +142,9 @@ def given_order_metrics(model: GPT, tokens_NN, labels_N, order_NN, p: TrainParam
 
 
 def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir: str = "runs",
-              metrics_dir: str = "metrics", plots_dir: str = "plots") -> dict:
+              live_dir: str = "dvclive") -> dict:
+    """Train, then log the summary and the step-wise train loss / held-out bits per token to DVCLive's
+    `<live_dir>/<stage>/` (metrics.json, plots/metrics/*.tsv; oar_core.live), from rank 0 only."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device()
@@ -238,16 +240,11 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
                    "tokens_per_s": round(tokens_seen / elapsed) if tokens_seen else None}
         if given_test is not None:
             summary.update(given_order_metrics(model, test_NN, test_labels, given_test, p, device))
-        write_json(Path(metrics_dir) / f"{stage}.json", summary)
-        plots = Path(plots_dir) / stage
-        write_bytes_atomic(plots / "loss.csv", _csv("step,train_loss", history["loss"]))
-        write_bytes_atomic(plots / "test_bits.csv", _csv("step,test_bits_per_token", history["test_bits"]))
+        # the whole history (kept in the run checkpoint) at once: a resumed run logs the same bytes
+        log_stage(Path(live_dir) / stage, summary,
+                  {"train_loss": history["loss"], "test_bits_per_token": history["test_bits"]})
         run_ckpt.unlink(missing_ok=True)  # finished: a later run with new code must not "resume" it
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return summary
-
-
-def _csv(header: str, rows) -> bytes:
-    return ("\n".join([header] + [f"{s},{v:.6f}" for s, v in rows]) + "\n").encode()

@@ -6,7 +6,7 @@ from pipeline._stage import stage_main
 def _args(ap):
     ap.add_argument("--ingest-dir", default="data/ingest")
     ap.add_argument("--out", default="models/tokenizer.pt")
-    ap.add_argument("--metrics", default="metrics/tokenizer.json")
+    ap.add_argument("--metrics", default="dvclive/tokenizer", help="DVCLive folder for its metrics.json")
 
 
 def main(argv=None):

@@ -46,7 +46,7 @@ def tiny_shards(fmnist_small, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny_shards")
     with single_thread():
         run_tokenizer(TokenizerParams(codebook_size=64, steps=150, batch_size=64), fmnist_small,
-                      root / "tokenizer.pt", root / "tokenizer.json")
+                      root / "tokenizer.pt", root / "dvclive/tokenizer")
         run_tokenize(TokenizeParams(out=str(root / "shards"), shard_size=256), fmnist_small, root / "tokenizer.pt")
     return root / "shards"
 
@@ -60,5 +60,5 @@ def any_order_model(tiny_shards, tmp_path_factory) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("any_order")
     p = tiny_train_params(root / "models/random", steps=200, eval_every=100)
     with single_thread():
-        summary = run_train(p, "train_random", str(tiny_shards), root / "runs", root / "metrics", root / "plots")
+        summary = run_train(p, "train_random", str(tiny_shards), root / "runs", root / "dvclive")
     return root / "models/random/model.pt", summary

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from oar_core.live import read_per_key, read_summary
 from tests.test_flows import ROOT, TINY, TINY_TRAIN, dvc, ran_stages, sh
 
 ALL_STAGES = ["ingest", "tokenizer", "tokenize", "train_raster", "train_random", "extract_orders", "finetune",
@@ -42,13 +43,17 @@ def full_repo_files(repo: Path) -> Path:
 def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_a_change_touches(full_repo):
     first = dvc(full_repo, "repro").stdout
     assert ran_stages(first) == ALL_STAGES, first
-    metrics = json.loads((full_repo / "metrics/evaluate.json").read_text())
+    metrics = read_per_key(full_repo / "dvclive/evaluate")  # DVCLive: dvclive/evaluate/<model>/metrics.json
     names = [m["name"] for m in yaml.safe_load((full_repo / "params.yaml").read_text())["sample"]["models"]]
     for model in names:
         assert metrics[model]["fid_indomain"] >= 0 and metrics[model]["nll_bits_per_token"] > 0
         assert 0 <= metrics[model]["precision_indomain"] <= 1 and 0 <= metrics[model]["recall_indomain"] <= 1
-    shown = dvc(full_repo, "metrics", "show", "--json").stdout
-    assert "fid_indomain" in shown and "test_bits_per_token" in shown
+    shown = next(iter(json.loads(dvc(full_repo, "metrics", "show", "--json").stdout).values()))["data"]  # workspace
+    for model in names:  # one metrics file, so one row of `dvc metrics show`, per model
+        assert shown[f"dvclive/evaluate/{model}/metrics.json"]["data"]["fid_indomain"] == metrics[model]["fid_indomain"]
+    assert shown["dvclive/train_random/metrics.json"]["data"]["test_bits_per_token"] > 0
+    table = dvc(full_repo, "metrics", "show", "dvclive/evaluate").stdout  # evaluate alone: a row per model
+    assert all(any(line.startswith(f"dvclive/evaluate/{m}/metrics.json") for line in table.splitlines()) for m in names)
     report = (full_repo / "reports/report.md").read_text()
     assert "skipped: no local Inception weights" in report
     assert all((full_repo / "reports" / line.split("](")[1].split(")")[0]).exists()
@@ -91,10 +96,10 @@ def test_an_unconditional_model_on_a_folder_without_class_sub_folders_runs_the_w
     assert json.loads((repo / "data/ingest/manifest.json").read_text())["num_classes"] == 1
     for m in ("raster", "random", "oar"):
         assert load_gpt(repo / f"models/{m}/model.pt")[0].cfg.num_classes == 0
-    metrics = json.loads((repo / "metrics/evaluate.json").read_text())
+    metrics = read_per_key(repo / "dvclive/evaluate")
     for m in params["sample"]["models"]:
         assert metrics[m["name"]]["fid_indomain"] >= 0 and metrics[m["name"]]["nll_bits_per_token"] > 0
-    net = json.loads((repo / "metrics/feature_net.json").read_text())
+    net = read_summary(repo / "dvclive/feature_net")
     assert net["task"] == "rotation" and net["test_accuracy"] > 0.5  # rotations of clothes: far above chance (0.25)
     assert "rotation" in (repo / "reports/report.md").read_text()
     assert Image.open(repo / "samples/oar/grid.png").width > 4 * 28  # a square of samples, not one class column

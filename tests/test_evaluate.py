@@ -26,8 +26,8 @@ def classifier(fmnist_small, tmp_path_factory):
     """The feature_net stage at 60 steps."""
     root = tmp_path_factory.mktemp("clf")
     summary = run_feature_net(FeatureNetParams(steps=60, batch_size=64), fmnist_small, root / "feature_net.pt",
-                              root / "feature_net.json", progress=False)
-    assert summary["task"] == "classes" and json.loads((root / "feature_net.json").read_text()) == summary
+                              root / "dvclive/feature_net", progress=False)
+    assert summary["task"] == "classes" and json.loads((root / "dvclive/feature_net/metrics.json").read_text()) == summary
     return root / "feature_net.pt", load_classifier(root / "feature_net.pt")[0]
 
 
@@ -90,9 +90,12 @@ def test_evaluate_writes_metrics_per_model_with_feature_space(pipeline_dir, fmni
     root, _ = pipeline_dir
     p = EvaluateParams(out_dir=str(tmp_path / "reports"), kid_subset_size=20)
     run_evaluate(p, str(root / "samples"), str(fmnist_small), str(root / "shards"), str(tmp_path / "no-orders"),
-                 str(root / "tokenizer.pt"), str(tmp_path / "plots"), str(tmp_path / "evaluate.json"), classifier[0],
+                 str(root / "tokenizer.pt"), str(tmp_path / "dvclive"), str(tmp_path / "dvclive/evaluate"), classifier[0],
                  progress=False)
-    metrics = json.loads((tmp_path / "evaluate.json").read_text())
+    from oar_core.live import read_per_key
+
+    metrics = read_per_key(tmp_path / "dvclive/evaluate")  # DVCLive's folders: <model>/metrics.json, a row each
+    assert sorted(metrics) == sorted(MODELS + ["real_reference", "feature_net"])
     labels = json.loads((tmp_path / "reports" / "metrics_labels.json").read_text())
     for m in MODELS + ["real_reference"]:
         for key in ("fid_indomain", "kid_indomain", "kid_indomain_std", "is_indomain", "is_indomain_std",
@@ -121,7 +124,7 @@ def test_evaluate_writes_metrics_per_model_with_feature_space(pipeline_dir, fmni
 def _evaluate(root, fmnist_small, samples, tmp_path, classifier):
     p = EvaluateParams(out_dir=str(tmp_path / "r"), kid_subset_size=20)
     run_evaluate(p, str(samples), str(fmnist_small), str(root / "shards"), None, str(root / "tokenizer.pt"),
-                 str(tmp_path / "plots"), str(tmp_path / "e.json"), classifier[0], progress=False)
+                 str(tmp_path / "dvclive"), str(tmp_path / "dvclive/evaluate"), classifier[0], progress=False)
 
 
 def test_evaluate_missing_samples_says_how_to_fix(pipeline_dir, fmnist_small, classifier, tmp_path):

@@ -138,8 +138,8 @@ def test_finetune_lowers_nll_under_extracted_orders_and_learns_a_policy(any_orde
                           steps=60, lr=3e-3, warmup_steps=5, random_mix=0.0, eval_every=60, policy_weight=1.0)
     with single_thread():
         before = run_train(p.model_copy(update={"steps": 1, "lr": 1e-12, "min_lr": 0.0, "warmup_steps": 0}),
-                           "before", str(tiny_shards), tmp_path / "runs", tmp_path / "m", tmp_path / "p")
-        after = run_train(p, "finetune", str(tiny_shards), tmp_path / "runs", tmp_path / "m", tmp_path / "p")
+                           "before", str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive")
+        after = run_train(p, "finetune", str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive")
     # the unpaid diagnostic along each test image's extracted order falls ...
     assert after["oracle_order_bits_per_token"] < before["oracle_order_bits_per_token"] - 0.02
     # ... and the new policy head learns where those orders go: its paid (valid) bound falls, and it names the

@@ -246,7 +246,7 @@ def test_stage_flow_reruns_only_that_stage_and_pushes(in_repo, prefect_api, s3):
         assert result == {"stage": "train_raster", "params_changed": ["train_raster.steps"], "ran": ["train_raster"],
                           "pushed": True}
         assert load_params(in_repo / "params.yaml").train_raster.steps == 12
-        assert json.loads((in_repo / "metrics/train_raster.json").read_text())["steps"] == 12
+        assert json.loads((in_repo / "dvclive/train_raster/metrics.json").read_text())["steps"] == 12
         cloud = dvc(in_repo, "status", "--cloud", "--json", "train_raster").stdout
         assert json.loads(cloud or "{}") == {}, cloud  # the new model is on the remote
         again = train_raster(params=params, push=False)  # up to date: nothing is redone
@@ -368,7 +368,7 @@ def test_failed_stage_fails_the_run_and_keeps_versioned_artifacts(in_repo, prefe
     assert (in_repo / "dvc.lock").read_bytes() == lock_before  # nothing recorded for the failed run
     assert (in_repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).exists()  # last good tokenizer still cached
     # restore the last good state: params and git-tracked metrics back (git), outputs back from the DVC cache
-    sh(["git", "checkout", "--", "params.yaml", "metrics/tokenizer.json"], in_repo)
+    sh(["git", "checkout", "--", "params.yaml", "dvclive/tokenizer/metrics.json"], in_repo)
     dvc(in_repo, "checkout")
     assert (in_repo / "dvc.lock").read_bytes() == lock_before
     assert lock_md5(in_repo, "tokenizer", "models/tokenizer.pt") == md5

@@ -80,8 +80,9 @@ def test_save_load_round_trip(trained, fmnist_small, tmp_path):
 def test_run_tokenizer_trains_and_writes_metrics(fmnist_small, tmp_path):
     with single_thread():
         r = run_tokenizer(TokenizerParams(**{**FAST, "steps": 10}), fmnist_small, tmp_path / "tok.pt",
-                          tmp_path / "m.json")
-    metrics = json.loads((tmp_path / "m.json").read_text())
+                          tmp_path / "live")
+    metrics = json.loads((tmp_path / "live/metrics.json").read_text())  # DVCLive's summary file
+    assert metrics == {k: v for k, v in r.items() if k not in ("source", "out", "metrics", "history", "threads")}
     for key in ("recon_mse", "baseline_mse", "psnr", "codebook_usage", "perplexity", "codebook_size", "grid"):
         assert key in metrics
     assert r["source"] == "trained" and load_tokenizer(tmp_path / "tok.pt").grid == 7
@@ -91,7 +92,7 @@ def test_user_checkpoint_is_adopted(trained, fmnist_small, tmp_path):
     model, _ = trained
     save_tokenizer(tmp_path / "mine.pt", model)
     p = TokenizerParams(checkpoint=str(tmp_path / "mine.pt"), steps=10**6)  # steps would take hours if it trained
-    r = run_tokenizer(p, fmnist_small, tmp_path / "out" / "tok.pt", tmp_path / "m.json")
+    r = run_tokenizer(p, fmnist_small, tmp_path / "out" / "tok.pt", tmp_path / "live")
     assert r["source"] == str(tmp_path / "mine.pt") and r["steps"] == 0
     assert (tmp_path / "out" / "tok.pt").read_bytes() == (tmp_path / "mine.pt").read_bytes()
     assert r["recon_mse"] < r["baseline_mse"]

@@ -17,10 +17,14 @@ from tests.fixtures_pipeline import any_order_model, run_module, tiny_shards, ti
 def test_loss_falls_and_artifacts_are_written(any_order_model, tmp_path):
     path, summary = any_order_model
     root = path.parents[2]
-    losses = [float(l.split(",")[1]) for l in (root / "plots/train_random/loss.csv").read_text().splitlines()[1:]]
+    from oar_core.live import read_curve, read_summary
+
+    steps, losses = read_curve(root / "dvclive/train_random", "train_loss")  # DVCLive's step-wise curve
     assert losses[-1] < losses[0] - 0.5, losses
     assert summary["test_bits_per_token"] < math.log2(64) - 0.5  # well below a uniform guess over 64 codes
-    assert (root / "metrics/train_random.json").exists()
+    assert read_summary(root / "dvclive/train_random") == {**summary, "step": 200}
+    eval_steps, bits = read_curve(root / "dvclive/train_random", "test_bits_per_token")  # held-out, every 100 steps
+    assert eval_steps == [100.0, 200.0] and bits[-1] == summary["test_bits_per_token"]
     assert not (root / "runs/train_random/last.pt").exists()  # finished runs leave no resumable state
     model, ckpt = load_gpt(path)
     assert ckpt["order"] == "random" and model.cfg.vocab_size == 64
@@ -60,6 +64,16 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_shards, tmp_path):
     assert "resuming from" in resumed.stdout + resumed.stderr
     a, b = _state(straight / "models/m/model.pt"), _state(killed / "models/m/model.pt")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # DVCLive's files: the same full step-wise curves, byte for byte, and the same summary but for the timing
+    from oar_core.live import curve_path, read_summary
+
+    live_a, live_b = straight / "dvclive/train_random", killed / "dvclive/train_random"
+    assert sorted(p.relative_to(live_a) for p in live_a.rglob("*")) == sorted(p.relative_to(live_b) for p in live_b.rglob("*"))
+    for name in ("train_loss", "test_bits_per_token"):
+        assert curve_path(live_a, name).read_bytes() == curve_path(live_b, name).read_bytes()
+    ma, mb = read_summary(live_a), read_summary(live_b)
+    assert ma.pop("tokens_per_s") > 0 and mb.pop("tokens_per_s") > 0 and ma == mb and ma["step"] == 40
+    assert [p.name for p in (killed / "dvclive").iterdir()] == ["train_random"]  # no staging folder left
 
 
 def test_ddp_two_cpu_processes_match_one(tiny_shards, tmp_path):
@@ -77,7 +91,7 @@ def test_given_order_requires_orders_table(tiny_shards, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="extract_orders"):
         run_train(tiny_train_params(tmp_path / "m", order="given", orders_dir=str(tmp_path / "none")), "finetune",
-                  str(tiny_shards), tmp_path / "runs", tmp_path / "metrics", tmp_path / "plots")
+                  str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive")
 
 
 def test_a_killed_run_does_not_resume_when_its_inputs_changed(any_order_model, tiny_shards, tmp_path, capsys,
@@ -93,7 +107,7 @@ def test_a_killed_run_does_not_resume_when_its_inputs_changed(any_order_model, t
     init = tmp_path / "init.pt"
     shutil.copy(any_order_model[0], init)
     p = tiny_train_params(tmp_path / "m", steps=12, ckpt_every=4, eval_every=8, init_from=str(init))
-    dirs = (str(tiny_shards), tmp_path / "runs", tmp_path / "metrics", tmp_path / "plots")
+    dirs = (str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive")
     real_eval = train.heldout_bits
 
     def killed(*a, **k):
@@ -139,5 +153,5 @@ def test_an_unconditional_model_trains_on_labelled_shards(tiny_shards, tmp_path)
     p = tiny_train_params(tmp_path / "m", steps=20, eval_every=20, model=ModelParams(n_layer=1, n_head=2, d_model=32,
                                                                                      class_cond=False))
     with single_thread():
-        summary = run_train(p, "train_random", str(tiny_shards), tmp_path / "runs", tmp_path / "metrics", tmp_path / "plots")
+        summary = run_train(p, "train_random", str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive")
     assert load_gpt(tmp_path / "m/model.pt")[0].cfg.num_classes == 0 and summary["test_bits_per_token"] > 0

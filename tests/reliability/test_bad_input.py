@@ -279,8 +279,8 @@ def test_orders_table_that_does_not_fit_the_grid(tiny_shards, tmp_path):
     from oar_core.train import run_train
 
     with single_thread(), pytest.raises(ValueError, match=r"permutations have \[36\] entries but the grid has 49"):
-        run_train(p, "finetune", str(tiny_shards), tmp_path / "runs", tmp_path / "metrics", tmp_path / "plots")
-    assert not any((tmp_path / d).exists() for d in ("models", "runs", "metrics", "plots"))
+        run_train(p, "finetune", str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive")
+    assert not any((tmp_path / d).exists() for d in ("models", "runs", "dvclive"))
 
 
 # ---------------------------------------------------------------------------------------------- S3

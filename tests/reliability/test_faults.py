@@ -115,7 +115,7 @@ def test_finetune_killed_mid_run_resumes_to_identical_weights(reference_orders, 
     assert ckpt.exists() and not (killed / "models/oar/model.pt").exists(), "the kill came too late to test a resume"
     state = load_torch(ckpt, "run checkpoint")  # the visible checkpoint is whole
     assert 0 < state["step"] < 40 and state["step"] % 5 == 0
-    assert not [f for f in files_under(killed / "models")] and not (killed / "metrics").exists()
+    assert not [f for f in files_under(killed / "models")] and not (killed / "dvclive").exists()
 
     r = run_module(args, killed)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -124,10 +124,11 @@ def test_finetune_killed_mid_run_resumes_to_identical_weights(reference_orders, 
     assert all(torch.equal(a[k], b[k]) for k in a)
     import json
 
-    ma, mb = (json.loads((tmp_path / d / "metrics/finetune.json").read_text()) for d in ("straight", "killed"))
-    for k in ("train_loss", "test_bits_per_token", "steps", "params"):
+    ma, mb = (json.loads((tmp_path / d / "dvclive/finetune/metrics.json").read_text()) for d in ("straight", "killed"))
+    for k in ("train_loss", "test_bits_per_token", "steps", "params", "step"):
         assert ma[k] == mb[k], k
-    for name in ("loss.csv", "test_bits.csv"):
-        assert (tmp_path / "straight/plots/finetune" / name).read_bytes() == (killed / "plots/finetune" / name).read_bytes()
+    for name in ("train_loss.tsv", "test_bits_per_token.tsv"):  # DVCLive's step-wise curves, byte for byte
+        curve = f"dvclive/finetune/plots/metrics/{name}"
+        assert (tmp_path / "straight" / curve).read_bytes() == (killed / curve).read_bytes()
     assert not (killed / "runs/finetune/last.pt").exists()
     assert not [f for f in files_under(killed) if f.endswith(".tmp")]
