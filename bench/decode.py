@@ -13,9 +13,9 @@ import torch
 
 from oar_core.extract import extract_batch
 from oar_core.io import autocast, pick_device
+from oar_core.location import LocationRule
 from oar_core.model import GPT, GPTConfig
 from oar_core.params import ExtractParams
-from oar_core.location import LocationRule
 from oar_core.sampling import generate
 
 
@@ -69,7 +69,7 @@ def main(argv=None):
     rows.append(("extract orders", images_per_s(lambda B: extract(B, True), a.batch),
                  images_per_s(lambda B: extract(B, False), a.uncached_batch)))
 
-    print(f"\n| path | KV-cached img/s | uncached img/s | speed-up |\n|---|---|---|---|")
+    print("\n| path | KV-cached img/s | uncached img/s | speed-up |\n|---|---|---|---|")
     for name, cached, naive in rows:
         print(f"| {name} | {cached:.1f} | {naive:.2f} | {cached / naive:.1f}x |")
 
@@ -82,11 +82,11 @@ def main(argv=None):
         for order in ("raster", "policy", "confidence"):
             B = a.batch if order != "confidence" else max(1, a.batch * 49 // (grid * grid))  # confidence: N^2 rows
 
-            def run(B, order=order):
+            def draw(B, order=order):
                 with autocast(device):
                     generate(m, torch.arange(B, device=device) % 10, order=order, cfg_scale=1.0,
                              location=LocationRule(temperature=1.0), generator=torch.Generator().manual_seed(0))
-            ips[order] = images_per_s(run, B)
+            ips[order] = images_per_s(draw, B)
         print(f"| {grid}x{grid} | {ips['raster']:.1f} | {ips['policy']:.1f} | {ips['confidence']:.2f} | "
               f"{ips['policy'] / ips['raster']:.2f}x | {ips['policy'] / ips['confidence']:.1f}x |", flush=True)
 

@@ -6,7 +6,8 @@
     OMP_NUM_THREADS=1 python -m bench.memory --decode-step    # candidate scoring at 16x16, V=16384 only
 
 The tokenizer and the AR model are untrained unless --tokenizer / --model are given: memory and speed do not
-depend on the weights, only on the shapes (default: 7x7 grid, 256 codes, the pipeline model, 4 layers x d=128). The memory bound
+depend on the weights, only on the shapes (default: 7x7 grid, 256 codes, the pipeline model, 4 layers x d=128).
+The memory bound
 checked: extraction adds at most --bound-mb over the RSS before it, whatever the number of images, because
 run_extract holds one shard (shard_size token grids + their outputs) at a time. Writes into a temp folder.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import resource
 import tempfile
@@ -29,7 +29,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import torch
 
@@ -207,7 +206,8 @@ def main(argv=None):
             m = ModelParams()
             save_gpt(model_path, GPT(GPTConfig(grid_h=tokenizer.grid, grid_w=tokenizer.grid,
                                                vocab_size=tokenizer.codebook_size, num_classes=10, n_layer=m.n_layer,
-                                               n_head=m.n_head, d_model=m.d_model, mlp_ratio=m.mlp_ratio)), order="random")
+                                               n_head=m.n_head, d_model=m.d_model, mlp_ratio=m.mlp_ratio)),
+                     order="random")
         p = ExtractParams(checkpoint=str(model_path), out_dir=str(tmp / "orders"), batch_size=a.batch, splits=["train"])
         phase("extract_orders", a.images, lambda: run_extract(p, str(tmp / "shards")))
         from oar_core.model import load_gpt
@@ -216,7 +216,8 @@ def main(argv=None):
         sp = SampleParams(n_per_model=max(10, n_sample), batch_size=min(a.batch, max(10, n_sample)))
         spec = SampleModelParams(name="bench", checkpoint=str(model_path), order="confidence")
         if n_sample:
-            phase("sample_confidence", n_sample, lambda: sample_model(model, tokenizer, spec, sp, "cpu", progress=False))
+            phase("sample_confidence", n_sample,
+                  lambda: sample_model(model, tokenizer, spec, sp, "cpu", progress=False))
     fig["ru_maxrss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
 
     print(f"threads={fig['threads']} shard_size={a.shard_size} baseline RSS {fig['baseline_rss_mb']} MB")
@@ -224,11 +225,13 @@ def main(argv=None):
           f"{'60k est.':>11}")
     for name, n, sec, rate, before, peak in rows:
         est = f"{FULL / rate / 3600:.2f} h" if rate == rate and rate > 0 else "-"
-        print(f"{name:<18}{n:>8}{sec:>10.1f}{rate:>9.1f}{before:>10.0f}MB{peak:>8.0f}MB{peak - before:>7.0f}MB{est:>11}")
+        print(f"{name:<18}{n:>8}{sec:>10.1f}{rate:>9.1f}{before:>10.0f}MB{peak:>8.0f}MB{peak - before:>7.0f}MB"
+              f"{est:>11}")
     print(f"process peak (ru_maxrss) {fig['ru_maxrss_mb']} MB; token arrays: {fig['token_array_mb']}")
     growth = max(fig[k]["growth_mb"] for k in ("extract_orders", "sample_confidence") if k in fig)
     fig["bound_ok"] = growth <= a.bound_mb
-    print(f"extraction/sampling RSS growth {growth:.0f} MB {'<=' if fig['bound_ok'] else '>'} bound {a.bound_mb:.0f} MB")
+    print(f"extraction/sampling RSS growth {growth:.0f} MB {'<=' if fig['bound_ok'] else '>'} "
+          f"bound {a.bound_mb:.0f} MB")
     if a.json:
         Path(a.json).write_text(json.dumps(fig, indent=2))
     return fig

@@ -217,7 +217,8 @@ def scan_folder(source: str) -> tuple[list[tuple[str, str, str | None]], list[di
         # mixing class folders with loose top-level files would leave the loose ones without a label
         for _, rel, c in entries:
             if c is None:
-                skipped.append(skip(rel, "no_class", "top-level file beside class sub-folders has no class; move it into one"))
+                skipped.append(skip(rel, "no_class",
+                                    "top-level file beside class sub-folders has no class; move it into one"))
         entries = [e for e in entries if e[2] is not None]
     else:
         class_names = [Path(root).name or "images"]
@@ -301,7 +302,8 @@ def run_ingest(p: IngestParams) -> dict:
             if not any(counts.values()):
                 hint = "every image was skipped; see report.json in ingest.out_dir for the reasons"
             elif s == "test":
-                hint = f"the hash split put no image in test; raise ingest.test_fraction (now {p.test_fraction}) or add images"
+                hint = (f"the hash split put no image in test; raise ingest.test_fraction (now {p.test_fraction}) "
+                        f"or add images")
             else:
                 hint = f"lower ingest.test_fraction (now {p.test_fraction}) or add images"
             raise ValueError(f"{p.source}: no usable {s} images after ingest ({len(skipped)} skipped); {hint}")
@@ -330,6 +332,7 @@ def load_split(in_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.nd
     try:
         data = read_bytes(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: ingest output not found; run `dvc repro ingest` (or python -m pipeline.ingest)") from None
+        raise FileNotFoundError(f"{path}: ingest output not found; run `dvc repro ingest` "
+                                f"(or python -m pipeline.ingest)") from None
     with np.load(io.BytesIO(data), allow_pickle=False) as z:
         return z["images"], z["labels"].astype(np.int64), z["ids"]

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from oar_core.io import autocast, file_hash, pick_device, remove_stale_temps
+from oar_core.location import LocationRule
 from oar_core.model import GPT, load_gpt
 from oar_core.order_table import part_is_current, write_part
 from oar_core.params import ExtractParams
-from oar_core.location import LocationRule
 from oar_core.sampling import teacher_forced
 from oar_core.shards import list_shards, load_meta, read_shard
 

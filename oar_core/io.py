@@ -89,7 +89,8 @@ def _storage_error(path, action: str, e: Exception) -> Exception:
         from botocore import exceptions as bx
     except ImportError:  # pragma: no cover
         bx = None
-    endpoint = os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
+    endpoint = (os.environ.get("FSSPEC_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+                or "the default AWS endpoint")
     detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
     if bx is not None and isinstance(e, bx.NoCredentialsError):
         return StorageError(f"{path}: cannot {action}: no AWS credentials found; set AWS_ACCESS_KEY_ID and "
@@ -97,15 +98,16 @@ def _storage_error(path, action: str, e: Exception) -> Exception:
     if bx is not None and isinstance(e, (bx.ReadTimeoutError, bx.ConnectTimeoutError)) or isinstance(e, TimeoutError):
         attempts = os.environ.get("AWS_MAX_ATTEMPTS") or "5"
         return StorageError(f"{path}: cannot {action}: S3 endpoint {endpoint} did not answer within {S3_TIMEOUT_S:g} s "
-                            f"in {attempts} attempts; check that the server is up and not overloaded, AWS_ENDPOINT_URL, "
-                            f"or raise ingest.s3_timeout_s")
+                            f"in {attempts} attempts; check that the server is up and not overloaded, "
+                            f"AWS_ENDPOINT_URL, or raise ingest.s3_timeout_s")
     if bx is not None and isinstance(e, (bx.ConnectionError, bx.HTTPClientError)) or isinstance(e, ConnectionError):
         attempts = os.environ.get("AWS_MAX_ATTEMPTS") or "5"  # botocore's legacy-mode default
         return StorageError(f"{path}: cannot {action}: S3 endpoint {endpoint} unreachable after {attempts} attempts "
                             f"({detail}); check AWS_ENDPOINT_URL, the network/proxy, and that the server is up")
     if isinstance(e, PermissionError) or (bx is not None and isinstance(e, bx.ClientError)):
         return StorageError(f"{path}: cannot {action}: S3 refused the request ({detail}); check AWS_ACCESS_KEY_ID / "
-                            f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), the endpoint {endpoint}, and the bucket's permissions")
+                            f"AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), the endpoint {endpoint}, and the bucket's "
+                            f"permissions")
     if isinstance(e, OSError) or (bx is not None and isinstance(e, bx.BotoCoreError)):
         return StorageError(f"{path}: cannot {action}: S3 request failed ({detail}); check AWS_ENDPOINT_URL "
                             f"({endpoint}) and your AWS_* credentials")
@@ -200,11 +202,13 @@ def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> Any:
     try:
         data = read_bytes(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {what} not found; run the stage that produces it (e.g. `dvc repro`)") from None
+        raise FileNotFoundError(f"{path}: {what} not found; run the stage that produces it "
+                                f"(e.g. `dvc repro`)") from None
     try:
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
     except Exception as e:  # truncated or foreign file
-        raise ValueError(f"{path}: unreadable {what} ({type(e).__name__}: {e}); delete it and rerun its stage") from None
+        raise ValueError(f"{path}: unreadable {what} ({type(e).__name__}: {e}); delete it and rerun its "
+                         f"stage") from None
 
 
 def file_hash(path: str | os.PathLike) -> str:

@@ -113,7 +113,8 @@ class Block(nn.Module):
         self.ln1, self.ln2 = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
         self.attn = Attention(cfg)
         hidden = int(cfg.mlp_ratio * cfg.d_model)
-        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model), nn.Dropout(cfg.dropout))
+        self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(), nn.Linear(hidden, cfg.d_model),
+                                 nn.Dropout(cfg.dropout))
 
     def forward(self, x, cache=None, layer=0, mask_TT=None):
         x = x + self.attn(self.ln1(x), cache, layer, mask_TT)
@@ -270,7 +271,8 @@ def load_gpt(path, device="cpu") -> tuple[GPT, dict]:
 
     ckpt = load_torch(path, "model checkpoint")
     if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: not an oar model checkpoint (no config/state_dict); point to a train stage's model.pt")
+        raise ValueError(f"{path}: not an oar model checkpoint (no config/state_dict); point to a train stage's "
+                         f"model.pt")
     model = GPT(GPTConfig(**ckpt["config"]))
     try:
         model.load_state_dict(ckpt["state_dict"])

@@ -89,7 +89,8 @@ def orders_for_ids(orders_dir, ids: list[str], N: int, missing_ok: bool = False)
     if len(missing):
         if missing_ok and len(missing) == len(ids):
             return None
-        raise ValueError(f"{orders_dir}: no extracted order for {len(missing)} image(s), e.g. {missing['image_id'][0]!r}; "
+        raise ValueError(f"{orders_dir}: no extracted order for {len(missing)} image(s), "
+                         f"e.g. {missing['image_id'][0]!r}; "
                          f"{RERUN} on the current shards")
     got = got.sort("_row")
     lengths = got["permutation"].list.len()

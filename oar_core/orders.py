@@ -75,7 +75,8 @@ def is_permutation(order_BN: torch.Tensor, N: int) -> torch.Tensor:
 def step_of_position(order_BN: torch.Tensor) -> torch.Tensor:
     """Inverse permutation: `step_BN[b, p]` is the step at which position p is generated."""
     step_BN = torch.empty_like(order_BN)
-    step_BN.scatter_(1, order_BN, torch.arange(order_BN.shape[1], device=order_BN.device).expand_as(order_BN).contiguous())
+    steps_BN = torch.arange(order_BN.shape[1], device=order_BN.device).expand_as(order_BN).contiguous()
+    step_BN.scatter_(1, order_BN, steps_BN)
     return step_BN
 
 

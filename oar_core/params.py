@@ -242,11 +242,12 @@ def _format(err: ValidationError, path: Path) -> str:
     lines = [f"{path}: invalid parameters ({err.error_count()} problem(s)); fix these keys:"]
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = "unknown key (check spelling; see params.yaml for valid keys)" if e["type"] == "extra_forbidden" else e["msg"]
+        unknown = e["type"] == "extra_forbidden"
+        msg = "unknown key (check spelling; see params.yaml for valid keys)" if unknown else e["msg"]
         if not e["loc"]:  # a rule across sections: its message names the keys
             lines.append(f"  {msg.removeprefix('Value error, ')}")
         else:
-            lines.append(f"  {key}: {msg} (got {e.get('input')!r})" if e["type"] != "extra_forbidden" else f"  {key}: {msg}")
+            lines.append(f"  {key}: {msg}" if unknown else f"  {key}: {msg} (got {e.get('input')!r})")
     return "\n".join(lines)
 
 

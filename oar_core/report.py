@@ -142,7 +142,8 @@ def metrics_table(metrics: dict, models: list[str], space: str) -> str:
     """Markdown rows: one per model, columns FID/KID/IS/precision/recall in `space` (indomain|inception), the
     valid NLL with how it was obtained, and the oracle-order diagnostic where there is one."""
     head = (f"| model | FID ({space}) | KID ({space}) | IS ({space}) | precision | recall | NLL bits/token (valid) "
-            "| NLL: how | oracle order bits/token (diagnostic, not a likelihood) |\n|---|---|---|---|---|---|---|---|---|")
+            "| NLL: how | oracle order bits/token (diagnostic, not a likelihood) |\n"
+            "|---|---|---|---|---|---|---|---|---|")
     rows = []
     for m in models + ["real_reference"]:
         d = metrics.get(m, {})
@@ -171,7 +172,7 @@ def write_report(path, metrics: dict, labels: dict, models: list[str], figures: 
               metrics_table({m: {**metrics.get(m, {}), "nll_order_label": labels.get(m, {}).get("nll_order", "–")}
                              for m in models + ["real_reference"]}, models, "indomain"), ""]
     lines += [f"Standard Inception metrics: **{labels['feature_space']['inception']}**", ""]
-    if any(f"fid_inception" in metrics.get(m, {}) for m in models):
+    if any("fid_inception" in metrics.get(m, {}) for m in models):
         lines += [metrics_table({m: metrics.get(m, {}) for m in models + ["real_reference"]}, models, "inception"), ""]
     lines += ["## Samples", "", "One column per class. Strips: one sample being generated in its order "
               "(gray = not generated yet).", "",

@@ -17,8 +17,19 @@ import numpy as np
 import torch
 
 from oar_core.data import load_manifest, load_split
-from oar_core.io import (file_hash, fs_for, is_remote, join, list_files, pick_device, read_bytes, read_json, storage_errors,
-                         write_bytes_atomic, write_json)
+from oar_core.io import (
+    file_hash,
+    fs_for,
+    is_remote,
+    join,
+    list_files,
+    pick_device,
+    read_bytes,
+    read_json,
+    storage_errors,
+    write_bytes_atomic,
+    write_json,
+)
 from oar_core.params import TokenizeParams
 from oar_core.tokenizer import encode_all, load_tokenizer
 
@@ -55,7 +66,8 @@ def write_shards(out_prefix, split: str, tokens_NHW: np.ndarray, labels, ids, sh
     labels = np.asarray(labels, dtype=np.int64)
     ids = [str(i) for i in ids]
     if not (len(tokens_NHW) == len(labels) == len(ids)):
-        raise ValueError(f"write_shards: tokens ({len(tokens_NHW)}), labels ({len(labels)}) and ids ({len(ids)}) differ in length")
+        raise ValueError(f"write_shards: tokens ({len(tokens_NHW)}), labels ({len(labels)}) and ids ({len(ids)}) "
+                         f"differ in length")
     paths = []
     for i, start in enumerate(range(0, len(ids), shard_size)):
         samples = [

@@ -249,4 +249,5 @@ def test_a_stage_sweeps_the_temp_files_a_killed_run_left_in_its_outputs(image_fo
     leftover.write_bytes(b"half an array")
     os.utime(leftover, (1, 1))  # from a run that is over
     main([])
-    assert sorted(f.name for f in (tmp_path / "o").iterdir()) == ["manifest.json", "report.json", "test.npz", "train.npz"]
+    assert sorted(f.name for f in (tmp_path / "o").iterdir()) == ["manifest.json", "report.json", "test.npz",
+                                                                  "train.npz"]

@@ -28,7 +28,8 @@ def noise_fit():
     for _ in range(150):
         order = torch.argsort(torch.rand(64, N, generator=g), 1)
         logits, targets, logpi = model(train, order, labels, with_policy=True)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) - torch.gather(logpi, 2, order[..., None]).mean()
+        logpi_BN = torch.gather(logpi, 2, order[..., None])
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten()) - logpi_BN.mean()
         opt.zero_grad()
         loss.backward()
         opt.step()

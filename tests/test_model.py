@@ -3,9 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from oar_core.location import LocationRule, location_scores
 from oar_core.model import GPT, GPTConfig
 from oar_core.orders import is_permutation, sample_orders
-from oar_core.location import LocationRule, location_scores
 from oar_core.sampling import generate, teacher_forced, uncached_candidate_logits
 
 N = 16
@@ -46,7 +46,8 @@ def test_every_candidate_scored_in_one_forward_equals_its_own_order(model):
         order = torch.cat([prefix, cand[:, c : c + 1]], dim=1)
         full, _ = model(tokens, order, labels)
         assert torch.allclose(batched[:, c], full[:, -1], atol=1e-5)
-    assert torch.allclose(batched, uncached_candidate_logits(model, labels, tokens.gather(1, prefix), prefix, cand), atol=1e-5)
+    reference = uncached_candidate_logits(model, labels, tokens.gather(1, prefix), prefix, cand)
+    assert torch.allclose(batched, reference, atol=1e-5)
 
 
 RULES = {"greedy": LocationRule(), "gumbel": LocationRule(temperature=1.0, anneal="linear"),

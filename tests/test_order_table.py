@@ -23,7 +23,8 @@ def perm(image_id: str) -> list[int]:
 
 def write(folder, stem, ids) -> str:
     part = folder / f"{stem}.parquet"
-    write_part(part, pa.table({"image_id": ids, "permutation": pa.array([perm(i) for i in ids], pa.list_(pa.uint16()))}),
+    permutations = pa.array([perm(i) for i in ids], pa.list_(pa.uint16()))
+    write_part(part, pa.table({"image_id": ids, "permutation": permutations}),
                "ckpt", "params")
     return part
 

@@ -1,6 +1,14 @@
 import torch
 
-from oar_core.orders import center_out, is_permutation, kendall_tau_to_raster, raster, sample_orders, spiral, step_of_position
+from oar_core.orders import (
+    center_out,
+    is_permutation,
+    kendall_tau_to_raster,
+    raster,
+    sample_orders,
+    spiral,
+    step_of_position,
+)
 
 
 def test_fixed_orders_are_permutations():

@@ -74,8 +74,8 @@ def test_token_shards_round_trip_through_s3(tmp_path, s3_prefix):
     local = shards.write_shards(tmp_path, "train", tokens, labels, ids, shard_size=128)
     assert [p.rsplit("/", 1)[-1] for p in remote] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert shards.list_shards(s3_prefix, "train") == remote
-    for r, l in zip(remote, local):
-        assert read_bytes(r) == Path(l).read_bytes()  # byte-identical tars on S3 and on disk
+    for r, loc in zip(remote, local):
+        assert read_bytes(r) == Path(loc).read_bytes()  # byte-identical tars on S3 and on disk
     back = [shards.read_shard(p) for p in remote]
     np.testing.assert_array_equal(np.concatenate([b["tokens"] for b in back]), tokens)
     np.testing.assert_array_equal(np.concatenate([b["labels"] for b in back]), labels)

@@ -10,11 +10,11 @@ import torch
 
 from oar_core.data import load_split, run_ingest
 from oar_core.extract import run_extract
+from oar_core.features import INDOMAIN_NAME, fidelity_metrics, save_classifier, train_classifier
 from oar_core.io import file_hash
 from oar_core.likelihood import sampler_bits
-from oar_core.features import INDOMAIN_NAME, fidelity_metrics, save_classifier, train_classifier
 from oar_core.model import load_gpt
-from oar_core.params import ExtractParams, IngestParams, TokenizeParams, TokenizerParams
+from oar_core.params import IngestParams, TokenizeParams, TokenizerParams
 from oar_core.shards import load_tokens, run_tokenize
 from oar_core.tokenizer import load_tokenizer, run_tokenizer
 from tests.conftest import FMNIST_DIR
@@ -34,11 +34,13 @@ def test_ingest_tokenizer_tokenize_twice_give_identical_tokens(fmnist_small, tmp
         with single_thread():
             tok = run_tokenizer(TokenizerParams(codebook_size=64, steps=40, batch_size=64), root / "ingest",
                                 root / "tokenizer.pt", root / "tokenizer.json")
-            run_tokenize(TokenizeParams(out=str(root / "shards"), shard_size=256), root / "ingest", root / "tokenizer.pt")
+            run_tokenize(TokenizeParams(out=str(root / "shards"), shard_size=256), root / "ingest",
+                         root / "tokenizer.pt")
         runs.append((root, ingest, tok))
     (a, _, tok_a), (b, _, tok_b) = runs
     for split in ("train", "test"):  # ingest: identical arrays (and identical to the session fixture's ingest)
-        for x, y, z in zip(load_split(a / "ingest", split), load_split(b / "ingest", split), load_split(fmnist_small, split)):
+        for x, y, z in zip(load_split(a / "ingest", split), load_split(b / "ingest", split),
+                           load_split(fmnist_small, split)):
             assert np.array_equal(x, y) and np.array_equal(x, z)
     assert _digests(a / "ingest") == _digests(b / "ingest")  # npz, manifest and report: byte-identical
     sa, sb = load_tokenizer(a / "tokenizer.pt").state_dict(), load_tokenizer(b / "tokenizer.pt").state_dict()
