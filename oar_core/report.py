@@ -2,7 +2,6 @@
 and `report.md` that puts them beside the metrics table."""
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import polars as pl
 import torch
 
 from oar_core.io import atomic_path, write_bytes_atomic
+from oar_core.live import read_curve
 from oar_core.order_table import mean_step_heatmap, save_heatmaps, scan  # noqa: F401 (evaluate saves heat maps here)
 from oar_core.orders import step_of_position
 from oar_core.samples import image_grid, save_png
@@ -94,26 +94,16 @@ def extracted_heatmaps(orders_dir) -> dict[int, np.ndarray]:
 
 
 # ---- training curves ------------------------------------------------------------------------------------
-def read_curve(path) -> tuple[list[float], list[float]]:
-    xs, ys = [], []
-    if Path(path).exists():
-        with open(path) as f:
-            for row in csv.DictReader(f):
-                vals = list(row.values())
-                xs.append(float(vals[0]))
-                ys.append(float(vals[1]))
-    return xs, ys
-
-
 def save_training_curves(plots_dir, stages: list[str], path) -> list[str]:
-    """Train loss and held-out bits/token of every stage that has plots; returns the stages drawn."""
+    """Train loss and held-out bits/token of every stage that has DVCLive curves under `plots_dir`; returns the
+    stages drawn."""
     plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
     drawn = []
-    pretrain_steps = read_curve(Path(plots_dir) / "train_random" / "loss.csv")[0][-1:] or [0.0]
+    pretrain_steps = read_curve(Path(plots_dir) / "train_random", "train_loss")[0][-1:] or [0.0]
     for stage in stages:
-        xs, ys = read_curve(Path(plots_dir) / stage / "loss.csv")
-        tx, ty = read_curve(Path(plots_dir) / stage / "test_bits.csv")
+        xs, ys = read_curve(Path(plots_dir) / stage, "train_loss")
+        tx, ty = read_curve(Path(plots_dir) / stage, "test_bits_per_token")
         if not xs and not tx:
             continue
         drawn.append(stage)

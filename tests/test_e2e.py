@@ -55,6 +55,7 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_a_change_touches
     table = dvc(full_repo, "metrics", "show", "dvclive/evaluate").stdout  # evaluate alone: a row per model
     assert all(any(line.startswith(f"dvclive/evaluate/{m}/metrics.json") for line in table.splitlines()) for m in names)
     report = (full_repo / "reports/report.md").read_text()
+    assert "figures/training_curves.png" in report  # the curves DVCLive logged reach the report
     assert "skipped: no local Inception weights" in report
     assert all((full_repo / "reports" / line.split("](")[1].split(")")[0]).exists()
                for line in report.splitlines() if "](figures/" in line)  # every picture the report shows exists
