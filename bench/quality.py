@@ -112,9 +112,9 @@ def run_common(a, common: Path, timer: Timer) -> None:
     from oar_core.data import ingest_fashion_mnist, run_ingest
     from oar_core.features import classifier_accuracy, save_classifier, train_classifier
     from oar_core.params import IngestParams, load_params
+    from oar_core.samples import to_uint8_NHWC
     from oar_core.shards import run_tokenize
     from oar_core.tokenizer import load_tokenizer, run_tokenizer, to_float_BCHW
-    from oar_core.samples import to_uint8_NHWC
 
     with cwd(common):
         Path("params.yaml").write_text(yaml.safe_dump(params_for(a, 0, common)))
@@ -134,7 +134,8 @@ def run_common(a, common: Path, timer: Timer) -> None:
             full, _, _ = ingest_fashion_mnist(IngestParams(source=p.ingest.source))
             (x_tr, y_tr, _), (x_te, y_te, _) = full["train"], full["test"]
             clf = train_classifier(x_tr, y_tr, a.classifier_steps, seed=0)
-            save_classifier("classifier.pt", clf, steps=a.classifier_steps, test_accuracy=classifier_accuracy(clf, x_te, y_te))
+            save_classifier("classifier.pt", clf, steps=a.classifier_steps,
+                            test_accuracy=classifier_accuracy(clf, x_te, y_te))
             # images no model trained on, and the same images through the tokenizer
             unseen = np.random.default_rng(0).permutation(np.arange(a.max_train, len(x_tr)))[:a.n_samples]
             tok = load_tokenizer("models/tokenizer.pt")
@@ -167,8 +168,8 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
     from oar_core.model import load_gpt
     from oar_core.params import LocationParams, SampleModelParams, load_params
     from oar_core.samples import class_grid, sample_model, save_png
-    from oar_core.tokenizer import load_tokenizer
     from oar_core.shards import load_token_split
+    from oar_core.tokenizer import load_tokenizer
     from oar_core.train import run_train
 
     shards = str(common / "data/shards")
@@ -185,7 +186,8 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
         ex_p, ft_p = p.extract_orders, p.finetune.model_copy(update={"steps": p.finetune.steps // a.rounds})
         for r in range(1, a.rounds + 1):
             jobs += [(f"extract orders (round {r})", ex_p, None), (f"finetune OAR (round {r})", ft_p, f"finetune_r{r}")]
-            ex_p = ex_p.model_copy(update={"checkpoint": f"{ft_p.out_dir}/model.pt", "out_dir": f"data/orders_r{r + 1}"})
+            ex_p = ex_p.model_copy(update={"checkpoint": f"{ft_p.out_dir}/model.pt",
+                                           "out_dir": f"data/orders_r{r + 1}"})
             ft_p = ft_p.model_copy(update={"init_from": f"{ft_p.out_dir}/model.pt", "orders_dir": ex_p.out_dir,
                                            "out_dir": f"models/oar_r{r + 1}"})
         if a.baselines_from:  # identical baselines of another tag: reuse them (same digest = same params and seed)
@@ -232,7 +234,8 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
                 m = evaluate_images(res["images"], ref["test"], common, seed, cache)
                 meta = {"order": order, "location": spec.location.model_dump()}
                 with torch.no_grad():
-                    m["nll_bits_per_token"], m["nll_how"] = sampler_nll(model, meta, test_NN, test_labels, p.evaluate, device)
+                    m["nll_bits_per_token"], m["nll_how"] = sampler_nll(model, meta, test_NN, test_labels, p.evaluate,
+                                                                        device)
                 m["images_per_s"], m["made_from"] = round(len(res["images"]) / sec, 1), made_from
                 save_png(Path("grids") / f"{name}.png", class_grid(res["images"], res["labels"]))
                 write_json(out, m)
@@ -327,7 +330,8 @@ def main(argv=None):
             else:
                 per_seed[s] = run_seed(a, s, common, timer, ref, cache)
             per_seed[s].update(refrows)
-    extract = {s: [json.loads(f.read_text()) for f in sorted((Path(a.workdir) / f"seed_{s}/data").glob("*/extract.json"))]
+    extract = {s: [json.loads(f.read_text())
+                   for f in sorted((Path(a.workdir) / f"seed_{s}/data").glob("*/extract.json"))]
                for s in a.seeds}
     md = table(per_seed, a, load_classifier(common / "classifier.pt")[1].get("test_accuracy"), extract)
     if a.table_only:

@@ -37,8 +37,20 @@ from pydantic import Field, SkipValidation, ValidationError
 from ruamel.yaml import YAML
 
 from oar_core.io import atomic_path
-from oar_core.params import (EvaluateParams, ExtractParams, FeatureNetParams, IngestParams, Params, ParamsError,
-                             SampleParams, Section, TokenizeParams, TokenizerParams, TrainParams, load_params)
+from oar_core.params import (
+    EvaluateParams,
+    ExtractParams,
+    FeatureNetParams,
+    IngestParams,
+    Params,
+    ParamsError,
+    SampleParams,
+    Section,
+    TokenizeParams,
+    TokenizerParams,
+    TrainParams,
+    load_params,
+)
 
 RAN = re.compile(r"^Running stage '([^']+)'")
 
@@ -93,7 +105,8 @@ def write_params(repo: Path, sections: dict[str, Section]) -> dict[str, tuple]:
     path = repo / "params.yaml"
     current = load_params(path)
     changes = {(name, *key): ch for name, sec in sections.items()
-               for key, ch in _diff(getattr(current, name).model_dump(mode="json"), sec.model_dump(mode="json")).items()}
+               for key, ch in _diff(getattr(current, name).model_dump(mode="json"),
+                                    sec.model_dump(mode="json")).items()}
     if not changes:
         return {}
     y = _round_trip_yaml()
@@ -160,7 +173,8 @@ def _paths(spec: dict, key: str) -> list[str]:
 def stage_graph(repo: Path) -> dict[str, set[str]]:
     """{stage: the stages whose outputs it depends on}, from dvc.yaml."""
     stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    produced = {p.rstrip("/"): s for s, spec in stages.items() for k in ("outs", "metrics", "plots") for p in _paths(spec, k)}
+    produced = {p.rstrip("/"): s for s, spec in stages.items()
+                for k in ("outs", "metrics", "plots") for p in _paths(spec, k)}
 
     def feeds(out: str, dep: str) -> bool:
         dep = dep.rstrip("/")
@@ -279,7 +293,8 @@ def extract_worker(worker_index: int, num_workers: int, repo: str) -> dict:
 
 
 def is_current(stage: str, repo: str) -> bool:
-    out = subprocess.run(dvc("status", "--json", stage), cwd=repo, env=_env(), capture_output=True, text=True, check=True)
+    out = subprocess.run(dvc("status", "--json", stage), cwd=repo, env=_env(), capture_output=True, text=True,
+                         check=True)
     return out.stdout.strip() in ("", "{}")
 
 

@@ -8,8 +8,16 @@ import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from oar_core.features import (INCEPTION_NAME, INDOMAIN_NAME, check_inception_weights, fidelity_metrics, in_space,
-                               load_classifier, load_image_folder, temp_cache_dir)
+from oar_core.features import (
+    INCEPTION_NAME,
+    INDOMAIN_NAME,
+    check_inception_weights,
+    fidelity_metrics,
+    in_space,
+    load_classifier,
+    load_image_folder,
+    temp_cache_dir,
+)
 from oar_core.sampling import ADAPTIVE_ORDERS
 
 

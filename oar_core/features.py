@@ -12,8 +12,6 @@ are repeated to 3 channels and the in-domain extractor converts them back.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,7 +23,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from oar_core.io import load_torch, save_torch
+from oar_core.io import load_torch, save_torch, temp_dir
 from oar_core.live import log_stage
 from oar_core.params import FeatureNetParams
 from oar_core.tokenizer import to_float_BCHW
@@ -269,24 +267,9 @@ def in_space(m: dict, space: str) -> dict:
 
 
 def temp_cache_dir() -> tempfile.TemporaryDirectory:
-    """A per-run torch-fidelity cache (never $TORCH_HOME): real features computed once, reused per model. Named by
-    process id, so the caches a killed run leaked are found and removed here (their process is gone)."""
-    root = Path(tempfile.gettempdir())
-    for d in root.glob("oar-fidelity-*-*"):
-        pid = d.name.split("-")[2]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(d, ignore_errors=True)
-    return tempfile.TemporaryDirectory(prefix=f"oar-fidelity-{os.getpid()}-", dir=root)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    """A per-run torch-fidelity cache (never $TORCH_HOME): real features computed once, reused per model; the caches
+    killed runs leaked are removed."""
+    return temp_dir("oar-fidelity")
 
 
 

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -224,6 +225,27 @@ def list_files(prefix: str | os.PathLike, pattern: str) -> list[str]:
         scheme = str(prefix).split("://", 1)[0]
         return [f"{scheme}://{f}" for f in found]
     return found
+
+
+def temp_dir(prefix: str) -> tempfile.TemporaryDirectory:
+    """A scratch folder in the system temp dir, named `<prefix>-<pid>-*` so that the ones a killed run leaked are
+    found and removed here (their process is gone)."""
+    root = Path(tempfile.gettempdir())
+    for d in root.glob(f"{prefix}-*-*"):
+        pid = d.name[len(prefix) + 1:].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{prefix}-{os.getpid()}-", dir=root)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def pick_device(worker_index: int | None = None) -> torch.device:

@@ -2,7 +2,8 @@
 
     dvclive/<stage>/metrics.json                  the stage's summary (+ "step", the last step, where it has curves)
     dvclive/<stage>/plots/metrics/<name>.tsv      one curve: `step<TAB><name>` rows (train_loss, test_bits_per_token)
-    dvclive/evaluate/<model>/metrics.json         evaluate: one summary per model, so `dvc metrics show` prints a row each
+    dvclive/evaluate/<model>/metrics.json         evaluate: one summary per model (`dvc metrics show` prints a row
+                                                  each)
 
 dvc.yaml stays the one DAG of record: it declares these files, and DVCLive writes no dvc.yaml and saves no
 experiment of its own (`dvc exp run` makes the experiments). A stage's folder is logged whole at the stage's end,
@@ -17,9 +18,10 @@ import csv
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterable
+
+from oar_core.io import temp_dir
 
 METRICS_FILE = "metrics.json"
 CURVES_DIR = Path("plots") / "metrics"
@@ -102,7 +104,7 @@ def _publish(final, fill: Callable[[Path], object]) -> Path:
     for leftover in (staged, old):  # what a run killed here left
         _remove(leftover)
     # DVCLive logs outside the repository, then the result is copied in and renamed into place
-    with tempfile.TemporaryDirectory(prefix="oar-live-") as scratch:
+    with temp_dir("oar-live") as scratch:  # a killed run's scratch folder is swept by the next
         fill(Path(scratch) / final.name)
         (Path(scratch) / final.name).mkdir(exist_ok=True)  # log_per_key of nothing: an empty folder
         shutil.copytree(Path(scratch) / final.name, staged)

@@ -9,7 +9,6 @@ Trains in ~1-2 min on 2 CPU cores for 28x28 Fashion-MNIST at the defaults.
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import numpy as np
@@ -281,7 +280,8 @@ def check_compatible(model: VQTokenizer, manifest: dict, p: TokenizerParams, pat
     if model.channels != manifest["channels"]:
         problems.append(f"channels {model.channels} != data channels {manifest['channels']} (ingest.channels)")
     if model.image_size != manifest["image_size"]:
-        problems.append(f"image_size {model.image_size} != data image_size {manifest['image_size']} (ingest.image_size)")
+        problems.append(f"image_size {model.image_size} != data image_size {manifest['image_size']} "
+                        f"(ingest.image_size)")
     if model.grid != p.grid:
         problems.append(f"grid {model.grid} != tokenizer.grid {p.grid}")
     if problems:

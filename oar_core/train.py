@@ -91,10 +91,12 @@ def build_model(p: TrainParams, meta: dict) -> GPT:
         model, _ = load_gpt(p.init_from)
         c = model.cfg
         if (c.grid_h, c.grid_w, c.vocab_size) != (meta["grid_h"], meta["grid_w"], meta["codebook_size"]):
-            raise ValueError(f"{p.init_from}: checkpoint grid {c.grid_h}x{c.grid_w}/vocab {c.vocab_size} does not match "
-                             f"the shards ({meta['grid_h']}x{meta['grid_w']}/{meta['codebook_size']}); retrain it on these shards")
+            raise ValueError(f"{p.init_from}: checkpoint grid {c.grid_h}x{c.grid_w}/vocab {c.vocab_size} does not "
+                             f"match the shards ({meta['grid_h']}x{meta['grid_w']}/{meta['codebook_size']}); retrain "
+                             f"it on these shards")
         if c.num_classes and c.num_classes != meta["num_classes"]:
-            raise ValueError(f"{p.init_from}: checkpoint has {c.num_classes} classes, the shards {meta['num_classes']}; "
+            raise ValueError(f"{p.init_from}: checkpoint has {c.num_classes} classes, the shards "
+                             f"{meta['num_classes']}; "
                              f"retrain it on these shards")
         if "model" in p.model_fields_set:  # the architecture comes from the checkpoint; a different one asked for
             have = {"n_layer": c.n_layer, "n_head": c.n_head, "d_model": c.d_model, "mlp_ratio": c.mlp_ratio,
@@ -102,7 +104,8 @@ def build_model(p: TrainParams, meta: dict) -> GPT:
             diff = [f"{k}: {getattr(p.model, k)} vs {v}" for k, v in have.items() if getattr(p.model, k) != v]
             if diff:
                 raise ValueError(f"model ({', '.join(diff)} in {p.init_from}) differs from the init_from checkpoint, "
-                                 f"whose architecture is what trains; remove `model` from this section or make it match")
+                                 f"whose architecture is what trains; remove `model` from this section or make it "
+                                 f"match")
         if p.policy_weight > 0 and not c.policy:  # add a fresh policy head to the pretrained trunk
             with_head = GPT(GPTConfig(**{**asdict(c), "policy": True}))
             missing, _ = with_head.load_state_dict(model.state_dict(), strict=False)
@@ -153,7 +156,8 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if p.batch_size % world:
-            raise ValueError(f"{stage}.batch_size ({p.batch_size}) must be divisible by the number of processes ({world})")
+            raise ValueError(f"{stage}.batch_size ({p.batch_size}) must be divisible by the number of processes "
+                             f"({world})")
     is_main = rank == 0
 
     meta = load_meta(shards)
@@ -213,7 +217,8 @@ def run_train(p: TrainParams, stage: str, shards: str = "data/shards", runs_dir:
             if p.policy_weight > 0:  # learn where the extracted orders go next (random-order rows carry no signal)
                 logpi_BNN, mask_B = out[2], given_B[mine].to(device)
                 nll_BN = -torch.gather(logpi_BNN, 2, order_BN[mine].to(device)[..., None])[..., 0]
-                loss = loss + p.policy_weight * (nll_BN * mask_B[:, None]).sum() / (mask_B.sum() * nll_BN.shape[1]).clamp_min(1)
+                rows = (mask_B.sum() * nll_BN.shape[1]).clamp_min(1)
+                loss = loss + p.policy_weight * (nll_BN * mask_B[:, None]).sum() / rows
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)

@@ -1,5 +1,6 @@
-"""Stage `evaluate`: FID/KID/IS/precision/recall (feature_net's space always; Inception with local weights) + held-out NLL per model,
-then pictures and reports/report.md. Metrics: dvclive/evaluate/<model>/metrics.json; labels: reports/metrics_labels.json."""
+"""Stage `evaluate`: FID/KID/IS/precision/recall (feature_net's space always; Inception with local weights) +
+held-out NLL per model, then pictures and reports/report.md. Metrics: dvclive/evaluate/<model>/metrics.json;
+labels: reports/metrics_labels.json."""
 from oar_core.evaluate import run_evaluate
 from pipeline._stage import stage_main
 
@@ -17,7 +18,8 @@ def _args(ap):
 
 def main(argv=None):
     return stage_main(__doc__, "evaluate", lambda p, a: run_evaluate(
-        p, a.samples, a.ingest_dir, a.shards, a.orders_dir, a.tokenizer, a.plots_dir, a.metrics, a.feature_net), argv, _args)
+        p, a.samples, a.ingest_dir, a.shards, a.orders_dir, a.tokenizer, a.plots_dir, a.metrics, a.feature_net),
+        argv, _args)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# the session fixtures of the model stages (tiny shards, a trained any-order model), defined once for every module
+pytest_plugins = ["tests.fixtures_pipeline"]
+
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 S3_BUCKET = "oar-test"
 
@@ -50,8 +53,8 @@ def s3():
 
     s3fs goes through aiobotocore, which honours AWS_ENDPOINT_URL (botocore >= 1.31), so plain `s3://`
     paths in the code under test reach moto without any endpoint plumbing. The env is restored afterwards."""
-    from moto.server import ThreadedMotoServer
     import s3fs
+    from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)

@@ -38,10 +38,10 @@ def run_module(args: list[str], cwd, timeout=300, **popen) -> subprocess.Complet
 @pytest.fixture(scope="session")
 def tiny_shards(fmnist_small, tmp_path_factory) -> Path:
     """Token shards of 512 train / 128 test real images (7x7 grid, 64 codes), 2 shards per split."""
-    from tests.conftest import single_thread
     from oar_core.params import TokenizeParams, TokenizerParams
     from oar_core.shards import run_tokenize
     from oar_core.tokenizer import run_tokenizer
+    from tests.conftest import single_thread
 
     root = tmp_path_factory.mktemp("tiny_shards")
     with single_thread():
@@ -54,8 +54,8 @@ def tiny_shards(fmnist_small, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def any_order_model(tiny_shards, tmp_path_factory) -> tuple[Path, dict]:
     """A small any-order model trained for a few hundred steps (so its orders are not noise)."""
-    from tests.conftest import single_thread
     from oar_core.train import run_train
+    from tests.conftest import single_thread
 
     root = tmp_path_factory.mktemp("any_order")
     p = tiny_train_params(root / "models/random", steps=200, eval_every=100)

@@ -10,7 +10,6 @@ import pytest
 from oar_core.io import write_bytes_atomic
 from oar_core.shards import load_meta, load_tokens
 from pipeline._stage import stage_main
-from tests.fixtures_pipeline import tiny_shards  # noqa: F401
 
 
 def test_a_corrupt_json_artifact_is_named(tmp_path):

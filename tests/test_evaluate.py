@@ -12,8 +12,14 @@ from PIL import Image
 
 from oar_core.data import load_split
 from oar_core.evaluate import run_evaluate
-from oar_core.features import (INDOMAIN_NAME, classifier_accuracy, fidelity_metrics, load_classifier,
-                               load_image_folder, run_feature_net)
+from oar_core.features import (
+    INDOMAIN_NAME,
+    classifier_accuracy,
+    fidelity_metrics,
+    load_classifier,
+    load_image_folder,
+    run_feature_net,
+)
 from oar_core.model import GPT, GPTConfig, save_gpt
 from oar_core.params import EvaluateParams, FeatureNetParams, SampleModelParams, SampleParams, TokenizeParams
 from oar_core.samples import run_sample
@@ -27,7 +33,8 @@ def classifier(fmnist_small, tmp_path_factory):
     root = tmp_path_factory.mktemp("clf")
     summary = run_feature_net(FeatureNetParams(steps=60, batch_size=64), fmnist_small, root / "feature_net.pt",
                               root / "dvclive/feature_net", progress=False)
-    assert summary["task"] == "classes" and json.loads((root / "dvclive/feature_net/metrics.json").read_text()) == summary
+    assert summary["task"] == "classes"
+    assert json.loads((root / "dvclive/feature_net/metrics.json").read_text()) == summary
     return root / "feature_net.pt", load_classifier(root / "feature_net.pt")[0]
 
 
@@ -56,7 +63,8 @@ def pipeline_dir(fmnist_small, tmp_path_factory):
     root = tmp_path_factory.mktemp("pipe")
     torch.manual_seed(0)
     save_tokenizer(root / "tokenizer.pt", VQTokenizer(28, 1, 7, codebook_size=16, code_dim=8, hidden=16))
-    run_tokenize(TokenizeParams(out=str(root / "shards"), shard_size=1000), str(fmnist_small), str(root / "tokenizer.pt"))
+    run_tokenize(TokenizeParams(out=str(root / "shards"), shard_size=1000), str(fmnist_small),
+                 str(root / "tokenizer.pt"))
     cfg = GPTConfig(grid_h=7, grid_w=7, vocab_size=16, num_classes=10, n_layer=1, n_head=2, d_model=32)
     for kind in ("raster", "random", "oar"):
         save_gpt(root / f"{kind}.pt", GPT(cfg), order=kind)
@@ -90,7 +98,8 @@ def test_evaluate_writes_metrics_per_model_with_feature_space(pipeline_dir, fmni
     root, _ = pipeline_dir
     p = EvaluateParams(out_dir=str(tmp_path / "reports"), kid_subset_size=20)
     run_evaluate(p, str(root / "samples"), str(fmnist_small), str(root / "shards"), str(tmp_path / "no-orders"),
-                 str(root / "tokenizer.pt"), str(tmp_path / "dvclive"), str(tmp_path / "dvclive/evaluate"), classifier[0],
+                 str(root / "tokenizer.pt"), str(tmp_path / "dvclive"), str(tmp_path / "dvclive/evaluate"),
+                 classifier[0],
                  progress=False)
     from oar_core.live import read_per_key
 

@@ -10,12 +10,19 @@ import torch
 
 from oar_core.extract import extract_batch, run_extract
 from oar_core.model import load_gpt, save_gpt
-from oar_core.order_table import closest_to_raster, first_positions, mean_step_heatmap, orders_for_ids, per_class, save_heatmaps
+from oar_core.order_table import (
+    closest_to_raster,
+    first_positions,
+    mean_step_heatmap,
+    orders_for_ids,
+    per_class,
+    save_heatmaps,
+)
 from oar_core.orders import is_permutation
 from oar_core.params import ExtractParams
 from oar_core.shards import load_tokens
 from tests.conftest import single_thread
-from tests.fixtures_pipeline import any_order_model, tiny_shards, tiny_train_params  # noqa: F401
+from tests.fixtures_pipeline import tiny_train_params
 from tests.test_order_table import flip_data_pages
 
 N = 49
@@ -134,7 +141,8 @@ def test_finetune_lowers_nll_under_extracted_orders_and_learns_a_policy(any_orde
                                                                          tmp_path):
     from oar_core.train import run_train
 
-    p = tiny_train_params(tmp_path / "oar", order="given", orders_dir=str(orders_dir), init_from=str(any_order_model[0]),
+    p = tiny_train_params(tmp_path / "oar", order="given", orders_dir=str(orders_dir),
+                          init_from=str(any_order_model[0]),
                           steps=60, lr=3e-3, warmup_steps=5, random_mix=0.0, eval_every=60, policy_weight=1.0)
     with single_thread():
         before = run_train(p.model_copy(update={"steps": 1, "lr": 1e-12, "min_lr": 0.0, "warmup_steps": 0}),

@@ -84,7 +84,8 @@ def tiny_repo(tmp_path_factory) -> Path:
         params[section].update(values)
     for section in ("train_raster", "train_random", "finetune"):
         model = {**params[section]["model"], **TINY_TRAIN["model"]} if "model" in params[section] else None
-        params[section].update({**TINY_TRAIN, "model": model} if model else {k: v for k, v in TINY_TRAIN.items() if k != "model"})
+        params[section].update({**TINY_TRAIN, "model": model} if model
+                               else {k: v for k, v in TINY_TRAIN.items() if k != "model"})
     params["finetune"]["steps"] = 5
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], repo)
@@ -146,9 +147,11 @@ def test_write_params_touches_only_changed_keys(tmp_path):
     shutil.copy(ROOT / "params.yaml", path)
     before = path.read_text()
     p = load_params(path)
-    new = p.train_random.model_copy(update={"steps": 7, "model": p.train_random.model.model_copy(update={"d_model": 64})})
+    model = p.train_random.model.model_copy(update={"d_model": 64})
+    new = p.train_random.model_copy(update={"steps": 7, "model": model})
     changes = write_params(tmp_path, {"train_random": new, "ingest": p.ingest})
-    assert changes == {"train_random.steps": (p.train_random.steps, 7), "train_random.model.d_model": (p.train_random.model.d_model, 64)}
+    assert changes == {"train_random.steps": (p.train_random.steps, 7),
+                       "train_random.model.d_model": (p.train_random.model.d_model, 64)}
     after = load_params(path)
     assert after.train_random == new and after.train_raster == p.train_raster and after.ingest == p.ingest
     changed_lines = [(a, b) for a, b in zip(before.splitlines(), path.read_text().splitlines()) if a != b]
@@ -173,7 +176,8 @@ def test_stage_graph_follows_dvc_yaml():
 def test_last_error_prefers_the_stage_message():
     from flows.pipeline import last_error
 
-    lines = ["Running stage 'tokenizer':", "> python -m pipeline.tokenizer", "error: /x.pt: tokenizer checkpoint not found",
+    lines = ["Running stage 'tokenizer':", "> python -m pipeline.tokenizer",
+             "error: /x.pt: tokenizer checkpoint not found",
              "ERROR: failed to reproduce 'tokenizer': failed to run: python -m pipeline.tokenizer, exited with 1"]
     assert last_error(lines).startswith("error: /x.pt: tokenizer checkpoint not found [ERROR: failed to reproduce")
     tb = ["Traceback (most recent call last):", '  File "x.py", line 1', "ZeroDivisionError: division by zero",
@@ -209,7 +213,8 @@ def test_fanout_task_runner_choice():
     assert existing.cluster_class is None and existing.cluster_kwargs == {}
     local = fanout_task_runner("dask", 4, dask_workers=2)  # a LocalCluster of 2 single-threaded worker processes
     assert local.address is None and local.cluster_class == "distributed.LocalCluster"
-    assert local.cluster_kwargs == {"n_workers": 2, "threads_per_worker": 1, "processes": True, "dashboard_address": None}
+    assert local.cluster_kwargs == {"n_workers": 2, "threads_per_worker": 1, "processes": True,
+                                    "dashboard_address": None}
     assert fanout_task_runner("dask", 4).cluster_kwargs["n_workers"] == 4  # default: one process per worker
     for args, kwargs, msg in [(("threads", 2), {"dask_address": "tcp://x:8786"}, "need runner='dask'"),
                               (("dask", 2), {"dask_address": "tcp://x:8786", "dask_workers": 2}, "not both"),
@@ -297,8 +302,8 @@ def test_pipeline_flow_fans_out_extraction_and_reruns_downstream_only(in_repo, p
     from oar_core.params import load_params
 
     params = load_params(in_repo / "params.yaml")
-    params = params.model_copy(update={"extract_orders": params.extract_orders.model_copy(update={"seed": 7,
-                                                                                                  "score": "max_prob"})})
+    extract = params.extract_orders.model_copy(update={"seed": 7, "score": "max_prob"})
+    params = params.model_copy(update={"extract_orders": extract})
     result = oar_pipeline(params=params, extract_workers=2, push=False)
     assert result["params_changed"] == ["extract_orders.score", "extract_orders.seed"]
     assert result["ran"] == ["extract_orders", "finetune"], result
@@ -399,7 +404,8 @@ def test_served_deployment_runs_when_triggered_through_the_api(in_repo, prefect_
         runner = Runner(limit=1, query_seconds=1)
         await runner.add_deployment(deployment)
         name = f"ingest/{deployment.name}"
-        with pytest.raises(PrefectHTTPStatusError, match=r"params\.max_train"):  # the API checks each value's type: no run
+        # the API checks each value's type: no run
+        with pytest.raises(PrefectHTTPStatusError, match=r"params\.max_train"):
             await run_deployment(name, parameters={"params": {"max_train": "many"}}, timeout=0)
         flow_run = await run_deployment(name, parameters={"params": form}, timeout=0)  # returns once scheduled
         await runner.start(run_once=True)  # one poll: picks up the scheduled run and waits for it

@@ -108,3 +108,15 @@ def test_artifacts_get_the_usual_file_mode_not_the_temp_files_private_one(tmp_pa
     finally:
         os.umask(old)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644  # as DVC restores it from its cache
+
+
+@pytest.mark.parametrize("prefix", ["oar-live", "oar-fidelity"])
+def test_scratch_folders_that_killed_runs_leaked_are_swept(prefix):
+    import tempfile
+
+    from oar_core.io import temp_dir
+
+    dead = Path(tempfile.gettempdir()) / f"{prefix}-999999999-leak"  # above Linux's pid_max: never alive
+    dead.mkdir(exist_ok=True)
+    with temp_dir(prefix) as mine:
+        assert not dead.exists() and Path(mine).name.startswith(f"{prefix}-{os.getpid()}-")

@@ -7,8 +7,16 @@ import torch
 from oar_core.data import load_split
 from oar_core.io import save_torch
 from oar_core.params import TokenizerParams
-from oar_core.tokenizer import (VQTokenizer, encode_all, evaluate_tokenizer, load_tokenizer, run_tokenizer,
-                                save_tokenizer, to_float_BCHW, train_tokenizer)
+from oar_core.tokenizer import (
+    VQTokenizer,
+    encode_all,
+    evaluate_tokenizer,
+    load_tokenizer,
+    run_tokenizer,
+    save_tokenizer,
+    to_float_BCHW,
+    train_tokenizer,
+)
 
 from .conftest import single_thread
 
@@ -101,10 +109,12 @@ def test_user_checkpoint_is_adopted(trained, fmnist_small, tmp_path):
 def test_mismatched_checkpoint_errors(fmnist_small, tmp_path):
     save_tokenizer(tmp_path / "g4.pt", VQTokenizer(28, 1, grid=4, codebook_size=16, code_dim=8, hidden=16))
     with pytest.raises(ValueError, match=r"g4.pt.*grid 4 != tokenizer.grid 7"):
-        run_tokenizer(TokenizerParams(checkpoint=str(tmp_path / "g4.pt")), fmnist_small, tmp_path / "t.pt", tmp_path / "m.json")
+        run_tokenizer(TokenizerParams(checkpoint=str(tmp_path / "g4.pt")), fmnist_small, tmp_path / "t.pt",
+                      tmp_path / "m.json")
     save_tokenizer(tmp_path / "rgb.pt", VQTokenizer(28, 3, grid=7, codebook_size=16, code_dim=8, hidden=16))
     with pytest.raises(ValueError, match=r"channels 3 != data channels 1"):
-        run_tokenizer(TokenizerParams(checkpoint=str(tmp_path / "rgb.pt")), fmnist_small, tmp_path / "t.pt", tmp_path / "m.json")
+        run_tokenizer(TokenizerParams(checkpoint=str(tmp_path / "rgb.pt")), fmnist_small, tmp_path / "t.pt",
+                      tmp_path / "m.json")
     assert not (tmp_path / "t.pt").exists()
 
 

@@ -5,13 +5,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from oar_core.model import load_gpt
-from tests.fixtures_pipeline import any_order_model, run_module, tiny_shards, tiny_train_params, write_params  # noqa: F401
+from tests.fixtures_pipeline import run_module, tiny_train_params, write_params
 
 
 def test_loss_falls_and_artifacts_are_written(any_order_model, tmp_path):
@@ -68,7 +67,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_shards, tmp_path):
     from oar_core.live import curve_path, read_summary
 
     live_a, live_b = straight / "dvclive/train_random", killed / "dvclive/train_random"
-    assert sorted(p.relative_to(live_a) for p in live_a.rglob("*")) == sorted(p.relative_to(live_b) for p in live_b.rglob("*"))
+    files = [sorted(p.relative_to(d) for p in d.rglob("*")) for d in (live_a, live_b)]
+    assert files[0] == files[1]
     for name in ("train_loss", "test_bits_per_token"):
         assert curve_path(live_a, name).read_bytes() == curve_path(live_b, name).read_bytes()
     ma, mb = read_summary(live_a), read_summary(live_b)
@@ -77,7 +77,8 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_shards, tmp_path):
 
 
 def test_ddp_two_cpu_processes_match_one(tiny_shards, tmp_path):
-    one, two = _two_workdirs(tmp_path, tiny_train_params("models/m", steps=4, eval_every=4, batch_size=16), ("one", "two"))
+    p = tiny_train_params("models/m", steps=4, eval_every=4, batch_size=16)
+    one, two = _two_workdirs(tmp_path, p, ("one", "two"))
     args = ["pipeline.train", "--stage", "train_random", "--shards", str(tiny_shards)]
     assert run_module(args, one).returncode == 0
     ddp = run_module(["torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", *args], two)
@@ -141,7 +142,8 @@ def test_finetune_rejects_a_model_section_that_differs_from_its_init_from(any_or
     assert build_model(TrainParams(init_from=path), meta).cfg == cfg  # no model section: the checkpoint's
     assert build_model(tiny_train_params(tmp_path, init_from=path, model=same), meta).cfg == cfg
     with pytest.raises(ValueError, match=rf"n_layer: {cfg.n_layer + 1} vs {cfg.n_layer}.*remove `model`"):
-        build_model(tiny_train_params(tmp_path, init_from=path, model=same.model_copy(update={"n_layer": cfg.n_layer + 1})), meta)
+        deeper = same.model_copy(update={"n_layer": cfg.n_layer + 1})
+        build_model(tiny_train_params(tmp_path, init_from=path, model=deeper), meta)
 
 
 def test_an_unconditional_model_trains_on_labelled_shards(tiny_shards, tmp_path):

@@ -1,13 +1,12 @@
 """Fixtures shared by the reliability tests.
 
-The session fixtures of tests/fixtures_pipeline.py are imported here once, so every module of this folder
-shares one tiny token set and one any-order model (imported per module they would be rebuilt per module)."""
+The session fixtures of tests/fixtures_pipeline.py come from tests/conftest.py's `pytest_plugins`, so every module
+shares one tiny token set and one any-order model."""
 from __future__ import annotations
 
 import pytest
 
-from tests.conftest import single_thread
-from tests.fixtures_pipeline import any_order_model, run_module, tiny_shards, write_params  # noqa: F401
+from tests.fixtures_pipeline import run_module, write_params
 
 
 def error_line(proc, stage: str) -> str:

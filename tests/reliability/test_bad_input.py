@@ -20,10 +20,11 @@ from PIL import Image
 from oar_core.data import run_ingest
 from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
 from oar_core.order_table import orders_for_ids
-from oar_core.params import ExtractParams, IngestParams, TrainParams
+from oar_core.params import ExtractParams, IngestParams
 from oar_core.shards import load_tokens, read_shard
-from tests.fixtures_pipeline import TINY_MODEL, tiny_train_params
-from tests.reliability.conftest import error_line, files_under, run_module, single_thread, write_params
+from tests.conftest import single_thread
+from tests.fixtures_pipeline import tiny_train_params
+from tests.reliability.conftest import error_line, files_under, run_module, write_params
 
 N = 49
 
@@ -78,7 +79,7 @@ def test_missing_and_empty_image_folder(tmp_path):
         run_ingest(IngestParams(source=str(tmp_path / "nope"), out_dir=str(out)))
     (tmp_path / "empty" / "Coat").mkdir(parents=True)
     (tmp_path / "empty" / ".DS_Store").write_bytes(b"\0")
-    with pytest.raises(ValueError, match=r"empty: no images found .* put images there or point ingest.source elsewhere"):
+    with pytest.raises(ValueError, match=r"empty: no images found .* put images there or point ingest.source else"):
         run_ingest(IngestParams(source=str(tmp_path / "empty"), out_dir=str(out)))
     assert not out.exists()
     # and as a stage: one line
@@ -326,7 +327,8 @@ def _s3_env(endpoint: str) -> dict:
 
 @pytest.mark.parametrize("kind", ["unreachable", "wrong-credentials"])
 def test_s3_failures_are_bounded_and_clear(tmp_path, kind, request):
-    endpoint = f"http://127.0.0.1:{_closed_port()}" if kind == "unreachable" else request.getfixturevalue("deny_endpoint")
+    endpoint = (f"http://127.0.0.1:{_closed_port()}" if kind == "unreachable"
+                else request.getfixturevalue("deny_endpoint"))
     write_params(tmp_path / "params.yaml", ingest=IngestParams(source="s3://oar-data/images", out_dir="out"))
     env = {**os.environ, **_s3_env(endpoint)}
     env.pop("AWS_PROFILE", None)

@@ -17,8 +17,8 @@ from oar_core.model import load_gpt
 from oar_core.params import IngestParams, TokenizeParams, TokenizerParams
 from oar_core.shards import load_tokens, run_tokenize
 from oar_core.tokenizer import load_tokenizer, run_tokenizer
-from tests.conftest import FMNIST_DIR
-from tests.reliability.conftest import files_under, single_thread
+from tests.conftest import FMNIST_DIR, single_thread
+from tests.reliability.conftest import files_under
 
 
 def _digests(root) -> dict[str, str]:
