@@ -5,13 +5,15 @@ Per model (params `sample.models`: name, checkpoint, order) it writes under `<ou
     orders.parquet          index, label, file, order list<uint16> (position per step), scores list<float32>,
                             tokens list<uint16> (raster layout; lets the report redraw partial canvases)
     grid.png                a sample grid, one column per class
-    meta.json               checkpoint, order, params and timing (evaluate reads it to know what it scores)
-Deterministic: every model draws from its own generator seeded by (seed, model name).
+    meta.json               checkpoint, order and params (evaluate reads it to know what it scores)
+Deterministic: every batch draws from its own generator seeded by (seed, model name, batch index), so the images
+are the same whether one process draws them or `torchrun --nproc_per_node K -m pipeline.sample` splits them.
 """
 from __future__ import annotations
 
 import io
 import math
+import os
 import shutil
 import time
 import zlib
@@ -21,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
@@ -34,11 +37,6 @@ from oar_core.sampling import generate
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
     """0,1,..,K-1,0,1,.. so every class gets n/K images (and any prefix is balanced too)."""
     return torch.arange(n) % max(1, num_classes)
-
-
-def model_seed(seed: int, name: str) -> int:
-    # a stable per-model seed: adding or reordering models never changes another model's samples
-    return seed * 1_000_003 + zlib.crc32(name.encode()) % 1_000_003
 
 
 def to_uint8_NHWC(images_BCHW: torch.Tensor) -> np.ndarray:
@@ -78,29 +76,43 @@ def save_png(path, image_HWC: np.ndarray) -> None:
     write_bytes_atomic(path, png_bytes(image_HWC))
 
 
+def batch_seed(seed: int, name: str, b: int) -> int:
+    # one generator per batch: a batch's samples do not depend on which process draws it, or on the batches before
+    return zlib.crc32(f"{seed}/{name}/{b}".encode())
+
+
 @torch.no_grad()
-def sample_model(model: GPT, tokenizer, spec: SampleModelParams, p: SampleParams, device,
-                 progress: bool = True) -> dict:
-    """Generate p.n_per_model images with `spec.order`; returns labels, tokens, orders, scores, images."""
-    g = torch.Generator().manual_seed(model_seed(p.seed, spec.name))
+def draw_batches(model: GPT, tokenizer, spec: SampleModelParams, p: SampleParams, device, batches: list[int],
+                 progress: bool = True):
+    """For each batch index b in `batches`: (b, labels_B, tokens/order/scores (B, N) arrays, images_BHWC uint8)."""
     labels_N = balanced_labels(p.n_per_model, model.cfg.num_classes)
     H, W = model.cfg.grid_h, model.cfg.grid_w
-    out = {"tokens": [], "order": [], "scores": [], "images": []}
-    batches = range(0, p.n_per_model, p.batch_size)
-    for i in tqdm(batches, desc=f"sample {spec.name}", unit="batch", disable=not progress):
-        labels_B = labels_N[i: i + p.batch_size].to(device)
+    for b in tqdm(batches, desc=f"sample {spec.name}", unit="batch", disable=not progress):
+        labels_B = labels_N[b * p.batch_size: (b + 1) * p.batch_size].to(device)
+        g = torch.Generator().manual_seed(batch_seed(p.seed, spec.name, b))
         with autocast(device):
             res = generate(model, labels_B, order=spec.order, temperature=p.temperature, top_k=p.top_k,
                            cfg_scale=p.cfg_scale, cfg_schedule=p.cfg_schedule,
                            location=LocationRule(**spec.location.model_dump()), generator=g, progress=progress,
                            candidate_chunk_mb=p.candidate_chunk_mb)
-        tokens_BN = res["tokens"]
-        images_BCHW = tokenizer.decode(tokens_BN.view(-1, H, W)).float()
-        out["images"].append(to_uint8_NHWC(images_BCHW))
-        for k in ("tokens", "order", "scores"):
-            out[k].append(res[k].float().cpu() if k == "scores" else res[k].cpu())
-    return {"labels": labels_N.numpy(), "images": np.concatenate(out["images"]),
-            **{k: torch.cat(out[k]).numpy() for k in ("tokens", "order", "scores")}}
+        images_BHWC = to_uint8_NHWC(tokenizer.decode(res["tokens"].view(-1, H, W)).float())
+        yield b, labels_B.cpu().numpy(), {k: res[k].float().cpu().numpy() if k == "scores" else res[k].cpu().numpy()
+                                           for k in ("tokens", "order", "scores")}, images_BHWC
+
+
+def n_batches(p: SampleParams) -> int:
+    return math.ceil(p.n_per_model / p.batch_size)
+
+
+def sample_model(model: GPT, tokenizer, spec: SampleModelParams, p: SampleParams, device,
+                 progress: bool = True) -> dict:
+    """All p.n_per_model images of one model in memory (benchmarks); the stage streams them to disk instead."""
+    out = {"labels": [], "tokens": [], "order": [], "scores": [], "images": []}
+    for _, labels_B, rows, images_BHWC in draw_batches(model, tokenizer, spec, p, device, list(range(n_batches(p))),
+                                                       progress):
+        for k, v in [("labels", labels_B), ("images", images_BHWC), *rows.items()]:
+            out[k].append(v)
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def orders_table(res: dict, files: list[str]) -> pa.Table:
@@ -114,22 +126,59 @@ def orders_table(res: dict, files: list[str]) -> pa.Table:
     })
 
 
-def write_model_samples(folder: Path, res: dict, meta: dict) -> None:
-    """Write one model's samples into a hidden folder, then swap it in whole: a killed or rerun stage never leaves
-    old and new images mixed under the model's name."""
+def draw_model_samples(model: GPT, tokenizer, spec: SampleModelParams, p: SampleParams, device, meta: dict,
+                       rank: int = 0, world: int = 1, progress: bool = True) -> None:
+    """Draw one model's samples into a hidden folder, streaming each batch's PNGs to disk (memory stays flat at any
+    n_per_model), then swap the folder in whole: a killed or rerun stage never leaves old and new images mixed under
+    the model's name. Under torchrun each of the `world` ranks draws every world-th batch into the same folder and
+    rank 0 writes the table, the grid and meta.json: the same bytes as one process."""
+    folder = Path(p.out_dir) / spec.name
     tmp, old = folder.parent / f".{folder.name}.partial", folder.parent / f".{folder.name}.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    files = [f"{i:05d}.png" for i in range(len(res["images"]))]
-    for name, im in zip(files, res["images"]):
-        (tmp / name).write_bytes(png_bytes(im))
-    pq.write_table(orders_table(res, files), tmp / "orders.parquet")
-    (tmp / "grid.png").write_bytes(png_bytes(class_grid(res["images"], res["labels"])))
-    write_json(tmp / "meta.json", meta)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(world)
+    rows: dict[str, list] = {"index": [], "labels": [], "tokens": [], "order": [], "scores": []}
+    for b, labels_B, res, images_BHWC in draw_batches(model, tokenizer, spec, p, device,
+                                                      list(range(rank, n_batches(p), world)), progress):
+        index_B = np.arange(b * p.batch_size, b * p.batch_size + len(labels_B))
+        for i, im in zip(index_B, images_BHWC):
+            (tmp / f"{i:05d}.png").write_bytes(png_bytes(im))
+        for k, v in [("index", index_B), ("labels", labels_B), *res.items()]:
+            rows[k].append(v)
+    np.savez(tmp / f".rows-{rank}.npz", **{k: np.concatenate(v) if v else np.zeros(0) for k, v in rows.items()})
+    barrier(world)
+    if rank == 0:
+        parts = [np.load(tmp / f".rows-{r}.npz") for r in range(world)]
+        index_N = np.concatenate([pt["index"] for pt in parts]).astype(np.int64)
+        by_index = np.argsort(index_N)
+        res = {k: np.concatenate([pt[k] for pt in parts if len(pt["index"])])[by_index]
+               for k in ("labels", "tokens", "order", "scores")}
+        for r in range(world):
+            (tmp / f".rows-{r}.npz").unlink()
+        files = [f"{i:05d}.png" for i in range(len(index_N))]
+        pq.write_table(orders_table(res, files), tmp / "orders.parquet")
+        (tmp / "grid.png").write_bytes(png_bytes(grid_from_folder(tmp, res["labels"])))
+        write_json(tmp / "meta.json", {**meta, "n": len(files)})
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier(world)
+
+
+def grid_from_folder(folder: Path, labels_N: np.ndarray, per_class: int = 8) -> np.ndarray:
+    """class_grid of the images on disk, reading only the ones the grid shows."""
+    classes = np.unique(labels_N)
+    pick = (np.arange(min(len(labels_N), per_class * per_class)) if len(classes) == 1 else
+            np.sort(np.concatenate([np.flatnonzero(labels_N == k)[:per_class] for k in classes])))
+    images = np.stack([np.asarray(Image.open(folder / f"{i:05d}.png")) for i in pick])
+    return class_grid(images.reshape(len(pick), *images.shape[1:3], -1), labels_N[pick], per_class)
+
+
+def barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
 
 
 def tidy_samples_dir(out_dir: Path, names: list[str]) -> list[str]:
@@ -155,9 +204,12 @@ def load_sample_meta(folder) -> dict:
 def run_sample(p: SampleParams, metrics_dir: str = "metrics", progress: bool = True) -> dict:
     from oar_core.tokenizer import load_tokenizer
 
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if world > 1:  # torchrun: ranks only meet at barriers (gloo works with CPU and GPU ranks alike)
+        dist.init_process_group("gloo")
     device = pick_device()
     tokenizer = load_tokenizer(p.tokenizer, device)
-    removed = tidy_samples_dir(Path(p.out_dir), [m.name for m in p.models])
+    removed = tidy_samples_dir(Path(p.out_dir), [m.name for m in p.models]) if rank == 0 else []
     if removed and progress:
         print(f"[sample] removed from {p.out_dir}: {', '.join(removed)} (leftovers of a killed run, or models no "
               f"longer in sample.models)", flush=True)
@@ -169,13 +221,17 @@ def run_sample(p: SampleParams, metrics_dir: str = "metrics", progress: bool = T
                              f"match the tokenizer {p.tokenizer} (grid {tokenizer.grid}/codebook "
                              f"{tokenizer.codebook_size}); retrain the model on this tokenizer's shards")
         t0 = time.time()
-        res = sample_model(model, tokenizer, spec, p, device, progress)
-        seconds = time.time() - t0
         meta = {"name": spec.name, "checkpoint": spec.checkpoint, "checkpoint_hash": file_hash(spec.checkpoint),
                 "order": spec.order, "location": spec.location.model_dump(mode="json"),
-                "trained_order": ckpt.get("order"), "n": int(len(res["labels"])),
-                "num_classes": model.cfg.num_classes, "params": p.model_dump(mode="json")}
-        write_model_samples(Path(p.out_dir) / spec.name, res, meta)
-        summary[spec.name] = {"seconds": round(seconds, 2), "images_per_s": round(len(res["labels"]) / seconds, 2)}
-    write_json(Path(metrics_dir) / "sample.json", summary)
+                "trained_order": ckpt.get("order"), "num_classes": model.cfg.num_classes,
+                "params": p.model_dump(mode="json")}
+        draw_model_samples(model, tokenizer, spec, p, device, meta, rank, world, progress)
+        seconds = time.time() - t0
+        mine = sum(min(p.batch_size, p.n_per_model - b * p.batch_size) for b in range(rank, n_batches(p), world))
+        summary[spec.name] = {"seconds": round(seconds, 2), "images_per_s": round(p.n_per_model / seconds, 2),
+                              "images_this_process": mine}
+    if rank == 0:
+        write_json(Path(metrics_dir) / "sample.json", summary)
+    if world > 1:
+        dist.destroy_process_group()
     return summary

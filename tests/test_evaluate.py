@@ -195,3 +195,23 @@ def test_sample_decodes_with_its_candidate_memory_budget(pipeline_dir, tmp_path,
     run_sample(sp.model_copy(update={"out_dir": str(tmp_path / "s"), "models": sp.models[3:], "n_per_model": 10,
                                      "candidate_chunk_mb": 0.5}), metrics_dir=str(tmp_path / "m"), progress=False)
     assert seen == [0.5]
+
+
+def test_torchrun_ranks_draw_the_same_samples_as_one_process(pipeline_dir, tmp_path):
+    """Two gloo CPU ranks split each model's batches and write byte-identical folders to one process's."""
+    from tests.fixtures_pipeline import run_module, write_params
+
+    _, sp = pipeline_dir
+    p = sp.model_copy(update={"out_dir": "samples", "models": [sp.models[0], sp.models[3]], "n_per_model": 50,
+                              "batch_size": 10})  # 5 batches: ranks take 3 and 2
+    for name, launch in (("one", []), ("two", ["torch.distributed.run", "--standalone", "--nproc_per_node", "2"])):
+        (tmp_path / name).mkdir()
+        write_params(tmp_path / name / "params.yaml", sample=p)
+        r = run_module(launch + ["-m", "pipeline.sample"] if launch else ["pipeline.sample"], tmp_path / name)
+        assert r.returncode == 0, r.stderr[-2000:]
+        drawn = sorted(json.loads(ln.split(": ", 1)[1])["raster"]["images_this_process"]
+                       for ln in r.stdout.splitlines() if ln.startswith("sample: "))
+        assert drawn == ([50] if name == "one" else [20, 30])  # the ranks split the batches, not repeat them
+    one, two = ({str(f.relative_to(tmp_path / d)): f.read_bytes() for f in sorted((tmp_path / d / "samples").rglob("*"))
+                 if f.is_file()} for d in ("one", "two"))
+    assert len(one) == 2 * (50 + 3) and one == two  # PNGs, orders.parquet, grid.png, meta.json per model
