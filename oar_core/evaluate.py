@@ -13,9 +13,9 @@ from oar_core.features import (
     INDOMAIN_NAME,
     check_inception_weights,
     fidelity_metrics,
+    image_folder,
     in_space,
     load_classifier,
-    load_image_folder,
     temp_cache_dir,
 )
 from oar_core.sampling import ADAPTIVE_ORDERS
@@ -47,14 +47,14 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
     from oar_core.likelihood import bits_along_orders, sampler_nll
     from oar_core.live import log_per_key
     from oar_core.model import load_gpt
-    from oar_core.samples import class_grid
+    from oar_core.samples import grid_from_folder
     from oar_core.shards import load_token_split
 
     out = Path(p.out_dir)
     manifest = load_manifest(ingest_dir)
     size, channels = manifest["image_size"], manifest["channels"]
     models = model_folders(samples_dir)
-    gen = {name: load_image_folder(Path(samples_dir) / name, size, channels) for name, _ in models}
+    gen = {name: image_folder(Path(samples_dir) / name, size, channels) for name, _ in models}
     train_NHWC, _, _ = load_split(ingest_dir, "train")
     test_NHWC, _, _ = load_split(ingest_dir, "test")
     metrics: dict = {}
@@ -114,7 +114,7 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
     figures = {"grids": {}, "strips": {}, "heat_samples": {}, "heat_extracted": None, "curves": None}
     for name, meta in models:
         table = pl.read_parquet(Path(samples_dir) / name / "orders.parquet")
-        report.save_png(fig / f"grid_{name}.png", class_grid(gen[name], table["label"].to_numpy()))
+        report.save_png(fig / f"grid_{name}.png", grid_from_folder(Path(samples_dir) / name, table["label"].to_numpy()))
         figures["grids"][name] = f"figures/grid_{name}.png"
         report.save_strips(tok, Path(samples_dir) / name / "orders.parquet", fig / f"strip_{name}.png", p.strip_steps)
         figures["strips"][name] = f"figures/strip_{name}.png"

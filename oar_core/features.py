@@ -203,18 +203,19 @@ class UInt8Images(Dataset):
         return x_CHW.expand(3, -1, -1).contiguous() if x_CHW.shape[0] == 1 else x_CHW
 
 
-def fidelity_metrics(gen_NHWC: np.ndarray, real_NHWC: np.ndarray, feature_extractor: str, weights_path: str,
+def fidelity_metrics(gen_NHWC: np.ndarray | Dataset, real_NHWC: np.ndarray, feature_extractor: str, weights_path: str,
                      kid_subset_size: int = 100, seed: int = 0, batch_size: int = 250, cache_dir: str | None = None,
                      real_cache_name: str | None = None) -> dict:
     """FID / KID / IS and k-NN precision / recall (diversity) of generated vs real images, in one feature
-    space. IS is computed on the generated images only.
+    space. IS is computed on the generated images only. The generated images may be an ImageFiles (read lazily).
 
     `real_cache_name` lets torch-fidelity reuse the real images' features across models (in `cache_dir`)."""
     torch_fidelity, _ = _import_fidelity()
     register_indomain()
     n = min(len(gen_NHWC), len(real_NHWC))
     subset = min(kid_subset_size, n)  # torch-fidelity rejects a KID subset larger than either set
-    kw = dict(input1=UInt8Images(gen_NHWC), input2=UInt8Images(real_NHWC), cuda=torch.cuda.is_available(),
+    gen = gen_NHWC if isinstance(gen_NHWC, Dataset) else UInt8Images(gen_NHWC)
+    kw = dict(input1=gen, input2=UInt8Images(real_NHWC), cuda=torch.cuda.is_available(),
               fid=True, kid=True, isc=True, prc=True, feature_extractor=feature_extractor,
               feature_extractor_weights_path=weights_path, kid_subset_size=subset,
               isc_splits=max(1, min(10, len(gen_NHWC) // 50)), batch_size=batch_size, rng_seed=seed,
@@ -240,8 +241,29 @@ def check_inception_weights(path: str) -> str:
 
 
 # ---- reading generated images -----------------------------------------------------------------------
-def load_image_folder(folder, image_size: int, channels: int) -> np.ndarray:
-    """All `*.png` in `folder` except grid.png, as (N,H,W,C) uint8; clear errors for missing/mis-sized images."""
+class ImageFiles(Dataset):
+    """PNG files read one at a time, as torch-fidelity's uint8 (3,H,W) items: scoring 50k samples holds none of them
+    in memory."""
+
+    def __init__(self, files: list[Path], image_size: int, channels: int):
+        self.files, self.image_size, self.channels = files, image_size, channels
+
+    def __len__(self):
+        return len(self.files)
+
+    def image(self, i: int) -> np.ndarray:
+        with Image.open(self.files[i]) as im:
+            im = im.convert("L" if self.channels == 1 else "RGB")
+            return np.array(im, dtype=np.uint8).reshape(self.image_size, self.image_size, self.channels)
+
+    def __getitem__(self, i):
+        x_CHW = torch.from_numpy(self.image(i)).permute(2, 0, 1)
+        return x_CHW.expand(3, -1, -1).contiguous() if x_CHW.shape[0] == 1 else x_CHW
+
+
+def image_folder(folder, image_size: int, channels: int) -> ImageFiles:
+    """The `*.png` of `folder` except grid.png, checked from their headers: clear errors for a missing folder and
+    mis-sized images before any scoring starts."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder}: generated-images folder not found; run `dvc repro sample` "
@@ -249,16 +271,19 @@ def load_image_folder(folder, image_size: int, channels: int) -> np.ndarray:
     files = sorted(f for f in folder.glob("*.png") if f.name != "grid.png")
     if not files:
         raise ValueError(f"{folder}: no generated images (*.png); rerun `dvc repro sample`")
-    images = []
     for f in files:
-        with Image.open(f) as im:
+        with Image.open(f) as im:  # reads the header only
             if im.size != (image_size, image_size):
                 raise ValueError(f"{folder}: {f.name} is {im.size[0]}x{im.size[1]} but the real test images are "
                                  f"{image_size}x{image_size}; regenerate the samples with the current tokenizer "
                                  "(`dvc repro sample`) so both sets have the ingest size")
-            im = im.convert("L" if channels == 1 else "RGB")
-            images.append(np.asarray(im, dtype=np.uint8).reshape(image_size, image_size, channels))
-    return np.stack(images)
+    return ImageFiles(files, image_size, channels)
+
+
+def load_image_folder(folder, image_size: int, channels: int) -> np.ndarray:
+    """image_folder's images as one (N,H,W,C) uint8 array."""
+    images = image_folder(folder, image_size, channels)
+    return np.stack([images.image(i) for i in range(len(images))])
 
 
 def in_space(m: dict, space: str) -> dict:

@@ -215,3 +215,16 @@ def test_torchrun_ranks_draw_the_same_samples_as_one_process(pipeline_dir, tmp_p
     one, two = ({str(f.relative_to(tmp_path / d)): f.read_bytes() for f in sorted((tmp_path / d / "samples").rglob("*"))
                  if f.is_file()} for d in ("one", "two"))
     assert len(one) == 2 * (50 + 3) and one == two  # PNGs, orders.parquet, grid.png, meta.json per model
+
+
+def test_samples_are_scored_from_disk_lazily_with_the_same_numbers(pipeline_dir, fmnist_small, classifier):
+    from oar_core.features import ImageFiles, image_folder
+
+    root, _ = pipeline_dir
+    lazy = image_folder(root / "samples" / "oar", 28, 1)
+    assert isinstance(lazy, ImageFiles) and len(lazy) == 40  # nothing decoded yet: files, read per item
+    test_NHWC, _, _ = load_split(fmnist_small, "test")
+    eager = load_image_folder(root / "samples" / "oar", 28, 1)
+    a, b = (fidelity_metrics(x, test_NHWC, INDOMAIN_NAME, str(classifier[0]), kid_subset_size=20)
+            for x in (lazy, eager))
+    assert a == b
