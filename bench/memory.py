@@ -4,6 +4,8 @@
     OMP_NUM_THREADS=1 python -m bench.memory                  # the full 60k train set (slow on CPU)
     OMP_NUM_THREADS=1 python -m bench.memory --images 2000    # measure, then extrapolate to 60k
     OMP_NUM_THREADS=1 python -m bench.memory --decode-step    # candidate scoring at 16x16, V=16384 only
+    OMP_NUM_THREADS=1 python -m bench.memory --ingest-tokenize --json bench/logs/ingest_tokenize.json
+    OMP_NUM_THREADS=1 python -m bench.memory --ingest-tokenize --sizes 1000 2000 --generated 3000   # quick
 
 The tokenizer and the AR model are untrained unless --tokenizer / --model are given: memory and speed do not
 depend on the weights, only on the shapes (default: 7x7 grid, 256 codes, the pipeline model, 4 layers x d=128).
@@ -17,30 +19,28 @@ candidates) at a 16x16 grid with a 16384-code vocabulary and a small random mode
 as a budget >= C gives) and after (the default `candidate_chunk_mb`). Peak: the kernel's high-water RSS
 (VmHWM, reset through /proc/self/clear_refs) above the RSS before, on CPU; torch.cuda.max_memory_allocated
 above the allocated memory before, on CUDA.
+
+--ingest-tokenize runs the `ingest`, `tokenizer` (--tokenizer-steps steps) and `tokenize` stages as subprocesses by
+their dvc.yaml command lines (bench.scale.run_stage: wall time, and peak RSS of the process tree) at each of
+--sizes of Fashion-MNIST and on --generated synthetic PNGs (made once in --workdir), and checks each ingest and
+tokenize peak against --bound-mb: a streaming data path keeps it flat whatever the number of images.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import resource
+import shutil
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
-
-from oar_core.data import run_ingest
-from oar_core.extract import run_extract
-from oar_core.location import LocationRule
-from oar_core.model import GPT, GPTConfig, save_gpt
-from oar_core.params import ExtractParams, IngestParams, ModelParams, SampleModelParams, SampleParams, TokenizeParams
-from oar_core.samples import sample_model
-from oar_core.sampling import CANDIDATE_CHUNK_MB, candidate_chunk, decode
-from oar_core.shards import load_tokens, run_tokenize
-from oar_core.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
 
 FULL = 60000
 MB = 2**20
@@ -106,6 +106,10 @@ class _Stop(Exception):
 
 def decode_step_peaks(batch: int, steps: int = 2, grid: int = 16, vocab: int = 16384, device=None) -> dict:
     """Peak memory (MB) of the first `steps` confidence-order steps, unchunked vs the default budget."""
+    from oar_core.location import LocationRule
+    from oar_core.model import GPT, GPTConfig
+    from oar_core.sampling import CANDIDATE_CHUNK_MB, candidate_chunk, decode
+
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
     model = GPT(GPTConfig(grid_h=grid, grid_w=grid, vocab_size=vocab, num_classes=10, n_layer=2, n_head=4,
@@ -151,27 +155,26 @@ def print_decode_step(fig: dict) -> None:
               f"{r['ratio']:>7.1f}x{r['seconds']:>9.1f}")
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--images", type=int, default=FULL, help="train images to ingest, tokenize and extract")
-    ap.add_argument("--test-images", type=int, default=500)
-    ap.add_argument("--sample", type=int, default=None, help="images to sample (default: --images)")
-    ap.add_argument("--shard-size", type=int, default=TokenizeParams().shard_size)
-    ap.add_argument("--batch", type=int, default=ExtractParams().batch_size)
-    ap.add_argument("--tokenizer", default=None)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--fashion-mnist-dir", default=IngestParams().source)
-    ap.add_argument("--bound-mb", type=float, default=1024.0, help="allowed RSS growth during extraction/sampling")
-    ap.add_argument("--json", default=None, help="also write the figures here")
-    ap.add_argument("--decode-step", action="store_true", help="only the candidate-scoring peak (see above)")
-    ap.add_argument("--decode-batch", type=int, default=64, help="images per batch for --decode-step")
-    a = ap.parse_args(argv)
-    if a.decode_step:
-        fig = decode_step_peaks(a.decode_batch)
-        print_decode_step(fig)
-        if a.json:
-            Path(a.json).write_text(json.dumps(fig, indent=2))
-        return fig
+def data_path(a) -> dict:
+    """The in-process phases: ingest -> tokenize -> extract_orders -> confidence sampling."""
+    from oar_core.data import run_ingest
+    from oar_core.extract import run_extract
+    from oar_core.model import GPT, GPTConfig, save_gpt
+    from oar_core.params import (
+        ExtractParams,
+        IngestParams,
+        ModelParams,
+        SampleModelParams,
+        SampleParams,
+        TokenizeParams,
+    )
+    from oar_core.samples import sample_model
+    from oar_core.shards import load_tokens, run_tokenize
+    from oar_core.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
+
+    a.shard_size = a.shard_size or TokenizeParams().shard_size
+    a.batch = a.batch or ExtractParams().batch_size
+    a.fashion_mnist_dir = a.fashion_mnist_dir or IngestParams().source
     n_sample = a.sample if a.sample is not None else a.images
     torch.manual_seed(0)
     rows, fig = [], {"images": a.images, "threads": torch.get_num_threads(), "shard_size": a.shard_size}
@@ -235,6 +238,147 @@ def main(argv=None):
     if a.json:
         Path(a.json).write_text(json.dumps(fig, indent=2))
     return fig
+
+
+# ----------------------------------------------------------------------------- --ingest-tokenize: stage subprocesses
+
+def generated_folder(folder: Path, n: int, seed: int = 0, batch: int = 1000) -> Path:
+    """`n` 28x28 grayscale PNGs in 10 class sub-folders (a class: a stripe angle; an image: its own frequency,
+    phase, disc mask, bright box and noise), made once: reused when `<folder>.complete` says n."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    done = folder.with_name(folder.name + ".complete")
+    if done.exists() and done.read_text().strip() == str(n):
+        print(f"reusing {n} generated images in {folder}", flush=True)
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)
+    for c in range(10):
+        (folder / f"class{c}").mkdir(parents=True)
+    rng, (yy, xx) = np.random.default_rng(seed), np.mgrid[0:28, 0:28].astype(np.float32)
+    with tqdm(total=n, unit="img", desc=f"generate {folder.name}", mininterval=2) as bar:
+        for start in range(0, n, batch):
+            b = min(batch, n - start)
+            labels = np.arange(start, start + b) % 10
+
+            def r(lo, hi):  # one value per image, broadcast over the pixels
+                return rng.uniform(lo, hi, (b, 1, 1)).astype(np.float32)
+
+            angle = labels[:, None, None] * np.pi / 10 + r(-0.15, 0.15)
+            stripes = 0.5 + 0.5 * np.sin(r(0.3, 1.2) * (xx * np.cos(angle) + yy * np.sin(angle)) + r(0, 2 * np.pi))
+            disc = (xx - r(8, 20)) ** 2 + (yy - r(8, 20)) ** 2 < r(5, 13) ** 2
+            x0, y0 = r(0, 20), r(0, 20)
+            box = (xx >= x0) & (xx < x0 + r(3, 10)) & (yy >= y0) & (yy < y0 + r(3, 10))
+            img = stripes * disc + 0.6 * box + rng.normal(0, 0.08, (b, 28, 28))
+            img = (np.clip(img, 0, 1) * 255).astype(np.uint8)
+            for i in range(b):
+                Image.fromarray(img[i]).save(folder / f"class{labels[i]}" / f"{start + i:07d}.png", compress_level=1)
+            bar.update(b)
+    done.write_text(str(n))
+    return folder
+
+
+def _datasets(a) -> list[tuple[str, dict]]:
+    """(label, ingest overrides) per data size: --sizes TRAIN[:TEST] (TEST defaults to TRAIN/6) or `all`."""
+    out = []
+    for size in a.sizes:
+        if size == "all":
+            out.append(("fashion-mnist all", {"ingest.max_train": None, "ingest.max_test": None}))
+        else:
+            train, _, test = size.partition(":")
+            train, test = int(train), int(test) if test else max(1, int(train) // 6)
+            out.append((f"fashion-mnist {train}+{test}", {"ingest.max_train": train, "ingest.max_test": test}))
+    if a.generated:
+        folder = generated_folder(a.workdir / f"gen-{a.generated}", a.generated)
+        out.append((f"generated {a.generated}", {"ingest.source": str(folder), "ingest.max_train": None,
+                                                  "ingest.max_test": None}))
+    return out
+
+
+def ingest_tokenize(a) -> dict:
+    """Peak RSS and wall time of the ingest, tokenizer (few steps) and tokenize stages, each run by its dvc.yaml
+    command line in a fresh folder per data size."""
+    from bench.scale import check, dag_stages, run_stage, write_params
+
+    cmds = {name: cmd for name, cmd, _ in dag_stages()}
+    a.workdir = Path(a.workdir).resolve()
+    a.workdir.mkdir(parents=True, exist_ok=True)
+    stages = ("ingest", "tokenizer", "tokenize")
+    fig = {"bound_mb": a.bound_mb, "tokenizer_steps": a.tokenizer_steps, "workdir": str(a.workdir),
+           "omp_num_threads": os.environ.get("OMP_NUM_THREADS", "unset"), "rows": []}
+    for label, overrides in _datasets(a):
+        run = a.workdir / f"run-{label.replace(' ', '-').replace('+', '_')}"
+        shutil.rmtree(run, ignore_errors=True)
+        run.mkdir()
+        params = write_params(run, {**overrides, "tokenizer.steps": a.tokenizer_steps})
+        row = {"data": label}
+        for name in stages:
+            print(f"==> {label}: {name}: {cmds[name]}", flush=True)
+            r = run_stage(name, cmds[name], run, log_dir=a.workdir / "logs" / run.name)
+            check(name, r, a.workdir / "logs" / run.name)
+            print(f"==> {label}: {name}: {r['wall_s']:.1f}s, peak RSS {r['peak_rss_mb']:.0f} MB", flush=True)
+            row[name] = r
+            if name == "ingest":
+                manifest = json.loads((run / params["ingest"]["out_dir"] / "manifest.json").read_text())
+                row["counts"] = manifest["counts"]
+                row["images"] = sum(manifest["counts"].values())
+        row["pass"] = all(row[s]["peak_rss_mb"] <= a.bound_mb for s in ("ingest", "tokenize"))
+        fig["rows"].append(row)
+        if not a.keep:
+            shutil.rmtree(run)
+
+    rows = sorted(fig["rows"], key=lambda r: r["images"])
+    fig["ratio_largest_to_smallest"] = {s: round(rows[-1][s]["peak_rss_mb"] / rows[0][s]["peak_rss_mb"], 2)
+                                        for s in stages}
+    lines = [f"| data | images | ingest s / peak MB | tokenize s / peak MB | <= {a.bound_mb:.0f} MB | "
+             f"tokenizer ({a.tokenizer_steps} steps) s / peak MB |", "|---|---|---|---|---|---|"]
+    cell = lambda r: f"{r['wall_s']:.1f} / {r['peak_rss_mb']:.0f}"  # noqa: E731
+    lines += [f"| {r['data']} | {r['images']} | {cell(r['ingest'])} | {cell(r['tokenize'])} | "
+              f"{'PASS' if r['pass'] else 'FAIL'} | {cell(r['tokenizer'])} |" for r in fig["rows"]]
+    print("\n" + "\n".join(lines))
+    print(f"\npeak RSS at {rows[-1]['images']} images / at {rows[0]['images']}: " + ", ".join(
+        f"{s} {v:.2f}x" for s, v in fig["ratio_largest_to_smallest"].items()) + " (flat memory: ~1x); bound "
+        f"{a.bound_mb:.0f} MB on ingest and tokenize: {sum(r['pass'] for r in rows)}/{len(rows)} PASS")
+    fig["all_pass"] = all(r["pass"] for r in rows)
+    if a.json:
+        Path(a.json).write_text(json.dumps(fig, indent=2))
+    return fig
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=FULL, help="train images to ingest, tokenize and extract")
+    ap.add_argument("--test-images", type=int, default=500)
+    ap.add_argument("--sample", type=int, default=None, help="images to sample (default: --images)")
+    ap.add_argument("--shard-size", type=int, default=None, help="default: the params default")
+    ap.add_argument("--batch", type=int, default=None, help="extraction batch (default: the params default)")
+    ap.add_argument("--tokenizer", default=None)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--fashion-mnist-dir", default=None, help="default: the params default")
+    ap.add_argument("--bound-mb", type=float, default=1024.0, help="allowed RSS growth during extraction/sampling; "
+                    "with --ingest-tokenize: allowed peak RSS of the ingest and tokenize stages")
+    ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--decode-step", action="store_true", help="only the candidate-scoring peak (see above)")
+    ap.add_argument("--decode-batch", type=int, default=64, help="images per batch for --decode-step")
+    it = ap.add_argument_group("--ingest-tokenize (see above)")
+    it.add_argument("--ingest-tokenize", action="store_true", help="peak RSS of the stage subprocesses, per data size")
+    it.add_argument("--sizes", nargs="*", default=["6000:1000", "all"],
+                    help="Fashion-MNIST sizes: TRAIN[:TEST] (TEST default TRAIN/6) or all")
+    it.add_argument("--generated", type=int, default=100_000, help="generated PNGs as the last size (0: none)")
+    it.add_argument("--tokenizer-steps", type=int, default=20)
+    it.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "oar-bench-ingest-tokenize"),
+                    help="runs, logs and the generated images (kept and reused)")
+    it.add_argument("--keep", action="store_true", help="keep each size's run folder")
+    a = ap.parse_args(argv)
+    if a.decode_step:
+        fig = decode_step_peaks(a.decode_batch)
+        print_decode_step(fig)
+        if a.json:
+            Path(a.json).write_text(json.dumps(fig, indent=2))
+        return fig
+    if a.ingest_tokenize:
+        return ingest_tokenize(a)
+    return data_path(a)
 
 
 if __name__ == "__main__":

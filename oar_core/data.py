@@ -3,8 +3,9 @@
 Sources (`ingest.source`, a DVC dependency of the stage): a local folder or an s3:// prefix, holding either the
 Fashion-MNIST idx .gz files (read with the official split) or images.
 Folders may hold one level of class sub-folders (labels = sorted folder names) or be flat (one class).
-Output (in p.out_dir): train.npz / test.npz {images (N,H,W,C) uint8, labels (N,) int64, ids (N,) str},
-manifest.json, report.json (skipped files and why).
+Output (in p.out_dir): WebDataset shards {split}-NNNNNN.tar of `shard_size` samples {png, cls, id.txt}, written
+as the images stream in (memory stays flat however many there are); report.json (skipped files and why);
+manifest.json (sizes, classes, counts, the shard list), written last.
 """
 from __future__ import annotations
 
@@ -12,16 +13,20 @@ import collections
 import gzip
 import hashlib
 import io
+import itertools
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from oar_core import io as io_
-from oar_core.io import fs_for, is_remote, join, read_bytes, read_json, storage_errors, write_bytes_atomic, write_json
+from oar_core import webds
+from oar_core.io import fs_for, is_remote, join, read_json, storage_errors, write_json
 from oar_core.params import IngestParams
+from oar_core.webds import shard_writer
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -29,6 +34,7 @@ FASHION_MNIST_CLASSES = [
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 SPLITS = ("train", "test")
 IGNORED_KINDS = ("hidden", "empty_folder")  # listed in the report, never counted as skipped images
+INGEST_RERUN = "rerun `dvc repro ingest` (or python -m pipeline.ingest)"
 
 
 # ----------------------------------------------------------------------------- image normalization
@@ -127,45 +133,46 @@ def is_fashion_mnist(source: str) -> bool:
         return any(fs.exists(f"{root.rstrip('/')}/{f}") for f in FASHION_MNIST_FILES)
 
 
-def _read_idx(path: str, magic: int) -> np.ndarray:
+def _open_idx(path: str, magic: int):
+    """An idx .gz file opened for streaming, past its header: (file, count, row shape)."""
     try:
-        raw = gzip.decompress(read_bytes(path))
+        with storage_errors(path, "read"):
+            fs, p = fs_for(path)
+            f = gzip.GzipFile(fileobj=fs.open(p, "rb"))
     except FileNotFoundError:
         raise FileNotFoundError(
             f"{path}: Fashion-MNIST file not found; install the Debian package `dataset-fashion-mnist` "
             f"or point ingest.source to the folder holding all four idx .gz files"
         ) from None
-    got_magic, n = int.from_bytes(raw[0:4], "big"), int.from_bytes(raw[4:8], "big")
+    dims = 3 if magic == 2051 else 1
+    head = f.read(4 * (1 + dims))
+    got_magic = int.from_bytes(head[0:4], "big")
     if got_magic != magic:
         raise ValueError(f"{path}: not an idx file (magic {got_magic:#x}, expected {magic:#x}); re-install the dataset")
-    if magic == 2051:  # images: n, rows, cols
-        rows, cols = int.from_bytes(raw[8:12], "big"), int.from_bytes(raw[12:16], "big")
-        return np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(n, rows, cols)
-    return np.frombuffer(raw, dtype=np.uint8, offset=8).astype(np.int64)  # labels
+    n, *shape = (int.from_bytes(head[4 * i:4 * i + 4], "big") for i in range(1, 1 + dims))
+    return f, n, tuple(shape)
 
 
-def ingest_fashion_mnist(p: IngestParams) -> tuple[dict, list[dict], list[str]]:
-    splits, skipped = {}, []
-    for split, stem, limit in (("train", "train", p.max_train), ("test", "t10k", p.max_test)):
-        images_NHW = _read_idx(join(p.source, f"{stem}-images-idx3-ubyte.gz"), 2051)
-        labels_N = _read_idx(join(p.source, f"{stem}-labels-idx1-ubyte.gz"), 2049)
-        if limit is not None:  # the official files are already class-mixed, so a prefix is a fair subset
-            images_NHW, labels_N = images_NHW[:limit], labels_N[:limit]
-        ids = [f"fmnist-{split}-{i:05d}" for i in range(len(labels_N))]
-        if p.image_size == images_NHW.shape[1] and p.channels == 1:
-            images_NHWC = images_NHW[..., None].copy()
-        elif p.on_size_mismatch == "reject" and p.image_size != images_NHW.shape[1]:
-            raise ValueError(
-                f"ingest.image_size={p.image_size} but Fashion-MNIST is {images_NHW.shape[1]}x{images_NHW.shape[2]} "
-                f"and ingest.on_size_mismatch=reject; set image_size: 28 or on_size_mismatch: resize"
-            )
-        else:
-            images_NHWC = np.stack([
-                normalize_image(Image.fromarray(im, mode="L"), p)[0]
-                for im in tqdm(images_NHW, desc=f"resize {split}", unit="img", leave=False)
-            ])
-        splits[split] = (images_NHWC, labels_N, ids)
-    return splits, skipped, list(FASHION_MNIST_CLASSES)
+def fashion_mnist_samples(p: IngestParams, split: str) -> Iterator[tuple[np.ndarray, int, str]]:
+    """(image HWC, label, id) of one official split, read from the .gz a chunk of rows at a time."""
+    stem, limit = ("train", p.max_train) if split == "train" else ("t10k", p.max_test)
+    lf, n_labels, _ = _open_idx(join(p.source, f"{stem}-labels-idx1-ubyte.gz"), 2049)
+    with lf:
+        labels_N = np.frombuffer(lf.read(n_labels), dtype=np.uint8)
+    f, n, (rows, cols) = _open_idx(join(p.source, f"{stem}-images-idx3-ubyte.gz"), 2051)
+    if p.on_size_mismatch == "reject" and p.image_size != rows:
+        raise ValueError(
+            f"ingest.image_size={p.image_size} but Fashion-MNIST is {rows}x{cols} and "
+            f"ingest.on_size_mismatch=reject; set image_size: 28 or on_size_mismatch: resize")
+    n = min(n, len(labels_N), limit or n)  # the official files are class-mixed, so a prefix is a fair subset
+    with f:
+        for start in range(0, n, 1000):
+            chunk_nHW = np.frombuffer(f.read((min(n, start + 1000) - start) * rows * cols), np.uint8).reshape(-1, rows,
+                                                                                                              cols)
+            for i, im_HW in enumerate(chunk_nHW, start):
+                arr_HWC = (im_HW[..., None] if p.image_size == rows and p.channels == 1
+                           else normalize_image(Image.fromarray(im_HW, mode="L"), p)[0])
+                yield arr_HWC, int(labels_N[i]), f"fmnist-{split}-{i:05d}"
 
 
 # ----------------------------------------------------------------------------- folders / S3 prefixes
@@ -236,69 +243,67 @@ def _fetch(paths: list[str]) -> dict[str, bytes | Exception]:
     return {path: got.get(s, FileNotFoundError(s)) for path, s in zip(paths, stripped)}
 
 
-def ingest_folder(p: IngestParams, chunk: int = 256) -> tuple[dict, list[dict], list[str]]:
-    entries, skipped, class_names = scan_folder(p.source)
-    label_of = {c: i for i, c in enumerate(class_names)}
-    by_split: dict[str, list] = {s: [] for s in SPLITS}
-    for full, rel, c in entries:
-        split, h = split_of(rel, p.test_fraction, p.seed)
-        by_split[split].append((h, rel, full, label_of.get(c, 0)))
-    splits = {}
-    for split, limit in (("train", p.max_train), ("test", p.max_test)):
-        todo = sorted(by_split[split])
-        images, labels, ids = [], [], []
-        bar = tqdm(total=limit or len(todo), desc=f"ingest {split}", unit="img", leave=False)
-        # decode in chunks and stop once `limit` usable images are in, so a small subset of a big bucket is cheap
-        for start in range(0, len(todo), chunk):
-            if limit is not None and len(ids) >= limit:
-                break
-            batch = todo[start:start + chunk]
-            data = _fetch([full for _, _, full, _ in batch])
-            for _, rel, full, label in batch:
-                if limit is not None and len(ids) >= limit:
-                    break
-                blob = data[full]
-                if isinstance(blob, Exception):
-                    skipped.append(skip(rel, "unreadable_file", f"cannot read the file ({type(blob).__name__}); check "
-                                                                "its permissions or the storage"))
-                    continue
-                arr_HWC, why = decode_image(blob, p)
-                if arr_HWC is None:
-                    skipped.append(skip(rel, *why))
-                    continue
-                images.append(arr_HWC)
-                labels.append(label)
-                ids.append(rel)
-                bar.update(1)
-        bar.close()
-        images_NHWC = np.stack(images) if images else np.zeros((0, p.image_size, p.image_size, p.channels), np.uint8)
-        splits[split] = (images_NHWC, np.asarray(labels, dtype=np.int64), ids)
-    return splits, skipped, class_names
+def folder_samples(p: IngestParams, todo: list[tuple[int, str, str, int]], limit: int | None, skipped: list[dict],
+                   chunk: int = 256) -> Iterator[tuple[np.ndarray, int, str]]:
+    """(image HWC, label, id) of one split's (hash, rel, full path, label) entries, fetched and decoded a chunk at a
+    time; stops once `limit` usable images are out, so a small subset of a big bucket is cheap."""
+    n = 0
+    for start in range(0, len(todo), chunk):
+        batch = todo[start:start + chunk]
+        data = _fetch([full for _, _, full, _ in batch])
+        for _, rel, full, label in batch:
+            if limit is not None and n >= limit:
+                return
+            blob = data[full]
+            if isinstance(blob, Exception):
+                skipped.append(skip(rel, "unreadable_file", f"cannot read the file ({type(blob).__name__}); check "
+                                                            "its permissions or the storage"))
+                continue
+            arr_HWC, why = decode_image(blob, p)
+            if arr_HWC is None:
+                skipped.append(skip(rel, *why))
+                continue
+            n += 1
+            yield arr_HWC, label, rel
 
 
-# ----------------------------------------------------------------------------- outputs
-
-def _npz_bytes(images_NHWC: np.ndarray, labels_N: np.ndarray, ids: list[str]) -> bytes:
-    buf = io.BytesIO()  # np.savez on a path would append ".npz" to our temp name, so go through bytes
-    np.savez(buf, images=images_NHWC, labels=labels_N, ids=np.asarray(ids, dtype=str))
-    return buf.getvalue()
-
+# ----------------------------------------------------------------------------- outputs: WebDataset image shards
 
 def run_ingest(p: IngestParams) -> dict:
     io_.S3_TIMEOUT_S = p.s3_timeout_s
+    manifest_path = join(p.out_dir, "manifest.json")
+    with storage_errors(manifest_path, "replace"):
+        fs, mp = fs_for(manifest_path)
+        if fs.exists(mp):
+            fs.rm(mp)  # while shards are being replaced, no manifest may vouch for them
     if is_fashion_mnist(p.source):
-        splits, skipped, class_names = ingest_fashion_mnist(p)
+        skipped, class_names = [], list(FASHION_MNIST_CLASSES)
+        samples = {s: fashion_mnist_samples(p, s) for s in SPLITS}
     else:
-        splits, skipped, class_names = ingest_folder(p)
-    counts = {s: int(len(splits[s][2])) for s in SPLITS}
+        entries, skipped, class_names = scan_folder(p.source)
+        label_of = {c: i for i, c in enumerate(class_names)}
+        by_split: dict[str, list] = {s: [] for s in SPLITS}
+        for full, rel, c in entries:
+            split, h = split_of(rel, p.test_fraction, p.seed)
+            by_split[split].append((h, rel, full, label_of.get(c, 0)))
+        samples = {s: folder_samples(p, sorted(by_split[s]), p.max_train if s == "train" else p.max_test, skipped)
+                   for s in SPLITS}
+    counts, shards = {}, {}
+    for split in SPLITS:
+        n = 0
+        with shard_writer(p.out_dir, split, p.shard_size) as (writer, names):
+            for n, (arr_HWC, label, id_) in enumerate(tqdm(samples[split], desc=f"ingest {split}", unit="img",
+                                                           leave=False, mininterval=1.0), 1):
+                writer.write({"__key__": f"{split}-{n - 1:08d}", "png": arr_HWC[..., 0] if p.channels == 1 else arr_HWC,
+                              "cls": label, "id.txt": id_})
+        counts[split], shards[split] = n, names
     ignored = [e for e in skipped if e["kind"] in IGNORED_KINDS]
     skipped = [e for e in skipped if e["kind"] not in IGNORED_KINDS]
     by_kind = dict(sorted(collections.Counter(e["kind"] for e in skipped + ignored).items()))
     report = {"skipped": skipped, "n_skipped": len(skipped), "ignored": ignored, "by_kind": by_kind}
+    write_json(join(p.out_dir, "report.json"), report)  # also when failing below: it says why files were rejected
     for s in SPLITS:
         if counts[s] == 0:
-            # write the report anyway so the user can see why every file was rejected
-            write_json(join(p.out_dir, "report.json"), report)
             if not any(counts.values()):
                 hint = "every image was skipped; see report.json in ingest.out_dir for the reasons"
             elif s == "test":
@@ -307,14 +312,13 @@ def run_ingest(p: IngestParams) -> dict:
             else:
                 hint = f"lower ingest.test_fraction (now {p.test_fraction}) or add images"
             raise ValueError(f"{p.source}: no usable {s} images after ingest ({len(skipped)} skipped); {hint}")
-    for s in SPLITS:
-        write_bytes_atomic(join(p.out_dir, f"{s}.npz"), _npz_bytes(*splits[s]))
     manifest = {
         "source": p.source, "image_size": p.image_size, "channels": p.channels,
-        "class_names": class_names, "num_classes": len(class_names), "counts": counts,
+        "class_names": class_names, "num_classes": len(class_names), "counts": counts, "shards": shards,
+        "shard_counts": {s: [min(p.shard_size, counts[s] - i * p.shard_size) for i in range(len(shards[s]))]
+                         for s in SPLITS},
     }
-    write_json(join(p.out_dir, "report.json"), report)
-    write_json(join(p.out_dir, "manifest.json"), manifest)  # written last: its presence means the rest is complete
+    write_json(manifest_path, manifest)  # written last: its presence means the shards are complete
     return {**manifest, "n_skipped": len(skipped), "by_kind": by_kind, "out_dir": p.out_dir}
 
 
@@ -324,15 +328,55 @@ def load_manifest(in_dir: str | os.PathLike) -> dict:
                      "rerun `dvc repro ingest` (or python -m pipeline.ingest)")
 
 
-def load_split(in_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images_NHWC uint8, labels_N int64, ids_N str) of one split of an ingest output folder."""
+def _stack(samples: list[tuple]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    images, labels, ids = zip(*samples)
+    images_BHWC = np.stack(images)
+    return (images_BHWC[..., None] if images_BHWC.ndim == 3 else images_BHWC), np.asarray(labels, np.int64), list(ids)
+
+
+def image_batches(in_dir, split: str, batch_size: int, seed: int | None = None, buffer: int = 0
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Stream one split of the ingest shards as (images_BHWC uint8, labels_B int64, ids) batches: in order, or
+    shuffled with `seed` (shard order, then a `buffer`-sample shuffle of the still-encoded samples). Memory: one batch
+    plus the buffer, whatever the size of the split."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    path = join(str(in_dir), f"{split}.npz")
-    try:
-        data = read_bytes(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: ingest output not found; run `dvc repro ingest` "
-                                f"(or python -m pipeline.ingest)") from None
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        return z["images"], z["labels"].astype(np.int64), z["ids"]
+    manifest = load_manifest(in_dir)
+    urls = [join(str(in_dir), name) for name in manifest["shards"][split]]
+    ds = webds.dataset(urls, INGEST_RERUN, seed)
+    if seed is not None and buffer > 1:
+        ds = ds.shuffle(buffer, initial=buffer, seed=seed)
+    ds = ds.decode("l8" if manifest["channels"] == 1 else "rgb8").to_tuple("png", "cls", "id.txt")
+    n = 0
+    for images_BHWC, labels_B, ids in ds.batched(batch_size, collation_fn=_stack):
+        n += len(ids)
+        yield images_BHWC, labels_B, ids
+    if n != manifest["counts"][split]:
+        raise ValueError(f"{in_dir}: the {split} shards hold {n} images, manifest.json says "
+                         f"{manifest['counts'][split]} (a truncated or replaced shard); {INGEST_RERUN}")
+
+
+def endless_batches(in_dir, split: str, batch_size: int, seed: int, buffer: int) -> Iterator[np.ndarray]:
+    """Shuffled image batches for training, epoch after epoch, each epoch shuffled by its own seed."""
+    for epoch in itertools.count():
+        for images_BHWC, _, _ in image_batches(in_dir, split, batch_size, seed + epoch, buffer):
+            yield images_BHWC
+
+
+def take(in_dir, split: str, idx) -> np.ndarray:
+    """images_NHWC[idx] of one split, streamed: only the chosen images are ever held."""
+    slot = {int(i): k for k, i in enumerate(idx)}
+    out, start = [None] * len(slot), 0
+    for images_BHWC, _, _ in image_batches(in_dir, split, 1000):
+        for j in range(len(images_BHWC)):
+            if start + j in slot:
+                out[slot[start + j]] = images_BHWC[j]
+        start += len(images_BHWC)
+    return np.stack(out)
+
+
+def load_split(in_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images_NHWC uint8, labels_N int64, ids_N str) of one split, all in memory (small splits; stages stream)."""
+    batches = list(image_batches(in_dir, split, 1000))
+    return (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]),
+            np.asarray([i for b in batches for i in b[2]], dtype=str))

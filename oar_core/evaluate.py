@@ -42,7 +42,7 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
                  tokenizer_path="models/tokenizer.pt", plots_dir="dvclive", metrics_dir="dvclive/evaluate",
                  feature_net="models/feature_net.pt", progress: bool = True) -> dict:
     from oar_core import report
-    from oar_core.data import load_manifest, load_split
+    from oar_core.data import load_manifest, load_split, take
     from oar_core.io import pick_device, write_json
     from oar_core.likelihood import bits_along_orders, sampler_nll
     from oar_core.live import log_per_key
@@ -55,7 +55,6 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
     size, channels = manifest["image_size"], manifest["channels"]
     models = model_folders(samples_dir)
     gen = {name: image_folder(Path(samples_dir) / name, size, channels) for name, _ in models}
-    train_NHWC, _, _ = load_split(ingest_dir, "train")
     test_NHWC, _, _ = load_split(ingest_dir, "test")
     metrics: dict = {}
 
@@ -73,8 +72,8 @@ def run_evaluate(p, samples_dir="samples", ingest_dir="data/ingest", shards="dat
 
     # reference: real train images (as many as one model's samples) vs the same test set
     n_ref = max(len(v) for v in gen.values())
-    ref_idx = np.random.default_rng(p.seed).permutation(len(train_NHWC))[:n_ref]
-    sets = {**{name: gen[name] for name, _ in models}, "real_reference": train_NHWC[ref_idx]}
+    ref_idx = np.random.default_rng(p.seed).permutation(manifest["counts"]["train"])[:n_ref]
+    sets = {**{name: gen[name] for name, _ in models}, "real_reference": take(ingest_dir, "train", ref_idx)}
     with temp_cache_dir() as cache:
         for name, images in tqdm(sets.items(), desc="fidelity", unit="model", disable=not progress):
             m = fidelity_metrics(images, test_NHWC, INDOMAIN_NAME, clf_path, p.kid_subset_size, p.seed,

@@ -129,8 +129,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's private 0600 would otherwise become the artifact's mode
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     except OSError as e:  # disk full while writing the temp file: name the artifact, not the temp name
         if e.filename == tmp:
             raise OSError(e.errno, e.strerror, str(path)) from None
@@ -138,6 +137,18 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def publish_file(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Move a finished local file to `dest` in one step: a rename within its folder, or one PUT to S3."""
+    if is_remote(dest):
+        with storage_errors(dest, "write"):
+            fs, p = fs_for(dest)
+            fs.put_file(str(tmp), p)
+        os.remove(tmp)
+        return
+    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's private 0600 would otherwise become the artifact's mode
+    os.replace(tmp, dest)
 
 
 _STARTED = time.time()  # about when this process started: every stage imports oar_core.io first thing

@@ -32,6 +32,7 @@ class IngestParams(Section):
     max_train: Optional[int] = Field(None, ge=1)
     max_test: Optional[int] = Field(None, ge=1)
     s3_timeout_s: float = Field(10.0, gt=0)  # connect/read timeout per attempt for an s3:// source
+    shard_size: int = Field(5000, ge=1)  # images per WebDataset shard of the output
     seed: int = 0
 
     @field_validator("source")
@@ -44,7 +45,8 @@ class IngestParams(Section):
 
 
 class TokenizerParams(Section):
-    checkpoint: Optional[str] = None  # a user-supplied tokenizer checkpoint; skips training
+    kind: Literal["oar", "diffusers_vq"] = "oar"  # our VQ-VAE (trained here), or a pretrained diffusers VQModel
+    checkpoint: Optional[str] = None  # oar: your own tokenizer .pt (skips training); diffusers_vq: the model folder
     grid: int = Field(7, ge=2, le=64)
     codebook_size: int = Field(256, ge=2, le=65536)
     code_dim: int = Field(32, ge=2)
@@ -53,12 +55,21 @@ class TokenizerParams(Section):
     batch_size: int = Field(128, ge=1)
     lr: float = Field(2e-3, gt=0)
     commitment: float = Field(0.25, ge=0)
+    shuffle_buffer: int = Field(5000, ge=1)  # training images shuffled in a stream buffer (held still encoded)
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _pretrained_needs_folder(self):
+        if self.kind == "diffusers_vq" and not self.checkpoint:
+            raise ValueError("kind 'diffusers_vq' needs checkpoint: the local folder of a diffusers VQModel "
+                             "(config.json + weights, or a pipeline folder with one in vqvae/)")
+        return self
 
 
 class TokenizeParams(Section):
     out: str = "data/shards"  # local folder or s3:// prefix
     shard_size: int = Field(5000, ge=1)
+    batch_size: int = Field(500, ge=1)  # images per tokenizer forward while encoding the stream
 
 
 class ModelParams(Section):

@@ -49,7 +49,7 @@ def partial_canvases(tokenizer, tokens_N: np.ndarray, order_N: np.ndarray, steps
 
     g, size = tokenizer.grid, tokenizer.image_size
     blank = int(tokenizer.encode(torch.zeros(1, tokenizer.channels, size, size)).flatten().mode().values)
-    device = tokenizer.quantizer.codebook.device
+    device = next(tokenizer.parameters()).device
     grids, masks = [], []
     for t in steps:
         filled_N = np.zeros(g * g, bool)

