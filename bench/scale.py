@@ -85,7 +85,9 @@ def write_params(workdir: Path, overrides: dict, base: Path = REPO / "params.yam
 
 def dag_stages(dvc_yaml: Path = REPO / "dvc.yaml") -> list[tuple[str, str, dict]]:
     """(name, cmd, spec) of every stage, in file order."""
-    return [(name, spec["cmd"], spec) for name, spec in yaml.safe_load(dvc_yaml.read_text())["stages"].items()]
+    from oar_core.dag import dag_stages as stages
+
+    return [(name, spec["cmd"], spec) for name, spec in stages(dvc_yaml).items()]
 
 
 def stage_env() -> dict:

@@ -29,13 +29,13 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import Field, SkipValidation, ValidationError
 from ruamel.yaml import YAML
 
+from oar_core.dag import dag_stages, declared
 from oar_core.io import atomic_path
 from oar_core.params import (
     EvaluateParams,
@@ -50,6 +50,7 @@ from oar_core.params import (
     TokenizerParams,
     TrainParams,
     load_params,
+    problems,
 )
 
 RAN = re.compile(r"^Running stage '([^']+)'")
@@ -158,29 +159,22 @@ def resolve(sections: dict[str, Any], repo: Path) -> tuple[Params, list[str], li
     try:
         return Params.model_validate({**current, **merged}), ours, theirs
     except ValidationError as e:
-        raise ParamsError("invalid run parameters: " + "; ".join(
-            ".".join(map(str, err["loc"])) + ": " + ("unknown key" if err["type"] == "extra_forbidden" else err["msg"])
-            + ("" if isinstance(err["input"], dict) else f" (got {err['input']!r})") for err in e.errors())) from None
+        raise ParamsError("invalid run parameters: " + "; ".join(problems(e))) from None
 
 
 # ---------------------------------------------------------------- dvc.yaml
 
 
-def _paths(spec: dict, key: str) -> list[str]:
-    return [next(iter(e)) if isinstance(e, dict) else e for e in spec.get(key) or []]
-
-
 def stage_graph(repo: Path) -> dict[str, set[str]]:
     """{stage: the stages whose outputs it depends on}, from dvc.yaml."""
-    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
-    produced = {p.rstrip("/"): s for s, spec in stages.items()
-                for k in ("outs", "metrics", "plots") for p in _paths(spec, k)}
+    stages = dag_stages(repo / "dvc.yaml")
+    produced = {p.rstrip("/"): s for s, spec in stages.items() for p in declared(spec, "outs", "metrics", "plots")}
 
     def feeds(out: str, dep: str) -> bool:
         dep = dep.rstrip("/")
         return dep == out or dep.startswith(out + "/") or out.startswith(dep + "/")
 
-    return {s: {src for d in _paths(spec, "deps") for out, src in produced.items() if feeds(out, d)} - {s}
+    return {s: {src for d in declared(spec, "deps") for out, src in produced.items() if feeds(out, d)} - {s}
             for s, spec in stages.items()}
 
 

@@ -151,6 +151,25 @@ def publish_file(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
     os.replace(tmp, dest)
 
 
+def swap_in(staged: Path, final: Path) -> None:
+    """Replace the folder (or file) `final` with `staged` by two renames, so a reader sees the old one or the new one,
+    never a mix. A run killed between them leaves the old one hidden at `.NAME.old.partial`; the next swap removes
+    it."""
+    old = final.parent / f".{final.name}.old.partial"
+    remove_path(old)
+    if final.exists() or final.is_symlink():
+        os.rename(final, old)
+    os.rename(staged, final)
+    remove_path(old)
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
 _STARTED = time.time()  # about when this process started: every stage imports oar_core.io first thing
 
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
-from oar_core.io import temp_dir
+from oar_core.io import remove_path, swap_in, temp_dir
 
 METRICS_FILE = "metrics.json"
 CURVES_DIR = Path("plots") / "metrics"
@@ -100,23 +99,12 @@ def _log(folder: Path, summary: dict, curves: dict) -> None:
 def _publish(final, fill: Callable[[Path], object]) -> Path:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    staged, old = final.parent / f".{final.name}.partial", final.parent / f".{final.name}.old.partial"
-    for leftover in (staged, old):  # what a run killed here left
-        _remove(leftover)
+    staged = final.parent / f".{final.name}.partial"
+    remove_path(staged)  # what a run killed here left
     # DVCLive logs outside the repository, then the result is copied in and renamed into place
     with temp_dir("oar-live") as scratch:  # a killed run's scratch folder is swept by the next
         fill(Path(scratch) / final.name)
         (Path(scratch) / final.name).mkdir(exist_ok=True)  # log_per_key of nothing: an empty folder
         shutil.copytree(Path(scratch) / final.name, staged)
-    if final.exists() or final.is_symlink():
-        os.rename(final, old)
-    os.rename(staged, final)
-    _remove(old)
+    swap_in(staged, final)
     return final
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    elif path.exists() or path.is_symlink():
-        path.unlink()

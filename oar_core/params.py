@@ -249,17 +249,23 @@ class ParamsError(ValueError):
     pass
 
 
-def _format(err: ValidationError, path: Path) -> str:
-    lines = [f"{path}: invalid parameters ({err.error_count()} problem(s)); fix these keys:"]
+def problems(err: ValidationError) -> list[str]:
+    """One `key: what is wrong (got value)` per problem; a rule across keys names them in its own message."""
+    out = []
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "<root>"
-        unknown = e["type"] == "extra_forbidden"
-        msg = "unknown key (check spelling; see params.yaml for valid keys)" if unknown else e["msg"]
-        if not e["loc"]:  # a rule across sections: its message names the keys
-            lines.append(f"  {msg.removeprefix('Value error, ')}")
+        msg, key = e["msg"].removeprefix("Value error, "), ".".join(map(str, e["loc"]))
+        if not key:
+            out.append(msg)
+        elif e["type"] == "extra_forbidden":
+            out.append(f"{key}: unknown key (check spelling; see params.yaml for valid keys)")
         else:
-            lines.append(f"  {key}: {msg}" if unknown else f"  {key}: {msg} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            out.append(f"{key}: {msg}" + ("" if isinstance(e.get("input"), dict) else f" (got {e.get('input')!r})"))
+    return out
+
+
+def _format(err: ValidationError, path: Path) -> str:
+    return "\n  ".join([f"{path}: invalid parameters ({err.error_count()} problem(s)); fix these keys:",
+                        *problems(err)])
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

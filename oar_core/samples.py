@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import shutil
 import time
 import zlib
 from pathlib import Path
@@ -27,7 +26,16 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from oar_core.io import autocast, file_hash, pick_device, read_json, write_bytes_atomic, write_json
+from oar_core.io import (
+    autocast,
+    file_hash,
+    pick_device,
+    read_json,
+    remove_path,
+    swap_in,
+    write_bytes_atomic,
+    write_json,
+)
 from oar_core.location import LocationRule
 from oar_core.model import GPT, load_gpt
 from oar_core.params import SampleModelParams, SampleParams
@@ -133,9 +141,9 @@ def draw_model_samples(model: GPT, tokenizer, spec: SampleModelParams, p: Sample
     the model's name. Under torchrun each of the `world` ranks draws every world-th batch into the same folder and
     rank 0 writes the table, the grid and meta.json: the same bytes as one process."""
     folder = Path(p.out_dir) / spec.name
-    tmp, old = folder.parent / f".{folder.name}.partial", folder.parent / f".{folder.name}.old"
+    tmp = folder.parent / f".{folder.name}.partial"
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         tmp.mkdir(parents=True)
     barrier(world)
     rows: dict[str, list] = {"index": [], "labels": [], "tokens": [], "order": [], "scores": []}
@@ -160,10 +168,7 @@ def draw_model_samples(model: GPT, tokenizer, spec: SampleModelParams, p: Sample
         pq.write_table(orders_table(res, files), tmp / "orders.parquet")
         (tmp / "grid.png").write_bytes(png_bytes(grid_from_folder(tmp, res["labels"])))
         write_json(tmp / "meta.json", {**meta, "n": len(files)})
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, folder)
     barrier(world)
 
 
@@ -187,7 +192,7 @@ def tidy_samples_dir(out_dir: Path, names: list[str]) -> list[str]:
     gone = []
     for f in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
         if f.name.startswith(".") or (f.is_dir() and f.name not in names):
-            shutil.rmtree(f) if f.is_dir() else f.unlink()
+            remove_path(f)
             gone.append(f.name)
     return gone
 

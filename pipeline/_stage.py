@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-import yaml
-
+from oar_core.dag import dag_stages, declared
 from oar_core.io import remove_stale_temps
 from oar_core.params import load_section
 
@@ -18,9 +17,7 @@ def sweep_temps(stage: str, dag: str = "dvc.yaml") -> None:
     record them (remove_stale_temps spares files another live process is still writing)."""
     if not Path(dag).exists():
         return
-    spec = (yaml.safe_load(Path(dag).read_text()) or {}).get("stages", {}).get(stage) or {}
-    for entry in [o for key in ("outs", "metrics", "plots") for o in spec.get(key) or []]:
-        out = Path(next(iter(entry)) if isinstance(entry, dict) else entry)
+    for out in map(Path, declared(dag_stages(dag).get(stage) or {}, "outs", "metrics", "plots")):
         folders = {f.parent for f in out.rglob(".*.tmp")} if out.is_dir() else {out.parent}
         for folder in folders:
             remove_stale_temps(folder)

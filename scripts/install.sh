@@ -8,5 +8,5 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
 fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-.venv/bin/python -c "import torch, torchvision, torch_fidelity, prefect, dvc, webdataset, polars, prefect_dask, distributed" \
+.venv/bin/python -c "import torch, torchvision, torch_fidelity, prefect, dvc, webdataset, polars, prefect_dask, distributed, diffusers" \
   || { echo "install failed: see the pip output above" >&2; exit 1; }
