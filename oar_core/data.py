@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from oar_core import io as io_
 from oar_core import webds
-from oar_core.io import fs_for, is_remote, join, read_json, storage_errors, write_json
+from oar_core.io import fs_for, is_remote, join, read_json, remove_file, storage_errors, write_json
 from oar_core.params import IngestParams
 from oar_core.webds import shard_writer
 
@@ -272,10 +272,7 @@ def folder_samples(p: IngestParams, todo: list[tuple[int, str, str, int]], limit
 def run_ingest(p: IngestParams) -> dict:
     io_.S3_TIMEOUT_S = p.s3_timeout_s
     manifest_path = join(p.out_dir, "manifest.json")
-    with storage_errors(manifest_path, "replace"):
-        fs, mp = fs_for(manifest_path)
-        if fs.exists(mp):
-            fs.rm(mp)  # while shards are being replaced, no manifest may vouch for them
+    remove_file(manifest_path)  # while shards are being replaced, no manifest may vouch for them
     if is_fashion_mnist(p.source):
         skipped, class_names = [], list(FASHION_MNIST_CLASSES)
         samples = {s: fashion_mnist_samples(p, s) for s in SPLITS}
@@ -288,15 +285,14 @@ def run_ingest(p: IngestParams) -> dict:
             by_split[split].append((h, rel, full, label_of.get(c, 0)))
         samples = {s: folder_samples(p, sorted(by_split[s]), p.max_train if s == "train" else p.max_test, skipped)
                    for s in SPLITS}
-    counts, shards = {}, {}
+    published = {}
     for split in SPLITS:
-        n = 0
-        with shard_writer(p.out_dir, split, p.shard_size) as (writer, names):
-            for n, (arr_HWC, label, id_) in enumerate(tqdm(samples[split], desc=f"ingest {split}", unit="img",
-                                                           leave=False, mininterval=1.0), 1):
-                writer.write({"__key__": f"{split}-{n - 1:08d}", "png": arr_HWC[..., 0] if p.channels == 1 else arr_HWC,
+        with shard_writer(p.out_dir, split, p.shard_size) as (writer, published[split]):
+            for g, (arr_HWC, label, id_) in enumerate(tqdm(samples[split], desc=f"ingest {split}", unit="img",
+                                                           leave=False, mininterval=1.0)):
+                writer.write({"__key__": f"{split}-{g:08d}", "png": arr_HWC[..., 0] if p.channels == 1 else arr_HWC,
                               "cls": label, "id.txt": id_})
-        counts[split], shards[split] = n, names
+    counts = {s: sum(published[s].values()) for s in SPLITS}
     ignored = [e for e in skipped if e["kind"] in IGNORED_KINDS]
     skipped = [e for e in skipped if e["kind"] not in IGNORED_KINDS]
     by_kind = dict(sorted(collections.Counter(e["kind"] for e in skipped + ignored).items()))
@@ -314,9 +310,9 @@ def run_ingest(p: IngestParams) -> dict:
             raise ValueError(f"{p.source}: no usable {s} images after ingest ({len(skipped)} skipped); {hint}")
     manifest = {
         "source": p.source, "image_size": p.image_size, "channels": p.channels,
-        "class_names": class_names, "num_classes": len(class_names), "counts": counts, "shards": shards,
-        "shard_counts": {s: [min(p.shard_size, counts[s] - i * p.shard_size) for i in range(len(shards[s]))]
-                         for s in SPLITS},
+        "class_names": class_names, "num_classes": len(class_names), "counts": counts,
+        "shards": {s: list(published[s]) for s in SPLITS},
+        "shard_counts": {s: list(published[s].values()) for s in SPLITS},
     }
     write_json(manifest_path, manifest)  # written last: its presence means the shards are complete
     return {**manifest, "n_skipped": len(skipped), "by_kind": by_kind, "out_dir": p.out_dir}

@@ -151,6 +151,14 @@ def publish_file(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
     os.replace(tmp, dest)
 
 
+def remove_file(path: str | os.PathLike) -> None:
+    """Remove a local or S3 file if it is there."""
+    with storage_errors(path, "remove"):
+        fs, p = fs_for(path)
+        if fs.exists(p):
+            fs.rm(p)
+
+
 def swap_in(staged: Path, final: Path) -> None:
     """Replace the folder (or file) `final` with `staged` by two renames, so a reader sees the old one or the new one,
     never a mix. A run killed between them leaves the old one hidden at `.NAME.old.partial`; the next swap removes

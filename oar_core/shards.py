@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from oar_core import webds
-from oar_core.data import image_batches, load_manifest
-from oar_core.io import file_hash, fs_for, is_remote, join, pick_device, read_json, storage_errors, write_json
+from oar_core.data import SPLITS, image_batches, load_manifest
+from oar_core.io import file_hash, is_remote, join, pick_device, read_json, remove_file, write_json
 from oar_core.params import TokenizeParams
 from oar_core.tokenizer import load_tokenizer, to_float_BCHW
 from oar_core.webds import list_shards, shard_writer
@@ -34,10 +34,10 @@ def write_shards(out_prefix, split: str, tokens_NHW: np.ndarray, labels, ids, sh
     if not (len(tokens_NHW) == len(labels) == len(ids)):
         raise ValueError(f"write_shards: tokens ({len(tokens_NHW)}), labels ({len(labels)}) and ids ({len(ids)}) "
                          f"differ in length")
-    with shard_writer(out_prefix, split, shard_size) as (writer, names):
+    with shard_writer(out_prefix, split, shard_size) as (writer, published):
         for g, (tokens_HW, label, id_) in enumerate(zip(tokens_NHW, labels, ids)):
             writer.write(_sample(split, g, tokens_HW, label, id_))
-    return [join(out_prefix, n) for n in names]
+    return [join(out_prefix, n) for n in published]
 
 
 def _sample(split: str, g: int, tokens_HW, label, id_) -> dict:
@@ -116,15 +116,12 @@ def run_tokenize(p: TokenizeParams, ingest_dir="data/ingest", tokenizer="models/
         )
     t0 = time.time()
     meta_path = join(p.out, "meta.json")
-    with storage_errors(meta_path, "replace"):
-        fs, mp = fs_for(meta_path)
-        if fs.exists(mp):
-            fs.rm(mp)  # while shards are being replaced, no meta.json may vouch for them
-    shards, shard_counts, counts = {}, {}, {}
-    for split in ("train", "test"):
+    remove_file(meta_path)  # while shards are being replaced, no meta.json may vouch for them
+    published = {}
+    for split in SPLITS:
         g = 0
         bar = tqdm(total=manifest["counts"][split], desc=f"tokenize {split}", unit="img", leave=False, mininterval=1.0)
-        with shard_writer(p.out, split, p.shard_size) as (writer, names):
+        with shard_writer(p.out, split, p.shard_size) as (writer, published[split]):
             for images_BHWC, labels_B, ids in image_batches(ingest_dir, split, p.batch_size):
                 tokens_BHW = model.encode(to_float_BCHW(images_BHWC, device)).cpu().numpy()
                 for tokens_HW, label, id_ in zip(tokens_BHW, labels_B, ids):
@@ -132,14 +129,12 @@ def run_tokenize(p: TokenizeParams, ingest_dir="data/ingest", tokenizer="models/
                     g += 1
                 bar.update(len(ids))
         bar.close()
-        shards[split] = names
-        shard_counts[split] = [min(p.shard_size, g - i * p.shard_size) for i in range(len(names))]
-        counts[split] = g
     meta = {
         "grid_h": model.grid, "grid_w": model.grid, "codebook_size": model.codebook_size,
         "num_classes": manifest["num_classes"], "class_names": manifest["class_names"],
         "image_size": manifest["image_size"], "channels": manifest["channels"],
-        "counts": counts, "shards": shards, "shard_counts": shard_counts,
+        "counts": {s: sum(published[s].values()) for s in SPLITS}, "shards": {s: list(published[s]) for s in SPLITS},
+        "shard_counts": {s: list(published[s].values()) for s in SPLITS},
         "tokenizer_hash": file_hash(tokenizer),
     }
     write_json(meta_path, meta)  # last: readers treat meta.json as "the shard set is complete"

@@ -39,11 +39,12 @@ def list_shards(prefix, split: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def shard_writer(prefix, split: str, maxcount: int) -> Iterator[tuple[wds.ShardWriter, list[str]]]:
-    """Yields (writer, names). `writer.write({"__key__": ..., "png": uint8 array, "cls": int, "id.txt": str, ...})`
-    encodes each field by its extension. Each shard is published as soon as it is full; `names` lists the published
-    ones in order. On a clean exit, shards of this split left from an earlier, larger run are removed."""
-    names: list[str] = []
+def shard_writer(prefix, split: str, maxcount: int) -> Iterator[tuple[wds.ShardWriter, dict[str, int]]]:
+    """Yields (writer, published). `writer.write({"__key__": ..., "png": uint8 array, "cls": int, "id.txt": str})`
+    encodes each field by its extension. Each shard is published as soon as it is full; `published` maps the
+    published ones' names to their sample counts, in order. On a clean exit, shards of this split left from an
+    earlier, larger run are removed."""
+    published: dict[str, int] = {}
 
     def publish(tmp: str) -> None:
         if writer.count == 0:  # no samples at all: no empty shard either
@@ -51,7 +52,7 @@ def shard_writer(prefix, split: str, maxcount: int) -> Iterator[tuple[wds.ShardW
             return
         name = Path(tmp).name.removeprefix(".").removesuffix(".tmp")
         publish_file(tmp, join(prefix, name))
-        names.append(name)
+        published[name] = writer.count
 
     with contextlib.ExitStack() as stack:
         if is_remote(prefix):
@@ -63,7 +64,7 @@ def shard_writer(prefix, split: str, maxcount: int) -> Iterator[tuple[wds.ShardW
         writer = wds.ShardWriter(pattern, maxcount=maxcount, post=publish, verbose=0, mtime=0, mode=0o644,
                                  user="oar", group="oar", format=tarfile.USTAR_FORMAT)
         try:
-            yield writer, names
+            yield writer, published
             writer.close()
         finally:
             stream = getattr(writer, "tarstream", None)
@@ -71,7 +72,7 @@ def shard_writer(prefix, split: str, maxcount: int) -> Iterator[tuple[wds.ShardW
                 stream.close()
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(writer.fname)
-    keep = {join(prefix, n) for n in names}
+    keep = {join(prefix, n) for n in published}
     for path in list_shards(prefix, split):
         if path not in keep and join(prefix, path.rsplit("/", 1)[-1]) not in keep:
             with storage_errors(path, "remove"):
