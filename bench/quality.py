@@ -109,7 +109,7 @@ def run_common(a, common: Path, timer: Timer) -> None:
     """Data, tokenizer, shards, the independent feature space and the reference rows, once for all seeds."""
     import torch
 
-    from oar_core.data import SPLITS, fashion_mnist_samples, run_ingest
+    from oar_core.data import SPLITS, fashion_mnist_split, run_ingest
     from oar_core.features import classifier_accuracy, save_classifier, train_classifier
     from oar_core.params import IngestParams, load_params
     from oar_core.samples import to_uint8_NHWC
@@ -133,7 +133,7 @@ def run_common(a, common: Path, timer: Timer) -> None:
         with timer("independent feature space + reference rows"):
             (x_tr, y_tr), (x_te, y_te) = (
                 (np.stack([im for im, _, _ in rows]), np.array([y for _, y, _ in rows]))
-                for rows in (list(fashion_mnist_samples(IngestParams(source=p.ingest.source), s)) for s in SPLITS))
+                for rows in (list(fashion_mnist_split(IngestParams(source=p.ingest.source), s)[1]) for s in SPLITS))
             clf = train_classifier(x_tr, y_tr, a.classifier_steps, seed=0)
             save_classifier("classifier.pt", clf, steps=a.classifier_steps,
                             test_accuracy=classifier_accuracy(clf, x_te, y_te))

@@ -153,8 +153,9 @@ def _open_idx(path: str, magic: int):
     return f, n, tuple(shape)
 
 
-def fashion_mnist_samples(p: IngestParams, split: str) -> Iterator[tuple[np.ndarray, int, str]]:
-    """(image HWC, label, id) of one official split, read from the .gz a chunk of rows at a time."""
+def fashion_mnist_split(p: IngestParams, split: str) -> tuple[int, Iterator[tuple[np.ndarray, int, str]]]:
+    """How many images one official split gives, and its (image HWC, label, id), read from the .gz a chunk of rows
+    at a time."""
     stem, limit = ("train", p.max_train) if split == "train" else ("t10k", p.max_test)
     lf, n_labels, _ = _open_idx(join(p.source, f"{stem}-labels-idx1-ubyte.gz"), 2049)
     with lf:
@@ -165,14 +166,17 @@ def fashion_mnist_samples(p: IngestParams, split: str) -> Iterator[tuple[np.ndar
             f"ingest.image_size={p.image_size} but Fashion-MNIST is {rows}x{cols} and "
             f"ingest.on_size_mismatch=reject; set image_size: 28 or on_size_mismatch: resize")
     n = min(n, len(labels_N), limit or n)  # the official files are class-mixed, so a prefix is a fair subset
-    with f:
-        for start in range(0, n, 1000):
-            chunk_nHW = np.frombuffer(f.read((min(n, start + 1000) - start) * rows * cols), np.uint8).reshape(-1, rows,
-                                                                                                              cols)
-            for i, im_HW in enumerate(chunk_nHW, start):
-                arr_HWC = (im_HW[..., None] if p.image_size == rows and p.channels == 1
-                           else normalize_image(Image.fromarray(im_HW, mode="L"), p)[0])
-                yield arr_HWC, int(labels_N[i]), f"fmnist-{split}-{i:05d}"
+
+    def samples():
+        with f:
+            for start in range(0, n, 1000):
+                chunk_nHW = np.frombuffer(f.read((min(n, start + 1000) - start) * rows * cols), np.uint8)
+                for i, im_HW in enumerate(chunk_nHW.reshape(-1, rows, cols), start):
+                    arr_HWC = (im_HW[..., None] if p.image_size == rows and p.channels == 1
+                               else normalize_image(Image.fromarray(im_HW, mode="L"), p)[0])
+                    yield arr_HWC, int(labels_N[i]), f"fmnist-{split}-{i:05d}"
+
+    return n, samples()
 
 
 # ----------------------------------------------------------------------------- folders / S3 prefixes
@@ -275,7 +279,7 @@ def run_ingest(p: IngestParams) -> dict:
     remove_file(manifest_path)  # while shards are being replaced, no manifest may vouch for them
     if is_fashion_mnist(p.source):
         skipped, class_names = [], list(FASHION_MNIST_CLASSES)
-        samples = {s: fashion_mnist_samples(p, s) for s in SPLITS}
+        samples = {s: fashion_mnist_split(p, s) for s in SPLITS}  # split: (image count, the images)
     else:
         entries, skipped, class_names = scan_folder(p.source)
         label_of = {c: i for i, c in enumerate(class_names)}
@@ -283,12 +287,14 @@ def run_ingest(p: IngestParams) -> dict:
         for full, rel, c in entries:
             split, h = split_of(rel, p.test_fraction, p.seed)
             by_split[split].append((h, rel, full, label_of.get(c, 0)))
-        samples = {s: folder_samples(p, sorted(by_split[s]), p.max_train if s == "train" else p.max_test, skipped)
-                   for s in SPLITS}
+        limits = {"train": p.max_train, "test": p.max_test}
+        samples = {s: (min(len(by_split[s]), limits[s] or len(by_split[s])),  # at most: some may be skipped
+                       folder_samples(p, sorted(by_split[s]), limits[s], skipped)) for s in SPLITS}
     published = {}
     for split in SPLITS:
         with shard_writer(p.out_dir, split, p.shard_size) as (writer, published[split]):
-            for g, (arr_HWC, label, id_) in enumerate(tqdm(samples[split], desc=f"ingest {split}", unit="img",
+            total, images = samples[split]
+            for g, (arr_HWC, label, id_) in enumerate(tqdm(images, total=total, desc=f"ingest {split}", unit="img",
                                                            leave=False, mininterval=1.0)):
                 writer.write({"__key__": f"{split}-{g:08d}", "png": arr_HWC[..., 0] if p.channels == 1 else arr_HWC,
                               "cls": label, "id.txt": id_})
