@@ -179,13 +179,6 @@ def to_float_BCHW(images_NHWC: np.ndarray | torch.Tensor, device=None) -> torch.
     return x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
 
 
-def random_batches(images_NHWC: np.ndarray, batch_size: int, seed: int) -> Iterator[np.ndarray]:
-    """Endless random batches (with replacement) of an in-memory array: train_tokenizer's input for small data."""
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        yield images_NHWC[torch.randint(0, len(images_NHWC), (min(batch_size, len(images_NHWC)),), generator=gen)]
-
-
 def train_tokenizer(p: TokenizerParams, batches: Iterator[np.ndarray], image_size: int, channels: int,
                     device: torch.device | str = "cpu", progress: bool = True):
     """Train a VQTokenizer for p.steps on uint8 (B,H,W,C) batches drawn from `batches` (a stream: the data is never

@@ -18,7 +18,7 @@ from typing import Iterator
 import webdataset as wds
 from webdataset.gopen import gopen_schemes
 
-from oar_core.io import fs_for, is_remote, join, list_files, publish_file, storage_errors, temp_dir
+from oar_core.io import fs_for, is_remote, join, list_files, publish_file, remove_file, temp_dir
 
 
 def _open_fsspec(url, mode="rb", bufsize=8192, **kw):
@@ -75,9 +75,7 @@ def shard_writer(prefix, split: str, maxcount: int) -> Iterator[tuple[wds.ShardW
     keep = {join(prefix, n) for n in published}
     for path in list_shards(prefix, split):
         if path not in keep and join(prefix, path.rsplit("/", 1)[-1]) not in keep:
-            with storage_errors(path, "remove"):
-                fs, p = fs_for(path)
-                fs.rm(p)
+            remove_file(path)
 
 
 def dataset(urls: list[str], hint: str, seed: int | None = None) -> wds.WebDataset:

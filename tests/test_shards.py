@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from oar_core.data import load_split
+from oar_core.data import endless_batches, load_split
 from oar_core.params import TokenizeParams, TokenizerParams
 from oar_core.shards import list_shards, load_meta, load_tokens, read_shard, run_tokenize, write_shards
-from oar_core.tokenizer import encode_all, load_tokenizer, random_batches, save_tokenizer, train_tokenizer
+from oar_core.tokenizer import encode_all, load_tokenizer, save_tokenizer, train_tokenizer
 
 from .conftest import single_thread
 
@@ -71,10 +71,10 @@ def test_mismatched_lengths_rejected(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(fmnist_small, tmp_path_factory):
-    train, _, _ = load_split(fmnist_small, "train")
     with single_thread():
         model, _ = train_tokenizer(TokenizerParams(steps=5, batch_size=32, codebook_size=32, hidden=16, code_dim=8),
-                                   random_batches(train, 32, 0), 28, 1, "cpu", progress=False)
+                                   endless_batches(fmnist_small, "train", 32, seed=0, buffer=500), 28, 1, "cpu",
+                                   progress=False)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.pt"
     save_tokenizer(path, model)
     return path
