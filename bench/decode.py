@@ -11,12 +11,12 @@ import time
 
 import torch
 
+from oar_core.decode import CachedForward, generate
 from oar_core.extract import extract_batch
-from oar_core.io import autocast, pick_device
-from oar_core.location import LocationRule
 from oar_core.model import GPT, GPTConfig
-from oar_core.params import ExtractParams
-from oar_core.sampling import generate
+from oar_core.names import LocationRule
+from oar_core.runtime import autocast, pick_device
+from tests.reference_decode import UncachedForward
 
 
 def timed(fn, repeat=1):
@@ -58,14 +58,16 @@ def main(argv=None):
         def run(B, cache, order=order):
             labels = torch.arange(B, device=device) % 10
             with autocast(device):
-                generate(model, labels, order=order, generator=torch.Generator().manual_seed(0), use_cache=cache)
+                generate(model, labels, order=order, generator=torch.Generator().manual_seed(0),
+                         forward=CachedForward if cache else UncachedForward)
         rows.append((name, images_per_s(lambda B: run(B, True), a.batch),
                      images_per_s(lambda B: run(B, False), a.uncached_batch)))
 
     def extract(B, cache):
         tokens = torch.randint(0, 256, (B, N), device=device)
         with autocast(device):
-            extract_batch(model, tokens, torch.arange(B, device=device) % 10, ExtractParams(), use_cache=cache)
+            extract_batch(model, tokens, torch.arange(B, device=device) % 10, LocationRule(score="gt_prob"),
+                          forward=CachedForward if cache else UncachedForward)
     rows.append(("extract orders", images_per_s(lambda B: extract(B, True), a.batch),
                  images_per_s(lambda B: extract(B, False), a.uncached_batch)))
 

@@ -106,9 +106,9 @@ class _Stop(Exception):
 
 def decode_step_peaks(batch: int, steps: int = 2, grid: int = 16, vocab: int = 16384, device=None) -> dict:
     """Peak memory (MB) of the first `steps` confidence-order steps, unchunked vs the default budget."""
-    from oar_core.location import LocationRule
+    from oar_core.decode import CANDIDATE_CHUNK_MB, candidate_chunk, decode
     from oar_core.model import GPT, GPTConfig
-    from oar_core.sampling import CANDIDATE_CHUNK_MB, candidate_chunk, decode
+    from oar_core.names import LocationRule
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(0)
@@ -125,7 +125,7 @@ def decode_step_peaks(batch: int, steps: int = 2, grid: int = 16, vocab: int = 1
 
         with PeakMemory(device) as m:
             try:
-                decode(model, labels_B, pick, "confidence", candidate_chunk_mb=budget_mb, **kw)
+                decode(model, labels_B, pick, order="confidence", candidate_chunk_mb=budget_mb, **kw)
             except _Stop:
                 pass
         return m.peak / MB
@@ -157,8 +157,7 @@ def print_decode_step(fig: dict) -> None:
 
 def data_path(a) -> dict:
     """The in-process phases: ingest -> tokenize -> extract_orders -> confidence sampling."""
-    from oar_core.data import run_ingest
-    from oar_core.extract import run_extract
+    from bench.helpers import sample_model
     from oar_core.model import GPT, GPTConfig, save_gpt
     from oar_core.params import (
         ExtractParams,
@@ -168,9 +167,11 @@ def data_path(a) -> dict:
         SampleParams,
         TokenizeParams,
     )
-    from oar_core.samples import sample_model
-    from oar_core.shards import load_tokens, run_tokenize
+    from oar_core.token_shards import load_tokens
     from oar_core.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
+    from pipeline.extract_orders import run_extract
+    from pipeline.ingest import run_ingest
+    from pipeline.tokenize import run_tokenize
 
     a.shard_size = a.shard_size or TokenizeParams().shard_size
     a.batch = a.batch or ExtractParams().batch_size

@@ -83,8 +83,8 @@ def params_for(a, seed: int, common: Path) -> dict:
         "train_raster": train_section(a, "raster", "models/raster", S + F, seed),
         "train_random": train_section(a, "random", "models/random", S, seed),
         "extract_orders": {"checkpoint": "models/random/model.pt", "out_dir": "data/orders", "seed": seed,
-                           "score": a.score},
-        "finetune": train_section(a, "given", "models/oar", F, seed, orders_dir="data/orders",
+                           "location": {"score": a.score}},
+        "finetune": train_section(a, "given", "models/oar", F, seed,
                                   init_from="models/random/model.pt", random_mix=a.random_mix,
                                   random_mix_end=a.random_mix_end, policy_weight=a.policy_weight, **ft),
         "sample": {"tokenizer": str(common / "models/tokenizer.pt"), "n_per_model": a.n_samples,
@@ -109,12 +109,16 @@ def run_common(a, common: Path, timer: Timer) -> None:
     """Data, tokenizer, shards, the independent feature space and the reference rows, once for all seeds."""
     import torch
 
-    from oar_core.data import SPLITS, fashion_mnist_split, run_ingest
-    from oar_core.features import classifier_accuracy, save_classifier, train_classifier
-    from oar_core.params import IngestParams, load_params
-    from oar_core.samples import to_uint8_NHWC
-    from oar_core.shards import run_tokenize
-    from oar_core.tokenizer import load_tokenizer, run_tokenizer, to_float_BCHW
+    from oar_core.feature_net import classifier_accuracy, save_classifier
+    from oar_core.figures import to_uint8_NHWC
+    from oar_core.image_shards import SPLITS, to_float_BCHW
+    from oar_core.image_sources import ImageFormat, fashion_mnist_split
+    from oar_core.params import load_params
+    from oar_core.tokenizer import load_tokenizer
+    from pipeline.feature_net import train_classifier
+    from pipeline.ingest import run_ingest
+    from pipeline.tokenize import run_tokenize
+    from pipeline.tokenizer import run_tokenizer
 
     with cwd(common):
         Path("params.yaml").write_text(yaml.safe_dump(params_for(a, 0, common)))
@@ -133,7 +137,8 @@ def run_common(a, common: Path, timer: Timer) -> None:
         with timer("independent feature space + reference rows"):
             (x_tr, y_tr), (x_te, y_te) = (
                 (np.stack([im for im, _, _ in rows]), np.array([y for _, y, _ in rows]))
-                for rows in (list(fashion_mnist_split(IngestParams(source=p.ingest.source), s)[1]) for s in SPLITS))
+                for rows in (list(fashion_mnist_split(p.ingest.source, s, None, ImageFormat(28, 1))[1])
+                             for s in SPLITS))
             clf = train_classifier(x_tr, y_tr, a.classifier_steps, seed=0)
             save_classifier("classifier.pt", clf, steps=a.classifier_steps,
                             test_accuracy=classifier_accuracy(clf, x_te, y_te))
@@ -146,69 +151,75 @@ def run_common(a, common: Path, timer: Timer) -> None:
 
 
 def evaluate_images(images, ref, common: Path, seed: int, cache: str) -> dict:
-    from oar_core.features import INDOMAIN_NAME, fidelity_metrics
+    from oar_core.feature_net import INDOMAIN_NAME
+    from oar_core.fidelity import fidelity_metrics
 
     m = fidelity_metrics(images, ref, INDOMAIN_NAME, str(common / "classifier.pt"), 100, seed,
                          cache_dir=cache, real_cache_name="fmnist-test-10k")
     return {k: m[k] for k in ("fid", "kid", "kid_std", "precision", "recall", "is")}
 
 
-def trained(path: str, p, shards: str) -> bool:
-    from oar_core.io import load_torch
-    from oar_core.train import input_hashes, run_digest
+def trained(path: str, p, shards: str, orders_dir: str | None = None) -> bool:
+    from oar_core.checkpoint import load_torch
+    from pipeline.train import input_hashes, run_digest
 
-    return Path(path).exists() and load_torch(path).get("digest") == run_digest(p, input_hashes(p, shards))
+    return Path(path).exists() and load_torch(path).get("digest") == run_digest(p, input_hashes(p, shards, orders_dir))
 
 
 def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) -> dict:
     import torch
 
-    from oar_core.extract import run_extract
-    from oar_core.io import file_hash, pick_device, write_json
+    from bench.helpers import sample_model
+    from oar_core.figures import class_grid, save_png
     from oar_core.likelihood import sampler_nll
     from oar_core.model import load_gpt
-    from oar_core.params import LocationParams, SampleModelParams, load_params
-    from oar_core.samples import class_grid, sample_model, save_png
-    from oar_core.shards import load_token_split
+    from oar_core.names import LocationRule
+    from oar_core.params import SampleModelParams, load_params
+    from oar_core.runtime import pick_device
+    from oar_core.storage import file_hash, write_json
+    from oar_core.token_shards import load_token_split
     from oar_core.tokenizer import load_tokenizer
-    from oar_core.train import run_train
+    from pipeline.extract_orders import run_extract
+    from pipeline.train import run_train
 
     shards = str(common / "data/shards")
     root = Path(a.workdir) / f"seed_{seed}"
     with cwd(root):
         Path("params.yaml").write_text(yaml.safe_dump(params_for(a, seed, common)))
         p = load_params("params.yaml")
-        any_ft = p.finetune.model_copy(update={"order": "random", "orders_dir": None, "random_mix": 0.0,
+        any_ft = p.finetune.model_copy(update={"order": "random", "random_mix": 0.0,
                                                "random_mix_end": None, "policy_weight": 0.0,
                                                "out_dir": "models/random_ft"})
-        jobs = [("train raster", p.train_raster, "train_raster"), ("train any-order", p.train_random, "train_random"),
-                ("continue any-order", any_ft, "finetune_random")]
+        jobs = [("train raster", p.train_raster, "train_raster", None),
+                ("train any-order", p.train_random, "train_random", None),
+                ("continue any-order", any_ft, "finetune_random", None)]
         # OAR: `rounds` x (extract orders with the current model, finetune on them), finetune_steps split evenly
         ex_p, ft_p = p.extract_orders, p.finetune.model_copy(update={"steps": p.finetune.steps // a.rounds})
         for r in range(1, a.rounds + 1):
-            jobs += [(f"extract orders (round {r})", ex_p, None), (f"finetune OAR (round {r})", ft_p, f"finetune_r{r}")]
+            jobs += [(f"extract orders (round {r})", ex_p, None, None),
+                     (f"finetune OAR (round {r})", ft_p, f"finetune_r{r}", ex_p.out_dir)]
             ex_p = ex_p.model_copy(update={"checkpoint": f"{ft_p.out_dir}/model.pt",
                                            "out_dir": f"data/orders_r{r + 1}"})
-            ft_p = ft_p.model_copy(update={"init_from": f"{ft_p.out_dir}/model.pt", "orders_dir": ex_p.out_dir,
+            ft_p = ft_p.model_copy(update={"init_from": f"{ft_p.out_dir}/model.pt",
                                            "out_dir": f"models/oar_r{r + 1}"})
         if a.baselines_from:  # identical baselines of another tag: reuse them (same digest = same params and seed)
             other = Path(a.workdir).parent / a.baselines_from / f"seed_{seed}"
-            for _, tp, stage in jobs[:3]:
+            for _, tp, stage, _ in jobs[:3]:
                 src = other / tp.out_dir / "model.pt"
                 if not trained(f"{tp.out_dir}/model.pt", tp, shards) and trained(str(src), tp, shards):
                     Path(tp.out_dir).mkdir(parents=True, exist_ok=True)
                     shutil.copy(src, f"{tp.out_dir}/model.pt")
             if not Path("data/orders").exists() and (other / "data/orders").exists():  # parts are re-checked by hash
                 shutil.copytree(other / "data/orders", "data/orders")
-        for what, tp, stage in jobs:
+        for what, tp, stage, orders_dir in jobs:
             if stage is None:
                 with timer(f"seed {seed}: {what}"):
                     ex = run_extract(tp, shards)
                 if ex["images"]:  # a resumed run skips finished parts: keep the figures of the run that did them
                     write_json(f"{tp.out_dir}/extract.json", ex)
-            elif not trained(f"{tp.out_dir}/model.pt", tp, shards):
+            elif not trained(f"{tp.out_dir}/model.pt", tp, shards, orders_dir):
                 with timer(f"seed {seed}: {what} ({tp.steps} steps)"):
-                    run_train(tp, stage, shards)
+                    run_train(tp, stage, shards, orders_dir=orders_dir)
         oar = "models/oar/model.pt" if a.rounds == 1 else f"models/oar_r{a.rounds}/model.pt"
         ckpt = {"raster": "models/raster/model.pt", "any": "models/random_ft/model.pt", "oar": oar}
         device = pick_device()
@@ -228,15 +239,16 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
                 continue
             with timer(f"seed {seed}: {name}"):
                 model, _ = load_gpt(ckpt[key], device)
-                spec = SampleModelParams(name=name, checkpoint=ckpt[key], order=order, location=LocationParams(**loc))
+                spec = SampleModelParams(name=name, checkpoint=ckpt[key], order=order, location=LocationRule(**loc))
                 t0 = time.time()
                 res = sample_model(model, tok, spec, p.sample, device, progress=False)
                 sec = time.time() - t0
                 m = evaluate_images(res["images"], ref["test"], common, seed, cache)
                 meta = {"order": order, "location": spec.location.model_dump()}
                 with torch.no_grad():
-                    m["nll_bits_per_token"], m["nll_how"] = sampler_nll(model, meta, test_NN, test_labels, p.evaluate,
-                                                                        device)
+                    m["nll_bits_per_token"], m["nll_how"] = sampler_nll(
+                        model, meta, test_NN, test_labels, n_orders=p.evaluate.nll_orders,
+                        batch_size=p.evaluate.nll_batch_size, seed=p.evaluate.seed, device=device)
                 m["images_per_s"], m["made_from"] = round(len(res["images"]) / sec, 1), made_from
                 save_png(Path("grids") / f"{name}.png", class_grid(res["images"], res["labels"]))
                 write_json(out, m)
@@ -319,7 +331,8 @@ def main(argv=None):
     out = Path(f"bench/quality_{a.tag}.md").resolve()
     run_common(a, common, timer)
     ref = dict(np.load(common / "reference.npz"))
-    from oar_core.features import load_classifier, temp_cache_dir
+    from oar_core.feature_net import load_classifier
+    from oar_core.fidelity import temp_cache_dir
 
     with temp_cache_dir() as cache:
         refrows = {k: evaluate_images(ref[k], ref["test"], common, 0, cache) for k in REFERENCE}

@@ -36,7 +36,6 @@ from pydantic import Field, SkipValidation, ValidationError
 from ruamel.yaml import YAML
 
 from oar_core.dag import dag_stages, declared
-from oar_core.io import atomic_path
 from oar_core.params import (
     EvaluateParams,
     ExtractParams,
@@ -52,6 +51,7 @@ from oar_core.params import (
     load_params,
     problems,
 )
+from oar_core.storage import atomic_path
 
 RAN = re.compile(r"^Running stage '([^']+)'")
 
@@ -308,64 +308,35 @@ def run_stage(stage: str, params: Any, push: bool) -> dict:
     return {"stage": stage, "params_changed": sorted(changed), "ran": ran, "pushed": pushed}
 
 
-@flow(name="ingest")
-def ingest(params: SkipValidation[IngestParams] = _form(DEFAULTS.ingest), push: bool = True) -> dict:
-    """Images -> normalized arrays + split manifest (data/ingest)."""
-    return run_stage("ingest", params, push)
+# The one table of stage flows: (stage, its params section's type, what it does). Each becomes a module-level flow
+# of that name (a deployment's entrypoint is `flows/pipeline.py:<stage>`), whose form is the section's schema.
+STAGES = [
+    ("ingest", IngestParams, "Images -> WebDataset image shards + split manifest (ingest.out_dir)."),
+    ("tokenizer", TokenizerParams, "Train (or adopt) the VQ tokenizer (models/tokenizer.pt)."),
+    ("tokenize", TokenizeParams, "Images -> WebDataset token shards (tokenize.out)."),
+    ("train_raster", TrainParams, "Raster-order baseline (train_raster.out_dir)."),
+    ("train_random", TrainParams, "Any-order (random permutation) model (train_random.out_dir)."),
+    ("extract_orders", ExtractParams, "Per-image generation orders from the any-order model (extract_orders.out_dir), "
+                                      "in one process."),
+    ("finetune", TrainParams, "Finetune the any-order model on the extracted orders (finetune.out_dir)."),
+    ("sample", SampleParams, "Generate images from each checkpoint."),
+    ("feature_net", FeatureNetParams, "Train evaluate's in-domain feature network on the ingested data."),
+    ("evaluate", EvaluateParams, "Metrics, plots and grids for the samples."),
+]
 
 
-@flow(name="tokenizer")
-def tokenizer(params: SkipValidation[TokenizerParams] = _form(DEFAULTS.tokenizer), push: bool = True) -> dict:
-    """Train (or adopt) the VQ tokenizer (models/tokenizer.pt)."""
-    return run_stage("tokenizer", params, push)
+def _stage_flow(stage: str, section: type[Section], doc: str):
+    def run(params=_form(getattr(DEFAULTS, stage)), push: bool = True) -> dict:
+        return run_stage(stage, params, push)
+
+    run.__name__ = run.__qualname__ = stage
+    run.__doc__ = doc
+    run.__annotations__ = {"params": SkipValidation[section], "push": bool, "return": dict}
+    return flow(name=stage)(run)
 
 
-@flow(name="tokenize")
-def tokenize(params: SkipValidation[TokenizeParams] = _form(DEFAULTS.tokenize), push: bool = True) -> dict:
-    """Images -> WebDataset token shards (data/shards)."""
-    return run_stage("tokenize", params, push)
-
-
-@flow(name="train_raster")
-def train_raster(params: SkipValidation[TrainParams] = _form(DEFAULTS.train_raster), push: bool = True) -> dict:
-    """Raster-order baseline (models/raster)."""
-    return run_stage("train_raster", params, push)
-
-
-@flow(name="train_random")
-def train_random(params: SkipValidation[TrainParams] = _form(DEFAULTS.train_random), push: bool = True) -> dict:
-    """Any-order (random permutation) model (models/random)."""
-    return run_stage("train_random", params, push)
-
-
-@flow(name="extract_orders")
-def extract_orders(params: SkipValidation[ExtractParams] = _form(DEFAULTS.extract_orders), push: bool = True) -> dict:
-    """Per-image generation orders from the any-order model (data/orders), in one process."""
-    return run_stage("extract_orders", params, push)
-
-
-@flow(name="finetune")
-def finetune(params: SkipValidation[TrainParams] = _form(DEFAULTS.finetune), push: bool = True) -> dict:
-    """Finetune the any-order model on the extracted orders (models/oar)."""
-    return run_stage("finetune", params, push)
-
-
-@flow(name="sample")
-def sample(params: SkipValidation[SampleParams] = _form(DEFAULTS.sample), push: bool = True) -> dict:
-    """Generate images from each checkpoint."""
-    return run_stage("sample", params, push)
-
-
-@flow(name="feature_net")
-def feature_net(params: SkipValidation[FeatureNetParams] = _form(DEFAULTS.feature_net), push: bool = True) -> dict:
-    """Train evaluate's in-domain feature network on the ingested data."""
-    return run_stage("feature_net", params, push)
-
-
-@flow(name="evaluate")
-def evaluate(params: SkipValidation[EvaluateParams] = _form(DEFAULTS.evaluate), push: bool = True) -> dict:
-    """Metrics, plots and grids for the samples."""
-    return run_stage("evaluate", params, push)
+STAGE_FLOWS = {stage: _stage_flow(stage, section, doc) for stage, section, doc in STAGES}
+globals().update(STAGE_FLOWS)
 
 
 FanoutRunner = Literal["threads", "dask"]
@@ -458,6 +429,4 @@ def oar_pipeline(params: SkipValidation[Params] = _form(DEFAULTS), extract_worke
     return {"stages": stages, "params_changed": sorted(changed), "ran": ran, "pushed": pushed}
 
 
-STAGE_FLOWS = {f.name: f for f in (ingest, tokenizer, tokenize, train_raster, train_random, extract_orders, finetune,
-                                   sample, feature_net, evaluate)}
 ALL_FLOWS = [oar_pipeline, extract_orders_fanout, *STAGE_FLOWS.values()]

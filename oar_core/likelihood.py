@@ -17,43 +17,14 @@ Content log-probs are the model's conditional ones at temperature 1, without gui
 """
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 
-from oar_core.io import autocast
-from oar_core.location import LocationRule
+from oar_core.decode import teacher_forced
 from oar_core.model import GPT
+from oar_core.names import ADAPTIVE_ORDERS, LocationRule
+from oar_core.nll import LN2, in_batches, order_bits
 from oar_core.orders import sample_orders
-from oar_core.sampling import ADAPTIVE_ORDERS, teacher_forced
-
-LN2 = math.log(2)
-
-
-def _batches(tokens_NN, labels_N, batch_size: int, device):
-    for i in range(0, len(tokens_NN), batch_size):
-        yield i, tokens_NN[i: i + batch_size].to(device), labels_N[i: i + batch_size].to(device)
-
-
-@torch.no_grad()
-def order_bits(model: GPT, tokens_BN, labels_B, order_BN) -> torch.Tensor:
-    """(B,) content bits/token along the given orders (one forward). Unpaid: valid only for orders that do not
-    depend on the image (fixed, uniform random) or that the sampler itself draws from the prefix."""
-    logits_BNV, targets_BN = model(tokens_BN, order_BN, labels_B)
-    return F.cross_entropy(logits_BNV.float().transpose(1, 2), targets_BN, reduction="none").mean(1) / LN2
-
-
-@torch.no_grad()
-def policy_bits_along(model: GPT, tokens_BN, labels_B, order_BN) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(content, location) bits/token along any given order for a policy model (their sum is a valid bound),
-    and per image the number of steps whose most likely policy position is the order's (the last step, with
-    one choice left, is not counted)."""
-    logits_BNV, targets_BN, logpi_BNN = model.forward_with_policy(tokens_BN, order_BN, labels_B)
-    content = F.cross_entropy(logits_BNV.float().transpose(1, 2), targets_BN, reduction="none").mean(1)
-    location = -torch.gather(logpi_BNN, 2, order_BN[..., None])[..., 0].mean(1)
-    hits = (logpi_BNN.argmax(-1)[:, :-1] == order_BN[:, :-1]).sum(1)
-    return content / LN2, location / LN2, hits
+from oar_core.runtime import autocast
 
 
 def is_deterministic(order: str, location: LocationRule | None) -> bool:
@@ -79,10 +50,10 @@ def sampler_bits(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, or
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for _ in range(draws):
-        for _, tok_BN, lab_B in _batches(tokens_NN, labels_N, batch_size, device):
+        for _, tok_BN, lab_B in in_batches(tokens_NN, labels_N, batch_size, device):
             with autocast(device):
                 if order in ADAPTIVE_ORDERS:
-                    out = teacher_forced(model, tok_BN, lab_B, order, location, g)
+                    out = teacher_forced(model, tok_BN, lab_B, order=order, location=location, generator=g)
                     bits_B = -out["logp"].sum(1) / tok_BN.shape[1] / LN2
                 else:
                     bits_B = order_bits(model, tok_BN, lab_B, sample_orders(order, len(tok_BN), H, W, g).to(device))
@@ -90,41 +61,15 @@ def sampler_bits(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, or
     return total / (draws * len(tokens_NN))
 
 
-@torch.no_grad()
-def bits_along_orders(model: GPT, tokens_NN, labels_N, order_NN, batch_size: int = 250, device="cpu") -> float:
-    """Mean content bits/token along given orders, unpaid: a likelihood only for orders that do not depend on
-    the image (fixed, uniform random); along extracted (target-peeking) orders it is the oracle diagnostic."""
-    model.eval()
-    total = 0.0
-    for i, tok_BN, lab_B in _batches(tokens_NN, labels_N, batch_size, device):
-        with autocast(device):
-            total += float(order_bits(model, tok_BN, lab_B, order_NN[i: i + batch_size].to(device)).sum())
-    return total / len(tokens_NN)
-
-
-@torch.no_grad()
-def policy_bits(model: GPT, tokens_NN, labels_N, order_NN, batch_size: int = 250, device="cpu") -> dict:
-    """Mean content + location bits/token of a policy model along given orders (valid: the order is paid), and
-    the policy's top-1 agreement with those orders."""
-    model.eval()
-    content = location = hits = 0.0
-    for i, tok_BN, lab_B in _batches(tokens_NN, labels_N, batch_size, device):
-        with autocast(device):
-            c, loc, h = policy_bits_along(model, tok_BN, lab_B, order_NN[i: i + batch_size].to(device))
-        content, location, hits = content + float(c.sum()), location + float(loc.sum()), hits + float(h.sum())
-    n = len(tokens_NN)
-    return {"content": content / n, "location": location / n, "total": (content + location) / n,
-            "top1": hits / (n * (order_NN.shape[1] - 1))}
-
-
-def sampler_nll(model, meta: dict, test_NN, test_labels, p, device) -> tuple[float, str]:
+def sampler_nll(model, meta: dict, test_NN, test_labels, *, n_orders: int, batch_size: int, seed: int,
+                device) -> tuple[float, str]:
     """Held-out bits/token of the model as it samples (its order and location rule): a valid likelihood bound."""
     order = meta["order"]
     rule = LocationRule(**meta["location"]) if meta.get("location") else None
-    bits = sampler_bits(model, test_NN, test_labels, order, rule, p.nll_orders, p.nll_batch_size, p.seed, device)
+    bits = sampler_bits(model, test_NN, test_labels, order, rule, n_orders, batch_size, seed, device)
     if order in ADAPTIVE_ORDERS:
         how = ("exact: its greedy location rule, teacher-forced" if is_deterministic(order, rule) else
-               f"bound: mean over {p.nll_orders} orders drawn from its own location rule, teacher-forced")
+               f"bound: mean over {n_orders} orders drawn from its own location rule, teacher-forced")
     else:
-        how = "exact" if is_deterministic(order, rule) else f"bound: mean over {p.nll_orders} random orders"
+        how = "exact" if is_deterministic(order, rule) else f"bound: mean over {n_orders} random orders"
     return bits, f"{order} order, {how}"

@@ -1,26 +1,24 @@
-"""Stage metrics and step-wise curves through DVCLive, in the layout `dvc metrics/plots/exp show` read:
+"""Stage metrics and step-wise curves in DVCLive's file layout, the one `dvc metrics/plots/exp show` read:
 
     dvclive/<stage>/metrics.json                  the stage's summary (+ "step", the last step, where it has curves)
     dvclive/<stage>/plots/metrics/<name>.tsv      one curve: `step<TAB><name>` rows (train_loss, test_bits_per_token)
     dvclive/evaluate/<model>/metrics.json         evaluate: one summary per model (`dvc metrics show` prints a row
                                                   each)
 
-dvc.yaml stays the one DAG of record: it declares these files, and DVCLive writes no dvc.yaml and saves no
-experiment of its own (`dvc exp run` makes the experiments). A stage's folder is logged whole at the stage's end,
-from history the stage keeps (train: in its run checkpoint), so a resumed run ends with the same bytes as an
-uninterrupted one. DVCLive writes into a scratch folder outside the repository, which is copied beside the
-stage's folder as the hidden `.<name>.partial/` and renamed into place: a killed run never leaves a half-written
-file under a final name, and the next run removes what it left.
+dvc.yaml stays the one DAG of record: it declares these files, and `dvc exp run` makes the experiments. A
+stage's folder is written whole at the stage's end, from history the stage keeps (train: in its run checkpoint), so
+a resumed run ends with the same bytes as an uninterrupted one; it is written beside the final folder as the hidden
+`.<name>.partial/` and renamed into place: a killed run never leaves a half-written file under a final name, and
+the next run removes what it left.
 """
 from __future__ import annotations
 
 import csv
 import json
-import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
-from oar_core.io import remove_path, swap_in, temp_dir
+from oar_core.storage import remove_path, swap_in
 
 METRICS_FILE = "metrics.json"
 CURVES_DIR = Path("plots") / "metrics"
@@ -64,36 +62,29 @@ def read_curve(live_dir, name: str) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
-def _files_only_live():
-    from dvclive import Live
-
-    class FilesOnlyLive(Live):
-        """dvclive.Live that writes its files and nothing else: dvc.yaml declares them and `dvc exp run` records the
-        experiment, so it needs no Git/DVC look-up of its own (which fails in a repository with no commit yet) and
-        posts nothing to DVC Studio (this Live logs once, at the end, not live)."""
-
-        def _init_dvc(self):
-            self._dvc_file = self._init_dvc_file()
-
-        def _init_studio(self):
-            self._studio_events_to_skip = {"start", "data", "done"}
-
-    return FilesOnlyLive
-
-
 def _log(folder: Path, summary: dict, curves: dict) -> None:
-    # no dvc.yaml of its own (dvc.yaml declares these files), no experiment of its own, no report
-    live = _files_only_live()(str(folder), resume=False, report=None, save_dvc_exp=False, dvcyaml=False)
+    """The files DVCLive's Live.log_metric / Live.end write, byte for byte (metrics.json at indent 4 with the last
+    step added, one `step<TAB>name` TSV per curve). Plain files are all a stage that logs once, at its end, needs:
+    no Git or DVC look-up (which fails in a repository with no commit yet), no DVC Studio, no private hooks."""
+    folder.mkdir(parents=True, exist_ok=True)
     last = None
     for name, rows in curves.items():
-        for step, value in rows:
-            live.step = int(step)
-            live.log_metric(name, float(value))
-            last = int(step) if last is None else max(last, int(step))
-    live.summary = dict(summary)  # the stage's own summary, with the curves' last values already in it
+        rows = [(int(step), float(value)) for step, value in rows]
+        if not rows:
+            continue
+        path = curve_path(folder, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"step\t{name}\n" + "".join(f"{step}\t{value!r}\n" for step, value in rows))
+        last = max([r[0] for r in rows] + ([] if last is None else [last]))
+    summary = dict(summary)  # the stage's own summary, with the curves' last values already in it
     if last is not None:
-        live.step = last  # make_summary adds it as "step"
-    live.end()
+        summary["step"] = last
+    (folder / METRICS_FILE).write_text(json.dumps(summary, indent=4, default=_plain) + "\n")
+
+
+def _plain(v):
+    """numpy scalars (e.g. a metric computed in float32) as the Python numbers JSON takes."""
+    return v.item()
 
 
 def _publish(final, fill: Callable[[Path], object]) -> Path:
@@ -101,10 +92,7 @@ def _publish(final, fill: Callable[[Path], object]) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     staged = final.parent / f".{final.name}.partial"
     remove_path(staged)  # what a run killed here left
-    # DVCLive logs outside the repository, then the result is copied in and renamed into place
-    with temp_dir("oar-live") as scratch:  # a killed run's scratch folder is swept by the next
-        fill(Path(scratch) / final.name)
-        (Path(scratch) / final.name).mkdir(exist_ok=True)  # log_per_key of nothing: an empty folder
-        shutil.copytree(Path(scratch) / final.name, staged)
+    fill(staged)
+    staged.mkdir(exist_ok=True)  # log_per_key of nothing: an empty folder
     swap_in(staged, final)
     return final

@@ -1,21 +1,21 @@
 """Where to generate next: a score for every candidate position, and the rule that picks one.
 
 One code path for sampling, order extraction and likelihoods. `location_scores` turns the model's logits at
-each candidate position into a log-domain confidence; `LocationRule` turns scores into a distribution q over
-the candidates and draws from it. Temperature 0 is greedy ("most confident first", ties broken at random).
-Temperature tau > 0 samples from softmax(score / tau), which is exactly MaskGIT's argmax(score + tau * Gumbel)
-"choice temperature", optionally annealed to 0 over the steps, restricted to the top-k, or pushed towards
-positions next to filled ones. Because q is explicit, a likelihood can pay for a stochastic choice (log q).
+each candidate position into a log-domain confidence; `log_q` / `pick` turn scores into a rule's distribution q
+over the candidates and draw from it (the rule itself, `LocationRule`, is data: `oar_core.names`). Temperature 0
+is greedy ("most confident first", ties broken at random). Temperature tau > 0 samples from softmax(score / tau),
+which is exactly MaskGIT's argmax(score + tau * Gumbel) "choice temperature", optionally annealed to 0 over the
+steps, restricted to the top-k, or pushed towards positions next to filled ones. Because q is explicit, a
+likelihood can pay for a stochastic choice (log q).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-SCORES = ("max_prob", "margin", "neg_entropy", "gt_prob")
+from oar_core.names import SCORES, LocationRule
 
 
 def location_scores(logits_BCV: torch.Tensor, kind: str, gt_BC: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,36 +47,31 @@ def filled_neighbours(filled_BN: torch.Tensor, cand_BC: torch.Tensor, H: int, W:
     return torch.gather(F.conv2d(f, kernel).flatten(1), 1, cand_BC) / 4
 
 
-@dataclass(frozen=True)
-class LocationRule:
-    score: str = "max_prob"      # max_prob | margin | neg_entropy (gt_prob only for extraction)
-    temperature: float = 0.0     # 0 = greedy; >0 samples softmax(score / tau_t)
-    anneal: str = "constant"     # constant | linear | cosine: tau_t goes from `temperature` to 0 over the steps
-    top_k: int | None = None     # sample among the k best-scored positions only
-    locality: float = 0.0        # bonus per filled 4-neighbour fraction (prefer growing from generated tokens)
-    logits: str = "cond"         # score on the conditional or the CFG-guided logits
+def tau(rule: LocationRule, t: int, N: int) -> float:
+    """The rule's temperature at step t of N."""
+    frac = t / max(1, N - 1)
+    f = {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[rule.anneal]
+    return rule.temperature * f
 
-    def tau(self, t: int, N: int) -> float:
-        frac = t / max(1, N - 1)
-        f = {"constant": 1.0, "linear": 1.0 - frac, "cosine": 0.5 * (1 + math.cos(math.pi * frac))}[self.anneal]
-        return self.temperature * f
 
-    def log_q(self, t: int, N: int, score_BC: torch.Tensor, bonus_BC: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C) log-probability of choosing each candidate (-inf where impossible)."""
-        s = score_BC.float() if bonus_BC is None else score_BC.float() + self.locality * bonus_BC
-        if self.top_k is not None and self.top_k < s.shape[1]:
-            kth = s.topk(self.top_k, dim=1).values[:, -1:]
-            s = s.masked_fill(s < kth, float("-inf"))
-        tau = self.tau(t, N)
-        if tau <= 0:
-            best = s == s.max(1, keepdim=True).values
-            return torch.where(best, -torch.log(best.sum(1, keepdim=True).float()), float("-inf"))
-        return F.log_softmax(s / tau, dim=1)
+def log_q(rule: LocationRule, t: int, N: int, score_BC: torch.Tensor,
+          bonus_BC: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C) log-probability of choosing each candidate (-inf where impossible)."""
+    s = score_BC.float() if bonus_BC is None else score_BC.float() + rule.locality * bonus_BC
+    if rule.top_k is not None and rule.top_k < s.shape[1]:
+        kth = s.topk(rule.top_k, dim=1).values[:, -1:]
+        s = s.masked_fill(s < kth, float("-inf"))
+    tau_t = tau(rule, t, N)
+    if tau_t <= 0:
+        best = s == s.max(1, keepdim=True).values
+        return torch.where(best, -torch.log(best.sum(1, keepdim=True).float()), float("-inf"))
+    return F.log_softmax(s / tau_t, dim=1)
 
-    def pick(self, t: int, N: int, score_BC: torch.Tensor, bonus_BC: torch.Tensor | None = None,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(choice_B, log q(choice)_B). Greedy ties are broken uniformly at random, not by raster index."""
-        logq_BC = self.log_q(t, N, score_BC, bonus_BC)
-        probs = logq_BC.exp()
-        choice_B = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(score_BC.device)
-        return choice_B, torch.gather(logq_BC, 1, choice_B[:, None])[:, 0]
+
+def pick(rule: LocationRule, t: int, N: int, score_BC: torch.Tensor, bonus_BC: torch.Tensor | None = None,
+         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(choice_B, log q(choice)_B). Greedy ties are broken uniformly at random, not by raster index."""
+    logq_BC = log_q(rule, t, N, score_BC, bonus_BC)
+    probs = logq_BC.exp()
+    choice_B = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(score_BC.device)
+    return choice_B, torch.gather(logq_BC, 1, choice_B[:, None])[:, 0]

@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from oar_core.checkpoint import load_torch, save_torch
 from oar_core.orders import step_of_position
 
 
@@ -207,10 +208,6 @@ class GPT(nn.Module):
         logits_BNV = self.run(self.sequence_inputs(tokens_BN, order_BN, labels_B))
         return logits_BNV, torch.gather(tokens_BN, 1, order_BN)
 
-    def loss(self, tokens_BN, order_BN, labels_B) -> torch.Tensor:
-        logits_BNV, targets_BN = self(tokens_BN, order_BN, labels_B)
-        return F.cross_entropy(logits_BNV.float().flatten(0, 1), targets_BN.flatten())
-
     def forward_with_policy(self, tokens_BN, order_BN, labels_B) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher-forced content logits_BNV, targets_BN, and policy log-probs_BNN: row t is the distribution
         over the positions still unfilled before step t (filled ones at -inf), from a query that sees the
@@ -260,15 +257,11 @@ class GPT(nn.Module):
 
 
 def save_gpt(path, model: GPT, **extra) -> None:
-    from oar_core.io import save_torch
-
     raw = model.module if hasattr(model, "module") else model
     save_torch(path, {"config": asdict(raw.cfg), "state_dict": raw.state_dict(), **extra})
 
 
 def load_gpt(path, device="cpu") -> tuple[GPT, dict]:
-    from oar_core.io import load_torch
-
     ckpt = load_torch(path, "model checkpoint")
     if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path}: not an oar model checkpoint (no config/state_dict); point to a train stage's "

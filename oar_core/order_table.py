@@ -4,14 +4,10 @@
     orders = pl.scan_parquet("data/orders/*.parquet")       # works while extraction is still running
     orders.filter(pl.col("label") == 3).select("image_id", "nll_extracted").collect()
 
-CLI: `python -m oar_core.order_table data/orders {summary,heatmap,per-class,closest-to-raster,first-positions}`.
-"""
+Queries and their CLI: `oar_core.order_queries`."""
 from __future__ import annotations
 
-import argparse
 import fcntl
-import math
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from oar_core.io import atomic_path
-from oar_core.orders import is_permutation, kendall_tau_to_raster, step_of_position
+from oar_core.orders import is_permutation
+from oar_core.storage import atomic_path
 
 META_CKPT, META_PARAMS, META_CRC = b"oar.checkpoint_hash", b"oar.params_hash", b"oar.page_checksums"
+
+
 RERUN = "rerun `dvc repro extract_orders`"
 
 
@@ -103,104 +101,3 @@ def orders_for_ids(orders_dir, ids: list[str], N: int, missing_ok: bool = False)
         raise ValueError(f"{orders_dir}: {int(bad.sum())} row(s) are not permutations of 0..{N - 1}, e.g. image "
                          f"{got['image_id'][int(bad.nonzero()[0])]!r}; rerun `dvc repro extract_orders`")
     return order_RN
-
-
-# ---- questions users ask ----------------------------------------------------------------------------
-def _steps(df: pl.DataFrame) -> np.ndarray:
-    """(R, N) step at which each position was generated."""
-    return step_of_position(torch.from_numpy(np.stack(df["permutation"].to_numpy()).astype(np.int64))).numpy()
-
-
-def mean_step_heatmap(orders_dir, label: int | None = None, split: str | None = "train") -> np.ndarray:
-    """(H, W) mean generation step per grid position (low = generated early)."""
-    lf = scan(orders_dir)
-    if split:
-        lf = lf.filter(pl.col("split") == split)
-    if label is not None:
-        lf = lf.filter(pl.col("label") == label)
-    df = lf.select("permutation").collect()
-    if not len(df):
-        raise ValueError(f"{orders_dir}: no rows for split={split!r} label={label!r}")
-    mean_N = _steps(df).mean(0)
-    side = math.isqrt(len(mean_N))
-    return mean_N.reshape(side, side)
-
-
-def per_class(orders_dir) -> pl.DataFrame:
-    """Per class: image count, mean NLL under extracted vs random order, mean first position."""
-    return (scan(orders_dir)
-            .group_by("label")
-            .agg(pl.len().alias("images"), pl.col("nll_extracted").mean(), pl.col("nll_random").mean(),
-                 pl.col("permutation").list.first().mean().alias("mean_first_position"))
-            .sort("label").collect())
-
-
-def closest_to_raster(orders_dir, n: int = 10) -> pl.DataFrame:
-    """Images whose extracted order is most raster-like (Kendall tau to raster order)."""
-    df = scan(orders_dir).select("image_id", "label", "permutation").collect()
-    taus = [kendall_tau_to_raster(np.asarray(p)) for p in df["permutation"].to_list()]
-    return (df.with_columns(pl.Series("tau_to_raster", taus)).drop("permutation")
-            .sort("tau_to_raster", descending=True).head(n))
-
-
-def first_positions(orders_dir) -> pl.DataFrame:
-    """How often each grid position is generated first."""
-    return (scan(orders_dir).select(pl.col("permutation").list.first().alias("position"))
-            .group_by("position").agg(pl.len().alias("count")).sort("count", descending=True).collect())
-
-
-def save_heatmaps(heat: dict, path, title: str = "mean generation step", class_names: list[str] | None = None) -> None:
-    """(H, W) mean-generation-step maps side by side, one per key (a class id, named by `class_names` when given;
-    or any label), on one colour scale from 0, under `title`: the report's heat maps and the CLI's --png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(heat)
-    vmax = max(float(h.max()) for h in heat.values())
-    fig, axes = plt.subplots(1, n, figsize=(1.4 * n + 0.8, 1.9))
-    axes = np.atleast_1d(axes)
-    for ax, (k, h) in zip(axes, sorted(heat.items())):
-        im = ax.imshow(h, cmap="viridis", vmin=0, vmax=vmax)
-        name = class_names[k] if class_names and k < len(class_names) else str(k)
-        ax.set_title(name, fontsize=7)
-        ax.set_xticks([]), ax.set_yticks([])
-    fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.01, label="mean step")
-    fig.suptitle(title, fontsize=9, y=1.04)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m oar_core.order_table", description="Query an extracted-orders table.")
-    ap.add_argument("orders_dir")
-    ap.add_argument("query", choices=["summary", "heatmap", "per-class", "closest-to-raster", "first-positions"])
-    ap.add_argument("--label", type=int, default=None)
-    ap.add_argument("--n", type=int, default=10)
-    ap.add_argument("--png", default=None, help="heatmap: also save it as this PNG")
-    a = ap.parse_args(argv)
-    pl.Config.set_tbl_rows(50)
-    try:
-        if a.query == "summary":
-            print(scan(a.orders_dir).group_by("split").agg(pl.len().alias("images"), pl.col("nll_extracted").mean(),
-                                                            pl.col("nll_random").mean()).sort("split").collect())
-        elif a.query == "heatmap":
-            heat = mean_step_heatmap(a.orders_dir, a.label)
-            print(np.array2string(heat, precision=1, max_line_width=200))
-            if a.png:
-                save_heatmaps({"all labels" if a.label is None else f"label {a.label}": heat}, a.png)
-        elif a.query == "per-class":
-            print(per_class(a.orders_dir))
-        elif a.query == "closest-to-raster":
-            print(closest_to_raster(a.orders_dir, a.n))
-        else:
-            print(first_positions(a.orders_dir).head(a.n))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

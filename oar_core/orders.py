@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-FIXED_ORDERS = ("raster", "spiral", "center_out", "halton")
+from oar_core.names import FIXED_ORDERS
 
 
 def raster(H: int, W: int) -> torch.Tensor:

@@ -13,6 +13,8 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from oar_core.names import ORACLE_SCORES, SAMPLE_ORDERS, TRAIN_ORDERS, LocationRule
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -88,10 +90,9 @@ class ModelParams(Section):
 
 
 class TrainParams(Section):
-    order: Literal["raster", "random", "spiral", "center_out", "given"] = "random"
+    order: Literal[TRAIN_ORDERS] = "random"
     model: ModelParams = ModelParams()
     init_from: Optional[str] = None  # checkpoint to continue from (finetune)
-    orders_dir: Optional[str] = None  # Parquet orders table, for order="given"
     random_mix: float = Field(0.0, ge=0, le=1)  # fraction of random orders mixed into "given" training
     random_mix_end: Optional[float] = Field(None, ge=0, le=1)  # anneal random_mix linearly to this (RAR-style)
     policy_weight: float = Field(0.0, ge=0)  # >0: train a location-policy head on the given orders, loss weight
@@ -112,8 +113,6 @@ class TrainParams(Section):
 
     @model_validator(mode="after")
     def _given_needs_orders(self):
-        if self.order == "given" and not self.orders_dir:
-            raise ValueError("order='given' needs orders_dir (the extract_orders output folder)")
         if self.policy_weight > 0 and self.order != "given":
             raise ValueError("policy_weight > 0 needs order='given' (the policy learns the extracted orders)")
         return self
@@ -129,10 +128,8 @@ CANDIDATE_CHUNK_DOC = (
 class ExtractParams(Section):
     checkpoint: str = "models/random/model.pt"
     out_dir: str = "data/orders"
-    score: Literal["gt_prob", "max_prob", "margin", "neg_entropy"] = "gt_prob"
-    strategy: Literal["greedy", "topk"] = "greedy"
-    top_k: int = Field(3, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    # the same rule as a sampler's; greedy gt_prob (an oracle that looks at the answer) by default
+    location: LocationRule = LocationRule(score="gt_prob")
     batch_size: int = Field(256, ge=1)
     splits: list[Literal["train", "test"]] = Field(["train", "test"], min_length=1)
     candidate_chunk_mb: float = Field(256.0, gt=0, description=CANDIDATE_CHUNK_DOC)
@@ -147,30 +144,28 @@ class ExtractParams(Section):
         return v
 
 
-class LocationParams(Section):
-    """How a confidence- or policy-order sampler picks the next position (oar_core.location.LocationRule)."""
-    score: Literal["max_prob", "margin", "neg_entropy"] = "max_prob"  # confidence order only
-    temperature: float = Field(0.0, ge=0)  # 0 = greedy; >0 = sample softmax(score / tau) (MaskGIT's Gumbel)
-    anneal: Literal["constant", "linear", "cosine"] = "constant"  # tau from `temperature` to 0 over the steps
-    top_k: Optional[int] = Field(None, ge=1)
-    locality: float = Field(0.0, ge=0)  # bonus for positions next to generated ones
-    logits: Literal["cond", "guided"] = "cond"  # score locations on the conditional or the CFG-guided logits
-
-
 class SampleModelParams(Section):
     name: str  # folder name under sample.out_dir and the key in metrics/evaluate.json
     checkpoint: str
-    order: Literal["raster", "random", "spiral", "center_out", "halton", "confidence", "policy"]
-    location: LocationParams = LocationParams()
+    order: Literal[SAMPLE_ORDERS]
+    location: LocationRule = LocationRule()
+
+    @field_validator("location")
+    @classmethod
+    def _no_oracle(cls, v: LocationRule) -> LocationRule:
+        if v.score in ORACLE_SCORES:
+            raise ValueError(f"score {v.score!r} reads the ground truth: it is for extract_orders only; a sampler "
+                             f"uses max_prob, margin or neg_entropy")
+        return v
 
 
 DEFAULT_SAMPLE_MODELS = [
     SampleModelParams(name="raster", checkpoint="models/raster/model.pt", order="raster"),
     SampleModelParams(name="any-order", checkpoint="models/random/model.pt", order="random"),
     SampleModelParams(name="oar", checkpoint="models/oar/model.pt", order="confidence",
-                      location=LocationParams(temperature=1.0, anneal="linear")),
+                      location=LocationRule(temperature=1.0, anneal="linear")),
     SampleModelParams(name="oar-policy", checkpoint="models/oar/model.pt", order="policy",
-                      location=LocationParams(temperature=1.0)),
+                      location=LocationRule(temperature=1.0)),
 ]
 
 
@@ -224,7 +219,7 @@ class Params(Section):
     train_random: TrainParams = TrainParams(order="random", out_dir="models/random")
     extract_orders: ExtractParams = ExtractParams()
     finetune: TrainParams = TrainParams(
-        order="given", orders_dir="data/orders", init_from="models/random/model.pt", out_dir="models/oar",
+        order="given", init_from="models/random/model.pt", out_dir="models/oar",
         random_mix=0.2, policy_weight=1.0, steps=400, lr=3e-4, min_lr=3e-5, warmup_steps=50,
     )
     sample: SampleParams = SampleParams()
@@ -282,6 +277,13 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         return Params.model_validate(raw)
     except ValidationError as e:
         raise ParamsError(_format(e, path)) from None
+
+
+def upstream_paths(params: Params) -> dict[str, str]:
+    """Where each stage finds what an earlier stage wrote: read from that stage's own output key, so a user who
+    moves an output changes it once (dvc.yaml interpolates the same keys)."""
+    return {"ingest_dir": params.ingest.out_dir, "shards": params.tokenize.out,
+            "orders_dir": params.extract_orders.out_dir, "samples": params.sample.out_dir}
 
 
 def load_section(name: str, path: str | Path = "params.yaml") -> Section:

@@ -4,25 +4,17 @@ encoder: k stride-2 convs (image_size -> grid, k = log2(image_size / grid)) + a 
 quantizer: nearest codebook vector; EMA codebook updates, codebook initialized from encoder outputs,
            dead codes restarted from current encodings so nearly every code gets used
 decoder: mirror of the encoder with transposed convs, sigmoid output in [0, 1]
-Trains in ~1-2 min on 2 CPU cores for 28x28 Fashion-MNIST at the defaults.
-"""
+Trained by the tokenizer stage (pipeline/tokenizer.py); this module is the model and its checkpoint."""
 from __future__ import annotations
 
 import math
-import time
-from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from oar_core import vq_diffusers
-from oar_core.data import endless_batches, image_batches, load_manifest
-from oar_core.io import load_torch, pick_device, read_bytes, save_torch, write_bytes_atomic
-from oar_core.live import log_stage
-from oar_core.params import TokenizerParams
+from oar_core.checkpoint import load_torch, save_torch
 
 
 def num_stages(image_size: int, grid: int) -> int:
@@ -172,94 +164,6 @@ class VQTokenizer(nn.Module):
         return self._from_internal(torch.sigmoid(self.decoder(q_BhwD.permute(0, 3, 1, 2))))
 
 
-# ----------------------------------------------------------------------------- training
-
-def to_float_BCHW(images_NHWC: np.ndarray | torch.Tensor, device=None) -> torch.Tensor:
-    x = torch.as_tensor(np.asarray(images_NHWC)) if not torch.is_tensor(images_NHWC) else images_NHWC
-    return x.to(device).permute(0, 3, 1, 2).float().div_(255.0)
-
-
-def train_tokenizer(p: TokenizerParams, batches: Iterator[np.ndarray], image_size: int, channels: int,
-                    device: torch.device | str = "cpu", progress: bool = True):
-    """Train a VQTokenizer for p.steps on uint8 (B,H,W,C) batches drawn from `batches` (a stream: the data is never
-    held whole). Returns (model in eval mode, history list)."""
-    device = torch.device(device)
-    torch.manual_seed(p.seed)
-    model = VQTokenizer(image_size, channels, p.grid, p.codebook_size, p.code_dim, p.hidden).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=p.lr)
-    # cosine decay to 10%: late small steps polish reconstructions without hurting the short schedule
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, p.steps) / max(1, p.steps))))
-    history, t0 = [], time.time()
-    model.train()
-    bar = tqdm(range(p.steps), desc="tokenizer", unit="step", disable=not progress, mininterval=1.0)
-    for step in bar:
-        x_BCHW = to_float_BCHW(next(batches), device)
-        _, losses, tokens_Bhw = model(x_BCHW)
-        loss = losses["recon"] + p.commitment * losses["commit"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 50 == 0 or step == p.steps - 1:
-            used = tokens_Bhw.unique().numel() / p.codebook_size
-            rec = {"step": step, "loss": loss.item(), "recon": losses["recon"].item(), "batch_usage": used,
-                   "elapsed_s": time.time() - t0}
-            history.append(rec)
-            bar.set_postfix(recon=f"{rec['recon']:.4f}", usage=f"{used:.2f}")
-    model.eval()
-    return model, history
-
-
-@torch.no_grad()
-def encode_all(model: VQTokenizer, images_NHWC: np.ndarray, device, batch_size: int = 1000,
-               desc: str | None = None) -> np.ndarray:
-    """Tokens (N,grid,grid) as uint16 (codebook_size <= 65536)."""
-    out = []
-    for i in tqdm(range(0, len(images_NHWC), batch_size), desc=desc, unit="batch", disable=desc is None, leave=False):
-        out.append(model.encode(to_float_BCHW(images_NHWC[i:i + batch_size], device)).cpu().numpy().astype(np.uint16))
-    return np.concatenate(out) if out else np.zeros((0, model.grid, model.grid), np.uint16)
-
-
-def mean_image(batches: Iterable[np.ndarray]) -> np.ndarray:
-    """Per-pixel mean in [0,1] over a stream of uint8 (B,H,W,C) batches."""
-    total, n = 0.0, 0
-    for images_BHWC in batches:
-        total = total + images_BHWC.astype(np.float64).sum(0)
-        n += len(images_BHWC)
-    return total / max(n, 1) / 255.0
-
-
-@torch.no_grad()
-def evaluate_tokenizer(model, test_batches: Iterable[np.ndarray], mean_HWC: np.ndarray, device) -> dict:
-    """Reconstruction error (vs the train mean image as a baseline) and code usage over a stream of test batches."""
-    model.eval()
-    sq_err, base_err, n_px = 0.0, 0.0, 0
-    counts_K = torch.zeros(model.codebook_size, dtype=torch.float64)
-    for images_BHWC in test_batches:
-        x_BCHW = to_float_BCHW(images_BHWC, device)
-        tokens_Bhw = model.encode(x_BCHW)
-        recon_BCHW = model.decode(tokens_Bhw)
-        sq_err += (recon_BCHW - x_BCHW).pow(2).sum().item()
-        base_err += float(((images_BHWC / 255.0 - mean_HWC) ** 2).sum())
-        n_px += x_BCHW.numel()
-        counts_K += torch.bincount(tokens_Bhw.flatten().cpu(), minlength=model.codebook_size).double()
-    probs_K = counts_K / counts_K.sum()
-    entropy = -(probs_K[probs_K > 0] * probs_K[probs_K > 0].log()).sum().item()
-    mse = sq_err / n_px
-    return {
-        "recon_mse": mse,
-        "baseline_mse": base_err / n_px,
-        "psnr": 10 * math.log10(1.0 / max(mse, 1e-12)),
-        "codebook_usage": float((counts_K > 0).double().mean()),
-        "perplexity": math.exp(entropy),
-        "codebook_size": model.codebook_size,
-        "grid": model.grid,
-    }
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
 def save_tokenizer(path, model: VQTokenizer) -> None:
     save_torch(path, {"kind": "oar-vq-tokenizer", "config": dict(model.config),
                       "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
@@ -284,50 +188,3 @@ def load_tokenizer(path, device: torch.device | str = "cpu") -> VQTokenizer | vq
         raise ValueError(f"{path}: tokenizer checkpoint does not match its config ({detail}); "
                          f"re-export it with save_tokenizer or retrain (unset tokenizer.checkpoint)") from None
     return model.to(device).eval()
-
-
-def check_compatible(model: VQTokenizer, manifest: dict, p: TokenizerParams, path) -> None:
-    """A user-supplied checkpoint must fit the ingested data and the configured grid."""
-    problems = []
-    if model.channels != manifest["channels"]:
-        problems.append(f"channels {model.channels} != data channels {manifest['channels']} (ingest.channels)")
-    if model.image_size != manifest["image_size"]:
-        problems.append(f"image_size {model.image_size} != data image_size {manifest['image_size']} "
-                        f"(ingest.image_size)")
-    if model.grid != p.grid:
-        problems.append(f"grid {model.grid} != tokenizer.grid {p.grid}")
-    if problems:
-        raise ValueError(f"{path}: tokenizer checkpoint does not fit this pipeline: {'; '.join(problems)}; "
-                         f"change those params or use a matching checkpoint")
-
-
-def run_tokenizer(p: TokenizerParams, ingest_dir="data/ingest", out="models/tokenizer.pt",
-                  metrics="dvclive/tokenizer") -> dict:
-    """Train (or adopt) the tokenizer on the ingest shards, streamed; its summary goes to DVCLive's
-    `<metrics>/metrics.json`."""
-    manifest = load_manifest(ingest_dir)
-    device = pick_device()
-    t0 = time.time()
-    if p.kind == "diffusers_vq":
-        model = vq_diffusers.from_pretrained_dir(p.checkpoint, manifest["image_size"]).to(device)
-        if model.channels != manifest["channels"]:
-            raise ValueError(f"{p.checkpoint}: the VQModel takes {model.channels}-channel images, the ingested ones "
-                             f"have {manifest['channels']}; set ingest.channels: {model.channels}")
-        save_torch(out, vq_diffusers.to_checkpoint(model))  # self-contained: later stages never need the folder
-        history, source = [], p.checkpoint
-    elif p.checkpoint:
-        model = load_tokenizer(p.checkpoint, device)
-        check_compatible(model, manifest, p, p.checkpoint)
-        write_bytes_atomic(out, read_bytes(p.checkpoint))  # byte copy: the artifact is exactly what the user gave
-        history, source = [], p.checkpoint
-    else:
-        stream = endless_batches(ingest_dir, "train", p.batch_size, p.seed, p.shuffle_buffer)
-        model, history = train_tokenizer(p, stream, manifest["image_size"], manifest["channels"], device)
-        save_tokenizer(out, model)
-        source = "trained"
-    mean_HWC = mean_image(b for b, _, _ in image_batches(ingest_dir, "train", 1000))
-    result = evaluate_tokenizer(model, (b for b, _, _ in image_batches(ingest_dir, "test", 1000)), mean_HWC, device)
-    result.update(train_seconds=round(time.time() - t0, 2), steps=0 if p.checkpoint else p.steps, kind=p.kind)
-    log_stage(metrics, result)
-    return {**result, "source": source, "out": str(out), "metrics": str(metrics), "history": history,
-            "threads": torch.get_num_threads()}

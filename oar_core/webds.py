@@ -18,7 +18,7 @@ from typing import Iterator
 import webdataset as wds
 from webdataset.gopen import gopen_schemes
 
-from oar_core.io import fs_for, is_remote, join, list_files, publish_file, remove_file, temp_dir
+from oar_core.storage import fs_for, is_remote, join, list_files, publish_file, remove_file, temp_dir
 
 
 def _open_fsspec(url, mode="rb", bufsize=8192, **kw):
@@ -26,7 +26,9 @@ def _open_fsspec(url, mode="rb", bufsize=8192, **kw):
     return fs.open(path, mode)
 
 
-gopen_schemes.setdefault("s3", _open_fsspec)
+def register_s3() -> None:
+    """Let webdataset open s3:// URLs through fsspec (it has no opener of its own for S3); for your own loaders too."""
+    gopen_schemes.setdefault("s3", _open_fsspec)
 
 
 def list_shards(prefix, split: str) -> list[str]:
@@ -88,5 +90,6 @@ def dataset(urls: list[str], hint: str, seed: int | None = None) -> wds.WebDatas
             raise exn
         raise ValueError(f"{url}: corrupt or truncated shard ({type(exn).__name__}: {exn.args[0]}); {hint}") from None
 
+    register_s3()
     return wds.WebDataset(list(urls), shardshuffle=len(urls) if seed is not None else False, seed=seed,
                           nodesplitter=None, workersplitter=None, empty_check=False, handler=name_the_shard)

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Callable
 
 from oar_core.dag import dag_stages, declared
-from oar_core.io import remove_stale_temps
-from oar_core.params import load_section
+from oar_core.params import load_params, upstream_paths
+from oar_core.storage import remove_stale_temps
 
 
 def sweep_temps(stage: str, dag: str = "dvc.yaml") -> None:
@@ -35,7 +35,11 @@ def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args
     name = section or args.stage
     sweep_temps(name)
     try:
-        result = run(load_section(name, args.params), args)
+        params = load_params(args.params)
+        for key, path in upstream_paths(params).items():  # an --option given on the command line wins
+            if getattr(args, key, False) is None:
+                setattr(args, key, path)
+        result = run(getattr(params, name), args)
     except (ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: [{name}] {e}", file=sys.stderr)
         sys.exit(1)

@@ -39,8 +39,8 @@ def fmnist_small(tmp_path_factory) -> Path:
     """Ingest output dir with the first 512 train / 128 test Fashion-MNIST images."""
     if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"{FMNIST_DIR} missing (install the Debian package dataset-fashion-mnist)")
-    from oar_core.data import run_ingest
     from oar_core.params import IngestParams
+    from pipeline.ingest import run_ingest
 
     out = tmp_path_factory.mktemp("fmnist_small")
     run_ingest(IngestParams(source=str(FMNIST_DIR), out_dir=str(out), max_train=512, max_test=128))

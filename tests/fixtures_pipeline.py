@@ -39,8 +39,8 @@ def run_module(args: list[str], cwd, timeout=300, **popen) -> subprocess.Complet
 def tiny_shards(fmnist_small, tmp_path_factory) -> Path:
     """Token shards of 512 train / 128 test real images (7x7 grid, 64 codes), 2 shards per split."""
     from oar_core.params import TokenizeParams, TokenizerParams
-    from oar_core.shards import run_tokenize
-    from oar_core.tokenizer import run_tokenizer
+    from pipeline.tokenize import run_tokenize
+    from pipeline.tokenizer import run_tokenizer
     from tests.conftest import single_thread
 
     root = tmp_path_factory.mktemp("tiny_shards")
@@ -54,7 +54,7 @@ def tiny_shards(fmnist_small, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def any_order_model(tiny_shards, tmp_path_factory) -> tuple[Path, dict]:
     """A small any-order model trained for a few hundred steps (so its orders are not noise)."""
-    from oar_core.train import run_train
+    from pipeline.train import run_train
     from tests.conftest import single_thread
 
     root = tmp_path_factory.mktemp("any_order")

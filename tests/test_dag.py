@@ -53,5 +53,17 @@ def test_every_module_a_stage_runs_is_one_of_its_deps(stage):
 
 
 def test_the_walk_follows_function_level_imports():
-    # oar_core.train imports order_table inside run_train; a walk of top-level imports alone would miss it
+    # pipeline.train imports order_table inside run_train; a walk of top-level imports alone would miss it
     assert "oar_core.order_table" in closure("pipeline.train")
+
+
+def test_the_library_holds_no_stage_logic_and_no_params_sections():
+    """The stage script is the stage: oar_core has no run_* and takes no params section objects, so a stage's
+    code deps are exactly what it runs (params.py's own imports are the registry of names it validates)."""
+    for path in sorted((ROOT / "oar_core").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        stages = [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name.startswith("run_")]
+        assert not stages, f"{path.name} holds stage logic {stages}: move it to pipeline/"
+        if path.name != "params.py":
+            imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+            assert "oar_core.params" not in imported, f"{path.name} imports params sections: pass plain values"

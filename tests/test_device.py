@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oar_core import extract, io
+from oar_core import runtime as io
 from oar_core.params import ExtractParams
+from pipeline import extract_orders as extract
 
 
 @pytest.fixture

@@ -68,6 +68,33 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_a_change_touches
     assert ran_stages(dvc(full_repo, "repro").stdout) == ["sample", "evaluate"]
 
 
+# (file, a line inside the function edited, what runs that code): what `dvc status` must call stale afterwards
+EDITS = [
+    ("oar_core/image_sources.py", "def decode_image(", ["ingest"]),  # an ingest-only function
+    ("pipeline/tokenizer.py", "def train_tokenizer(", ["tokenizer"]),  # the tokenizer's training loop
+    ("oar_core/location.py", "def log_q(", ["extract_orders", "sample", "evaluate"]),  # a location rule
+    ("oar_core/report.py", "def write_report(", ["evaluate"]),  # the report
+]
+
+
+@pytest.mark.parametrize("path,function,stale", EDITS, ids=[e[0] for e in EDITS])
+def test_an_edit_makes_stale_only_the_stages_that_run_that_code(full_repo, path, function, stale):
+    """After a finished `dvc repro`, an edit inside one function makes `dvc status` name exactly the stages whose
+    scripts run it: editing ingest, the tokenizer's training or the report never retrains a model."""
+    if ran_stages(dvc(full_repo, "repro").stdout) == ALL_STAGES:  # this test alone: the first run
+        assert ran_stages(dvc(full_repo, "repro").stdout) == []
+    f = full_repo / path
+    original = f.read_text()
+    head, tail = original.split(function, 1)
+    f.write_text(head + function + tail.replace(":\n", ":\n    # an edit\n", 1))
+    try:
+        status = json.loads(dvc(full_repo, "status", "--json").stdout)
+    finally:
+        f.write_text(original)
+    assert sorted(status) == sorted(stale), status
+    assert json.loads(dvc(full_repo, "status", "--json").stdout) == {}
+
+
 def test_an_unconditional_model_on_a_folder_without_class_sub_folders_runs_the_whole_dag(tmp_path_factory):
     """`class_cond: false` on a flat folder of PNGs (one class, no labels to learn): every stage runs, the models
     are unconditional, and evaluate's feature space is learned without labels (a one-class classifier would

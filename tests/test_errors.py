@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from oar_core.io import write_bytes_atomic
-from oar_core.shards import load_meta, load_tokens
+from oar_core.storage import write_bytes_atomic
+from oar_core.token_shards import load_meta, load_tokens
 from pipeline._stage import stage_main
 
 

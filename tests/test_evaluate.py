@@ -10,19 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from oar_core.data import load_split
-from oar_core.evaluate import run_evaluate
-from oar_core.features import (
-    INDOMAIN_NAME,
-    classifier_accuracy,
-    fidelity_metrics,
-    load_classifier,
-    load_image_folder,
-    run_feature_net,
-)
+from oar_core.feature_net import INDOMAIN_NAME, classifier_accuracy, load_classifier
+from oar_core.fidelity import fidelity_metrics
+from oar_core.image_shards import load_split
 from oar_core.model import GPT, GPTConfig, save_gpt
 from oar_core.params import EvaluateParams, FeatureNetParams, SampleModelParams, SampleParams, TokenizeParams
-from oar_core.samples import run_sample
+from pipeline.evaluate import run_evaluate
+from pipeline.feature_net import run_feature_net
+from pipeline.sample import run_sample
+from tests.helpers import load_image_folder
 
 MODELS = ["raster", "any-order", "any-order-confidence", "oar"]
 
@@ -57,8 +53,8 @@ def test_indomain_extractor_separates_real_from_noise(fmnist_small, classifier):
 @pytest.fixture(scope="module")
 def pipeline_dir(fmnist_small, tmp_path_factory):
     """Tokenizer, shards, model checkpoints and samples of four tiny untrained models."""
-    from oar_core.shards import run_tokenize
     from oar_core.tokenizer import VQTokenizer, save_tokenizer
+    from pipeline.tokenize import run_tokenize
 
     root = tmp_path_factory.mktemp("pipe")
     torch.manual_seed(0)
@@ -177,7 +173,7 @@ def test_evaluate_sweeps_the_fidelity_caches_that_killed_runs_leaked():
     import os
     import tempfile
 
-    from oar_core.features import temp_cache_dir
+    from oar_core.fidelity import temp_cache_dir
 
     dead = Path(tempfile.gettempdir()) / "oar-fidelity-999999999-leak"  # above Linux's pid_max: never alive
     dead.mkdir(exist_ok=True)
@@ -187,7 +183,7 @@ def test_evaluate_sweeps_the_fidelity_caches_that_killed_runs_leaked():
 
 
 def test_sample_decodes_with_its_candidate_memory_budget(pipeline_dir, tmp_path, monkeypatch):
-    from oar_core import samples
+    from pipeline import sample as samples
 
     seen, real = [], samples.generate
     monkeypatch.setattr(samples, "generate", lambda *a, **k: seen.append(k["candidate_chunk_mb"]) or real(*a, **k))
@@ -218,7 +214,7 @@ def test_torchrun_ranks_draw_the_same_samples_as_one_process(pipeline_dir, tmp_p
 
 
 def test_samples_are_scored_from_disk_lazily_with_the_same_numbers(pipeline_dir, fmnist_small, classifier):
-    from oar_core.features import ImageFiles, image_folder
+    from oar_core.fidelity import ImageFiles, image_folder
 
     root, _ = pipeline_dir
     lazy = image_folder(root / "samples" / "oar", 28, 1)

@@ -8,21 +8,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from oar_core.extract import extract_batch, run_extract
+from oar_core.extract import extract_batch
+from oar_core.figures import save_heatmaps
 from oar_core.model import load_gpt, save_gpt
-from oar_core.order_table import (
-    closest_to_raster,
-    first_positions,
-    mean_step_heatmap,
-    orders_for_ids,
-    per_class,
-    save_heatmaps,
-)
+from oar_core.names import LocationRule
+from oar_core.order_queries import closest_to_raster, first_positions, mean_step_heatmap, per_class
+from oar_core.order_table import orders_for_ids
 from oar_core.orders import is_permutation
 from oar_core.params import ExtractParams
-from oar_core.shards import load_tokens
+from oar_core.token_shards import load_tokens
+from pipeline.extract_orders import run_extract
 from tests.conftest import single_thread
 from tests.fixtures_pipeline import tiny_train_params
+from tests.reference_decode import UncachedForward
 from tests.test_order_table import flip_data_pages
 
 N = 49
@@ -61,22 +59,23 @@ def test_greedy_extraction_is_deterministic_and_equals_naive_reference(any_order
     d = load_tokens(tiny_shards, "test")
     tokens = torch.from_numpy(d["tokens"][:6].astype(np.int64)).flatten(1)
     labels = torch.from_numpy(d["labels"][:6])
-    p = ExtractParams()
+    p = ExtractParams().location
     a, b = extract_batch(model, tokens, labels, p), extract_batch(model, tokens, labels, p)
     assert torch.equal(a["order"], b["order"]) and torch.equal(a["scores"], b["scores"])
-    naive = extract_batch(model, tokens[:3], labels[:3], p, use_cache=False)  # full forward per candidate
+    naive = extract_batch(model, tokens[:3], labels[:3], p, forward=UncachedForward)  # full forward per candidate
     assert torch.equal(naive["order"], a["order"][:3])
     assert torch.allclose(naive["scores"], a["scores"][:3], atol=1e-5)
     assert torch.allclose(naive["nll_bits"], a["nll_bits"][:3], atol=1e-5)
 
 
-@pytest.mark.parametrize("score,strategy", [("max_prob", "greedy"), ("neg_entropy", "topk")])
-def test_other_scores_and_topk_give_permutations(any_order_model, tiny_shards, score, strategy):
+@pytest.mark.parametrize("rule", [LocationRule(score="max_prob"), LocationRule(score="neg_entropy", temperature=1.0,
+                                                                                 top_k=3)])
+def test_other_scores_and_topk_give_permutations(any_order_model, tiny_shards, rule):
     model, _ = load_gpt(any_order_model[0])
     d = load_tokens(tiny_shards, "test")
     tokens = torch.from_numpy(d["tokens"][:4].astype(np.int64)).flatten(1)
     out = extract_batch(model, tokens, torch.from_numpy(d["labels"][:4]),
-                        ExtractParams(score=score, strategy=strategy), torch.Generator().manual_seed(0))
+                        rule, torch.Generator().manual_seed(0))
     assert is_permutation(out["order"], N).all()
 
 
@@ -139,15 +138,16 @@ def test_orders_table_checks_grid_and_coverage(orders_dir, tiny_shards):
 
 def test_finetune_lowers_nll_under_extracted_orders_and_learns_a_policy(any_order_model, orders_dir, tiny_shards,
                                                                          tmp_path):
-    from oar_core.train import run_train
+    from pipeline.train import run_train
 
-    p = tiny_train_params(tmp_path / "oar", order="given", orders_dir=str(orders_dir),
-                          init_from=str(any_order_model[0]),
+    p = tiny_train_params(tmp_path / "oar", order="given", init_from=str(any_order_model[0]),
                           steps=60, lr=3e-3, warmup_steps=5, random_mix=0.0, eval_every=60, policy_weight=1.0)
     with single_thread():
         before = run_train(p.model_copy(update={"steps": 1, "lr": 1e-12, "min_lr": 0.0, "warmup_steps": 0}),
-                           "before", str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive")
-        after = run_train(p, "finetune", str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive")
+                           "before", str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive",
+                           orders_dir=str(orders_dir))
+        after = run_train(p, "finetune", str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive",
+                          orders_dir=str(orders_dir))
     # the unpaid diagnostic along each test image's extracted order falls ...
     assert after["oracle_order_bits_per_token"] < before["oracle_order_bits_per_token"] - 0.02
     # ... and the new policy head learns where those orders go: its paid (valid) bound falls, and it names the
@@ -167,7 +167,8 @@ def test_exact_ties_for_the_best_position_are_counted(any_order_model, tiny_shar
     p = ExtractParams(checkpoint=str(tmp_path / "flat.pt"), out_dir=str(tmp_path / "orders"), batch_size=128)
     with single_thread():
         s = run_extract(p, str(tiny_shards), only_parts=["test-000000"])
-        topk = run_extract(p.model_copy(update={"strategy": "topk", "out_dir": str(tmp_path / "topk")}),
+        topk = run_extract(p.model_copy(update={"location": LocationRule(score="gt_prob", temperature=1.0, top_k=3),
+                                                 "out_dir": str(tmp_path / "topk")}),
                            str(tiny_shards), only_parts=["test-000000"])
     assert s["tied_steps"] == 128 * (N - 1) and s["tied_step_fraction"] == 1.0
     assert topk["tied_steps"] is None and topk["tied_step_fraction"] is None

@@ -298,14 +298,15 @@ def test_a_run_param_of_the_wrong_type_fails_the_run_naming_the_key(stub_repo, p
 
 def test_pipeline_flow_fans_out_extraction_and_reruns_downstream_only(in_repo, prefect_api):
     from flows.pipeline import oar_pipeline
+    from oar_core.names import LocationRule
     from oar_core.order_table import scan
     from oar_core.params import load_params
 
     params = load_params(in_repo / "params.yaml")
-    extract = params.extract_orders.model_copy(update={"seed": 7, "score": "max_prob"})
+    extract = params.extract_orders.model_copy(update={"seed": 7, "location": LocationRule(score="max_prob")})
     params = params.model_copy(update={"extract_orders": extract})
     result = oar_pipeline(params=params, extract_workers=2, push=False)
-    assert result["params_changed"] == ["extract_orders.score", "extract_orders.seed"]
+    assert result["params_changed"] == ["extract_orders.location.score", "extract_orders.seed"]
     assert result["ran"] == ["extract_orders", "finetune"], result
     parts = sorted(p.name for p in (in_repo / "data/orders").glob("*.parquet"))
     assert parts == ["test-000000.parquet", "train-000000.parquet", "train-000001.parquet"]

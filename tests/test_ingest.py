@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oar_core.data import FASHION_MNIST_CLASSES, load_manifest, load_split, run_ingest, split_of
+from oar_core.image_shards import load_manifest, load_split
+from oar_core.image_sources import FASHION_MNIST_CLASSES, split_of
 from oar_core.params import IngestParams
+from pipeline.ingest import run_ingest
 
 from .conftest import FMNIST_DIR
 

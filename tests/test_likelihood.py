@@ -6,10 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from oar_core.extract import extract_batch
-from oar_core.likelihood import bits_along_orders, policy_bits, sampler_bits
-from oar_core.location import LocationRule
+from oar_core.likelihood import sampler_bits
+from oar_core.location import log_q, pick, tau
 from oar_core.model import GPT, GPTConfig
-from oar_core.params import ExtractParams
+from oar_core.names import LocationRule
+from oar_core.nll import bits_along_orders, policy_bits
 
 V, N = 32, 49
 ENTROPY = math.log2(V)  # bits/token of i.i.d. uniform tokens: no likelihood of held-out data can beat it
@@ -50,7 +51,7 @@ def test_no_reported_nll_beats_the_entropy_of_noise(noise_fit, order, rule):
 
 def test_the_oracle_order_can_and_paying_for_it_cannot(noise_fit):
     model, test, labels = noise_fit
-    ex = extract_batch(model, test, labels, ExtractParams(score="gt_prob"))
+    ex = extract_batch(model, test, labels, LocationRule(score="gt_prob"))
     oracle = bits_along_orders(model, test, labels, ex["order"])
     assert oracle < ENTROPY - 0.03  # looks at the answer: not a likelihood, and it shows
     assert abs(oracle - float(ex["nll_bits"].mean())) < 1e-4
@@ -74,12 +75,12 @@ def test_greedy_rule_likelihood_is_exact_and_deterministic(noise_fit):
 def test_location_rule_distribution():
     score = torch.tensor([[0.0, 1.0, 2.0, 2.0]])
     soft = LocationRule(temperature=1.0)
-    assert soft.log_q(0, 10, score).exp().sum().item() == pytest.approx(1.0)
-    assert LocationRule(temperature=1.0, anneal="linear").tau(9, 10) == 0.0
-    assert LocationRule(temperature=2.0, anneal="cosine").tau(0, 10) == 2.0
-    topk = LocationRule(temperature=1.0, top_k=2).log_q(0, 10, score)
+    assert log_q(soft, 0, 10, score).exp().sum().item() == pytest.approx(1.0)
+    assert tau(LocationRule(temperature=1.0, anneal="linear"), 9, 10) == 0.0
+    assert tau(LocationRule(temperature=2.0, anneal="cosine"), 0, 10) == 2.0
+    topk = log_q(LocationRule(temperature=1.0, top_k=2), 0, 10, score)
     assert torch.isinf(topk[0, :2]).all() and topk[0, 2:].exp().sum().item() == pytest.approx(1.0)
     # greedy: exact ties are split at random, not given to the lowest raster index
     g = torch.Generator().manual_seed(0)
-    picks = {int(LocationRule().pick(0, 10, score, generator=g)[0]) for _ in range(40)}
+    picks = {int(pick(LocationRule(), 0, 10, score, generator=g)[0]) for _ in range(40)}
     assert picks == {2, 3}

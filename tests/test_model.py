@@ -3,10 +3,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from oar_core.location import LocationRule, location_scores
+from oar_core.decode import CachedForward, generate, teacher_forced
+from oar_core.location import location_scores
 from oar_core.model import GPT, GPTConfig
+from oar_core.names import LocationRule
 from oar_core.orders import is_permutation, sample_orders
-from oar_core.sampling import generate, teacher_forced, uncached_candidate_logits
+from tests.reference_decode import UncachedForward, uncached_candidate_logits
 
 N = 16
 
@@ -60,7 +62,8 @@ RULES = {"greedy": LocationRule(), "gumbel": LocationRule(temperature=1.0, annea
 def test_kv_cached_sampling_equals_uncached(model, order, rule):
     labels = torch.tensor([0, 1, 2])
     run = lambda cache: generate(model, labels, order=order, cfg_scale=2.0, top_k=8, location=RULES[rule],  # noqa: E731
-                                 cfg_schedule="linear", generator=torch.Generator().manual_seed(3), use_cache=cache)
+                                 cfg_schedule="linear", generator=torch.Generator().manual_seed(3),
+                                 forward=CachedForward if cache else UncachedForward)
     a, b = run(True), run(False)
     assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["order"], b["order"])
     assert torch.allclose(a["scores"], b["scores"], atol=1e-5)
@@ -89,7 +92,7 @@ def test_known_tokens_are_kept_and_go_first(model, region, order):
     mask = mask.flatten().expand(2, -1)
     run = lambda cache, s=3.0: generate(model, torch.tensor([0, 1]), order=order, known_tokens_BN=known,  # noqa: E731
                                         known_mask_BN=mask, cfg_scale=s, generator=torch.Generator().manual_seed(0),
-                                        use_cache=cache)
+                                        forward=CachedForward if cache else UncachedForward)
     out = run(True)
     assert torch.equal(out["tokens"][mask], known[mask])
     K = int(mask[0].sum())
@@ -141,12 +144,13 @@ def test_chunked_candidate_scoring_equals_unchunked(model, monkeypatch, rule, cf
     monkeypatch.setattr(model, "candidate_logits", lambda *a: widths.append(a[-1].shape[1]) or candidate_logits(*a))
     rows = 3 * (1 + (cfg_scale != 1.0))
 
-    def run(chunk, use_cache=True):
+    def run(chunk, forward=CachedForward):
         widths.clear()
-        kw = dict(generator=torch.Generator().manual_seed(3), use_cache=use_cache,
+        kw = dict(generator=torch.Generator().manual_seed(3), forward=forward,
                   candidate_chunk_mb=chunk_mb(chunk, rows))
         if rule == "gt_prob":  # extraction: teacher forcing, the score peeks at the answer
-            return teacher_forced(model, tokens, labels, "confidence", LocationRule(score="gt_prob"), **kw)
+            return teacher_forced(model, tokens, labels, order="confidence", location=LocationRule(score="gt_prob"),
+                                  **kw)
         return generate(model, labels, cfg_scale=cfg_scale, cfg_schedule="linear", top_k=8, location=RULES[rule], **kw)
 
     ref = run(N)
@@ -158,7 +162,7 @@ def test_chunked_candidate_scoring_equals_unchunked(model, monkeypatch, rule, cf
             assert torch.equal(out[k], ref[k]), k
         assert torch.equal(out["logq"], ref["logq"]) if rule in ("greedy", "gt_prob") else \
             torch.allclose(out["logq"], ref["logq"], rtol=0, atol=1e-4)
-    uncached = run(3, use_cache=False)
+    uncached = run(3, UncachedForward)
     assert torch.equal(uncached["tokens"], ref["tokens"]) and torch.equal(uncached["order"], ref["order"])
     for k in ("scores", "logq", "logp"):
         assert torch.allclose(uncached[k], ref[k], rtol=0, atol=1e-4), k

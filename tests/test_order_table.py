@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from oar_core.io import remove_stale_temps
 from oar_core.order_table import META_CKPT, META_PARAMS, orders_for_ids, part_is_current, write_part
+from oar_core.storage import remove_stale_temps
 
 N = 49
 

@@ -84,7 +84,7 @@ def test_scripts_print_one_line_error_and_exit_1(tmp_path, capsys, module):
     ("ingest:\n  image_size: 30\n", r"ingest.image_size \(30\) must be tokenizer.grid \(7\) times a power of 2"),
     ("sample:\n  models: []\n", "sample.models"),
     ("sample:\n  models:\n  - {name: a, checkpoint: x, order: confidence, location: {score: gt_prob}}\n",
-     "sample.models.0.location.score"),  # a sampler cannot look at the answer
+     "sample.models.0.location: score 'gt_prob' reads the ground truth"),  # a sampler cannot look at the answer
     ("sample:\n  models:\n  - {name: a, checkpoint: x, order: policy, location: {anneal: sideways}}\n",
      "sample.models.0.location.anneal"),
 ])
@@ -102,9 +102,9 @@ def test_random_mix_anneals_linearly_over_the_steps():
     import torch
 
     from oar_core.params import TrainParams
-    from oar_core.train import OrderSource
+    from pipeline.train import OrderSource
 
-    p = TrainParams(order="given", orders_dir="o", steps=101, random_mix=0.8, random_mix_end=0.0)
+    p = TrainParams(order="given", steps=101, random_mix=0.8, random_mix_end=0.0)
     src = OrderSource(p, 2, 2, torch.arange(4).expand(1000, -1))
     assert [src.mix_at(s) for s in (0, 50, 100)] == pytest.approx([0.8, 0.4, 0.0])
     g = torch.Generator().manual_seed(0)

@@ -8,8 +8,9 @@ import yaml
 from PIL import Image
 
 from oar_core import vq_diffusers
-from oar_core.shards import load_meta, load_tokens
-from oar_core.tokenizer import load_tokenizer, to_float_BCHW
+from oar_core.image_shards import to_float_BCHW
+from oar_core.token_shards import load_meta, load_tokens
+from oar_core.tokenizer import load_tokenizer
 from tests.test_vq_diffusers import _save_vq
 
 pytest.importorskip("diffusers")
@@ -57,7 +58,7 @@ def test_a_pretrained_vqmodel_tokenizes_and_decodes_through_the_stages(rgb_folde
     tokenize.main([])
     meta = load_meta("data/shards")
     assert (meta["grid_h"], meta["grid_w"], meta["codebook_size"]) == (16, 16, 64)
-    from oar_core.data import load_split
+    from oar_core.image_shards import load_split
 
     images_NHWC, _, ids = load_split("data/ingest", "test")
     got = load_tokens("data/shards", "test")
@@ -83,9 +84,9 @@ def test_diffusers_vq_needs_its_folder_and_matching_channels(rgb_folder, tmp_pat
     with pytest.raises(ParamsError, match="tokenizer"):
         load_params(tmp_path / "p.yaml")
 
-    from oar_core.data import run_ingest
     from oar_core.params import IngestParams
-    from oar_core.tokenizer import run_tokenizer
+    from pipeline.ingest import run_ingest
+    from pipeline.tokenizer import run_tokenizer
 
     run_ingest(IngestParams(source=str(rgb_folder), out_dir=str(tmp_path / "gray"), image_size=32, channels=1))
     vq_dir = _save_vq(tmp_path / "vq")

@@ -2,10 +2,14 @@
 import numpy as np
 import pytest
 
-from oar_core.data import endless_batches, load_split
+from oar_core.image_shards import endless_batches, load_split
 from oar_core.params import TokenizeParams, TokenizerParams
-from oar_core.shards import list_shards, load_meta, load_tokens, read_shard, run_tokenize, write_shards
-from oar_core.tokenizer import encode_all, load_tokenizer, save_tokenizer, train_tokenizer
+from oar_core.token_shards import load_meta, load_tokens, read_shard
+from oar_core.tokenizer import load_tokenizer, save_tokenizer
+from oar_core.webds import list_shards
+from pipeline.tokenize import run_tokenize
+from pipeline.tokenizer import train_tokenizer
+from tests.helpers import encode_all, write_shards
 
 from .conftest import single_thread
 

@@ -63,15 +63,16 @@ def test_dvc_s3_remote_push_pull_round_trip(tmp_path, s3, s3_prefix):
 
 
 def test_token_shards_round_trip_through_s3(tmp_path, s3_prefix):
-    shards = pytest.importorskip("oar_core.shards")
-    from oar_core.io import read_bytes
+    from oar_core import token_shards as shards
+    from oar_core.storage import read_bytes
+    from tests.helpers import write_shards
 
     rng = np.random.default_rng(1)
     tokens = rng.integers(0, 512, (300, 7, 7)).astype(np.uint16)
     labels = rng.integers(0, 10, 300)
     ids = [f"Coat/img.{i}.png" for i in range(300)]  # dots and slashes: ids travel in id.txt, not in the key
-    remote = shards.write_shards(s3_prefix, "train", tokens, labels, ids, shard_size=128)
-    local = shards.write_shards(tmp_path, "train", tokens, labels, ids, shard_size=128)
+    remote = write_shards(s3_prefix, "train", tokens, labels, ids, shard_size=128)
+    local = write_shards(tmp_path, "train", tokens, labels, ids, shard_size=128)
     assert [p.rsplit("/", 1)[-1] for p in remote] == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
     assert shards.list_shards(s3_prefix, "train") == remote
     for r, loc in zip(remote, local):
@@ -86,21 +87,22 @@ def test_webdataset_reads_s3_shards(s3_prefix, monkeypatch):
     """The shards are plain WebDataset tars: the webdataset library iterates them straight from s3://.
     webdataset has no s3 opener of its own (it expects `pipe:aws s3 cp ...`); one line routes s3:// to fsspec."""
     wds = pytest.importorskip("webdataset")
-    shards = pytest.importorskip("oar_core.shards")
     import fsspec
     from webdataset.gopen import gopen_schemes
+
+    from tests.helpers import write_shards
 
     monkeypatch.setitem(gopen_schemes, "s3", lambda url, mode="rb", bufsize=8192, **kw: fsspec.open(url, mode).open())
     rng = np.random.default_rng(2)
     tokens = rng.integers(0, 256, (20, 7, 7)).astype(np.uint16)
-    [url] = shards.write_shards(s3_prefix, "test", tokens, np.arange(20) % 10, [f"id{i}" for i in range(20)], 64)
+    [url] = write_shards(s3_prefix, "test", tokens, np.arange(20) % 10, [f"id{i}" for i in range(20)], 64)
     samples = list(wds.WebDataset(url, shardshuffle=False).decode())
     assert [s["id.txt"] for s in samples] == [f"id{i}" for i in range(20)]
     np.testing.assert_array_equal(np.stack([s["tokens.npy"] for s in samples]), tokens)
 
 
 def test_artifacts_get_the_usual_file_mode_not_the_temp_files_private_one(tmp_path):
-    from oar_core.io import write_json
+    from oar_core.storage import write_json
 
     old = os.umask(0o022)
     try:
@@ -114,7 +116,7 @@ def test_artifacts_get_the_usual_file_mode_not_the_temp_files_private_one(tmp_pa
 def test_scratch_folders_that_killed_runs_leaked_are_swept(prefix):
     import tempfile
 
-    from oar_core.io import temp_dir
+    from oar_core.storage import temp_dir
 
     dead = Path(tempfile.gettempdir()) / f"{prefix}-999999999-leak"  # above Linux's pid_max: never alive
     dead.mkdir(exist_ok=True)

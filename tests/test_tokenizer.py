@@ -4,20 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from oar_core.data import endless_batches, image_batches, load_split
-from oar_core.io import save_torch
+from oar_core.checkpoint import save_torch
+from oar_core.image_shards import endless_batches, image_batches, load_split, to_float_BCHW
 from oar_core.params import TokenizerParams
-from oar_core.tokenizer import (
-    VQTokenizer,
-    encode_all,
-    evaluate_tokenizer,
-    load_tokenizer,
-    mean_image,
-    run_tokenizer,
-    save_tokenizer,
-    to_float_BCHW,
-    train_tokenizer,
-)
+from oar_core.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
+from pipeline.tokenizer import evaluate_tokenizer, mean_image, run_tokenizer, train_tokenizer
+from tests.helpers import encode_all
 
 from .conftest import single_thread
 

@@ -88,11 +88,11 @@ def test_ddp_two_cpu_processes_match_one(tiny_shards, tmp_path):
 
 
 def test_given_order_requires_orders_table(tiny_shards, tmp_path):
-    from oar_core.train import run_train
+    from pipeline.train import run_train
 
     with pytest.raises(FileNotFoundError, match="extract_orders"):
-        run_train(tiny_train_params(tmp_path / "m", order="given", orders_dir=str(tmp_path / "none")), "finetune",
-                  str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive")
+        run_train(tiny_train_params(tmp_path / "m", order="given"), "finetune", str(tiny_shards), tmp_path / "runs",
+                  tmp_path / "dvclive", orders_dir=str(tmp_path / "none"))
 
 
 def test_a_killed_run_does_not_resume_when_its_inputs_changed(any_order_model, tiny_shards, tmp_path, capsys,
@@ -101,8 +101,8 @@ def test_a_killed_run_does_not_resume_when_its_inputs_changed(any_order_model, t
     retrained): the stale weights must not be resumed. Unchanged inputs still resume."""
     import shutil
 
-    from oar_core import train
     from oar_core.model import GPT, save_gpt
+    from pipeline import train
     from tests.conftest import single_thread
 
     init = tmp_path / "init.pt"
@@ -133,8 +133,8 @@ def test_a_killed_run_does_not_resume_when_its_inputs_changed(any_order_model, t
 
 def test_finetune_rejects_a_model_section_that_differs_from_its_init_from(any_order_model, tiny_shards, tmp_path):
     from oar_core.params import ModelParams, TrainParams
-    from oar_core.shards import load_meta
-    from oar_core.train import build_model
+    from oar_core.token_shards import load_meta
+    from pipeline.train import build_model
 
     meta, path = load_meta(tiny_shards), str(any_order_model[0])
     cfg = load_gpt(path)[0].cfg
@@ -149,7 +149,7 @@ def test_finetune_rejects_a_model_section_that_differs_from_its_init_from(any_or
 def test_an_unconditional_model_trains_on_labelled_shards(tiny_shards, tmp_path):
     """class_cond: false gives one (null) class row; the shards' labels 0..9 must not index past it."""
     from oar_core.params import ModelParams
-    from oar_core.train import run_train
+    from pipeline.train import run_train
     from tests.conftest import single_thread
 
     p = tiny_train_params(tmp_path / "m", steps=20, eval_every=20, model=ModelParams(n_layer=1, n_head=2, d_model=32,

@@ -17,11 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from oar_core.data import load_split, run_ingest
+from oar_core.image_shards import load_split
 from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
 from oar_core.order_table import orders_for_ids
 from oar_core.params import ExtractParams, IngestParams
-from oar_core.shards import load_tokens, read_shard
+from oar_core.token_shards import load_tokens, read_shard
+from pipeline.ingest import run_ingest
 from tests.conftest import single_thread
 from tests.fixtures_pipeline import tiny_train_params
 from tests.reliability.conftest import error_line, files_under, run_module, write_params
@@ -227,7 +228,7 @@ def test_checkpoint_from_another_config(any_order_model, tiny_shards, tmp_path):
 
     # extraction with a model of another vocab (crashed mid-run on an index error before the check was added)
     with pytest.raises(ValueError, match=r"model vocab 32 does not match the shards' codebook 64"):
-        from oar_core.extract import run_extract
+        from pipeline.extract_orders import run_extract
 
         run_extract(ExtractParams(checkpoint=str(other), out_dir=str(tmp_path / "orders")), str(tiny_shards))
     assert not (tmp_path / "orders").exists()
@@ -276,11 +277,11 @@ def test_orders_table_that_does_not_fit_the_grid(tiny_shards, tmp_path):
             orders_for_ids(d, ids, N)
     short = _orders_table(tmp_path / "short", ids, [list(range(36))] * len(ids))  # from a 6x6 grid
     # through finetune: one clear error, before any checkpoint or model is written
-    p = tiny_train_params(tmp_path / "models/oar", order="given", orders_dir=str(short), steps=5)
-    from oar_core.train import run_train
+    p = tiny_train_params(tmp_path / "models/oar", order="given", steps=5)
+    from pipeline.train import run_train
 
     with single_thread(), pytest.raises(ValueError, match=r"permutations have \[36\] entries but the grid has 49"):
-        run_train(p, "finetune", str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive")
+        run_train(p, "finetune", str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive", orders_dir=str(short))
     assert not any((tmp_path / d).exists() for d in ("models", "runs", "dvclive"))
 
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from oar_core.io import load_torch
+from oar_core.checkpoint import load_torch
 from oar_core.model import load_gpt
 from oar_core.order_table import scan
 from oar_core.params import (
@@ -119,12 +119,12 @@ def test_extract_orders_killed_while_writing_a_part_leaves_no_visible_part(refer
 
 def test_finetune_killed_mid_run_resumes_to_identical_weights(reference_orders, any_order_model, tiny_shards, tmp_path):
     ref_dir, _ = reference_orders
-    p = tiny_train_params("models/oar", order="given", orders_dir=str(ref_dir), init_from=str(any_order_model[0]),
+    p = tiny_train_params("models/oar", order="given", init_from=str(any_order_model[0]),
                           steps=40, lr=1e-3, warmup_steps=5, random_mix=0.25, ckpt_every=5, eval_every=20)
     for d in ("straight", "killed"):
         (tmp_path / d).mkdir()
         write_params(tmp_path / d / "params.yaml", finetune=p)
-    args = ["pipeline.train", "--stage", "finetune", "--shards", str(tiny_shards)]
+    args = ["pipeline.train", "--stage", "finetune", "--shards", str(tiny_shards), "--orders-dir", str(ref_dir)]
     r = run_module(args, tmp_path / "straight")
     assert r.returncode == 0, r.stderr[-2000:]
 
@@ -297,7 +297,7 @@ def ingest_7k(tmp_path_factory) -> Path:
     """6000 train / 1000 test Fashion-MNIST images: enough work that tokenizer and tokenize can be caught mid-run."""
     if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"{FMNIST_DIR} missing (install the Debian package dataset-fashion-mnist)")
-    from oar_core.data import run_ingest
+    from pipeline.ingest import run_ingest
 
     out = tmp_path_factory.mktemp("ingest_7k")
     run_ingest(IngestParams(out_dir=str(out), max_train=6000, max_test=1000))
@@ -315,7 +315,7 @@ def test_ingest_killed_mid_write_reruns_to_identical_arrays(tmp_path):
     _kill_mid_run(["pipeline.ingest"], killed, ready=lambda r: out.is_dir() and any(out.iterdir()),
                   done=lambda: o.done(killed), prepare=lambda: o.clear(killed))
     _assert_nothing_partial(killed, straight, o)
-    from oar_core.data import load_manifest
+    from oar_core.image_shards import load_manifest
 
     with pytest.raises(FileNotFoundError, match="ingest manifest not found"):  # what the next stage would say
         load_manifest(out)
@@ -360,7 +360,7 @@ def test_tokenizer_killed_mid_run_reruns_to_an_identical_checkpoint(tokenizer_st
 
 
 def test_tokenize_killed_between_shards_reruns_to_identical_shards(ingest_7k, tiny_shards, tmp_path):
-    from oar_core.shards import load_meta, read_shard
+    from oar_core.token_shards import load_meta, read_shard
 
     p = TokenizeParams(out="data/shards", shard_size=500)  # 12 train + 2 test shards
     straight, killed = _workdirs(tmp_path, tokenize=p)
@@ -431,8 +431,8 @@ def evaluate_setup(fmnist_small, tmp_path_factory) -> tuple[EvaluateParams, list
     tiny = dict(kid_subset_size=10, nll_batch_size=128, nll_orders=1, strip_steps=4)
     if "feature_net" not in Params.model_fields:
         return EvaluateParams(**tiny, classifier_steps=40, classifier_batch_size=64), []
-    from oar_core.features import run_feature_net
     from oar_core.params import FeatureNetParams
+    from pipeline.feature_net import run_feature_net
 
     root = tmp_path_factory.mktemp("feature_net")
     with single_thread():

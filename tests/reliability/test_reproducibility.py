@@ -8,15 +8,20 @@ import json
 import numpy as np
 import torch
 
-from oar_core.data import load_split, run_ingest
-from oar_core.extract import run_extract
-from oar_core.features import INDOMAIN_NAME, fidelity_metrics, save_classifier, train_classifier
-from oar_core.io import file_hash
+from oar_core.feature_net import INDOMAIN_NAME, save_classifier
+from oar_core.fidelity import fidelity_metrics
+from oar_core.image_shards import load_split
 from oar_core.likelihood import sampler_bits
 from oar_core.model import load_gpt
 from oar_core.params import IngestParams, TokenizeParams, TokenizerParams
-from oar_core.shards import load_tokens, run_tokenize
-from oar_core.tokenizer import load_tokenizer, run_tokenizer
+from oar_core.storage import file_hash
+from oar_core.token_shards import load_tokens
+from oar_core.tokenizer import load_tokenizer
+from pipeline.extract_orders import run_extract
+from pipeline.feature_net import train_classifier
+from pipeline.ingest import run_ingest
+from pipeline.tokenize import run_tokenize
+from pipeline.tokenizer import run_tokenizer
 from tests.conftest import FMNIST_DIR, single_thread
 from tests.reliability.conftest import files_under
 

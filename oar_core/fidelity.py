@@ -8,8 +8,7 @@ through torch-fidelity.
 - Inception (optional): torch-fidelity's standard `inception-v3-compat`, only when a local weights file is
   given (torch-fidelity would otherwise download it at first use).
 torch-fidelity 0.4 takes a torch Dataset whose items are uint8 tensors of shape (3, H, W); grayscale images
-are repeated to 3 channels and the in-domain extractor converts them back.
-"""
+are repeated to 3 channels and the in-domain extractor converts them back."""
 from __future__ import annotations
 
 import tempfile
@@ -17,116 +16,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from oar_core.io import load_torch, save_torch, temp_dir
-from oar_core.live import log_stage
-from oar_core.params import FeatureNetParams
-from oar_core.tokenizer import to_float_BCHW
+from oar_core.feature_net import INDOMAIN_NAME, load_classifier
+from oar_core.storage import temp_dir
 
-INDOMAIN_NAME = "oar-indomain-cnn"
 INCEPTION_NAME = "inception-v3-compat"
 
 
-# ---- the in-domain classifier -----------------------------------------------------------------------
-class SmallCNN(nn.Module):
-    """Three conv stages (full, 1/2, 1/4 resolution) + global average pool: size-agnostic, ~25k params,
-    ~2M multiply-adds per 28x28 image so it trains in about a minute on 2 CPU cores (~90% on Fashion-MNIST)."""
-
-    def __init__(self, channels: int = 1, num_classes: int = 10, width: int = 16, feat_dim: int = 64,
-                 image_size: int = 28, task: str = "classes"):
-        super().__init__()
-        self.config = dict(channels=channels, num_classes=num_classes, width=width, feat_dim=feat_dim,
-                           image_size=image_size, task=task)
-        w = width
-        self.body = nn.Sequential(
-            nn.Conv2d(channels, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.BatchNorm2d(2 * w), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(2 * w, feat_dim, 3, padding=1), nn.BatchNorm2d(feat_dim), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(feat_dim, num_classes)
-
-    def features(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        feat_BF = self.body(x_BCHW * 2 - 1)
-        return feat_BF, self.head(feat_BF)
-
-    def forward(self, x_BCHW):
-        return self.features(x_BCHW)[1]
-
-
-def rotated(x_BCHW: torch.Tensor, k_B: torch.Tensor) -> torch.Tensor:
-    """Each image turned by k_B[b] quarter turns."""
-    x_BCHW = x_BCHW.clone()
-    for k in range(1, 4):
-        x_BCHW[k_B == k] = torch.rot90(x_BCHW[k_B == k], k, (2, 3))
-    return x_BCHW
-
-
-def train_classifier(images_NHWC: np.ndarray, labels_N: np.ndarray, steps: int, batch_size: int = 128,
-                     lr: float = 2e-3, seed: int = 0, progress: bool = True) -> SmallCNN:
-    """Train on uint8 images with random horizontal flips (label-preserving for products/objects). Data with one
-    class (an unlabelled folder) has nothing to classify, and features trained on a constant label are
-    meaningless: the network then learns to tell which of 4 rotations an image was given (Gidaris et al.,
-    2018), a self-supervised task whose features still separate shapes."""
-    torch.manual_seed(seed)
-    N, H, W, C = images_NHWC.shape
-    num_classes = int(labels_N.max()) + 1
-    task = "classes" if num_classes >= 2 else "rotation"
-    model = SmallCNN(C, num_classes if task == "classes" else 4, image_size=H, task=task)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-    g = torch.Generator().manual_seed(seed)
-    x_all, y_all = to_float_BCHW(images_NHWC), torch.as_tensor(labels_N, dtype=torch.long)
-    model.train()
-    for _ in tqdm(range(steps), desc="in-domain classifier", unit="step", disable=not progress, mininterval=2):
-        idx = torch.randint(N, (min(batch_size, N),), generator=g)
-        x, y = x_all[idx], y_all[idx]
-        flip = torch.rand(len(idx), generator=g) < 0.5
-        x[flip] = x[flip].flip(-1)
-        if task == "rotation":
-            y = torch.randint(4, (len(idx),), generator=g)
-            x = rotated(x, y)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def classifier_accuracy(model: SmallCNN, images_NHWC: np.ndarray, labels_N: np.ndarray, batch: int = 500) -> float:
-    """Test accuracy on its task: the class, or (one-class data) the rotation, image i turned i % 4 times."""
-    model.eval()
-    correct = 0
-    for i in range(0, len(images_NHWC), batch):
-        x, y = to_float_BCHW(images_NHWC[i: i + batch]), torch.as_tensor(labels_N[i: i + batch])
-        if model.config.get("task") == "rotation":
-            y = torch.arange(i, i + len(x)) % 4
-            x = rotated(x, y)
-        correct += int((model(x).argmax(1) == y).sum())
-    return correct / len(images_NHWC)
-
-
-def save_classifier(path, model: SmallCNN, **extra) -> None:
-    save_torch(path, {"kind": "oar-indomain-cnn", "config": model.config, "state_dict": model.state_dict(), **extra})
-
-
-def load_classifier(path) -> tuple[SmallCNN, dict]:
-    ckpt = load_torch(path, "in-domain feature network")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "oar-indomain-cnn":
-        raise ValueError(f"{path}: not an in-domain feature-network checkpoint (written by save_classifier); "
-                         "run `dvc repro feature_net` (or unset feature_net.checkpoint)")
-    model = SmallCNN(**ckpt["config"])
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), ckpt
-
-
-# ---- torch-fidelity plumbing ------------------------------------------------------------------------
+# torch-fidelity (and the torchvision it pulls in) takes seconds to import: imported where a metric is computed
 def _import_fidelity():
     import torch_fidelity
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
@@ -240,7 +140,6 @@ def check_inception_weights(path: str) -> str:
     return path
 
 
-# ---- reading generated images -----------------------------------------------------------------------
 class ImageFiles(Dataset):
     """PNG files read one at a time, as torch-fidelity's uint8 (3,H,W) items: scoring 50k samples holds none of them
     in memory."""
@@ -280,12 +179,6 @@ def image_folder(folder, image_size: int, channels: int) -> ImageFiles:
     return ImageFiles(files, image_size, channels)
 
 
-def load_image_folder(folder, image_size: int, channels: int) -> np.ndarray:
-    """image_folder's images as one (N,H,W,C) uint8 array."""
-    images = image_folder(folder, image_size, channels)
-    return np.stack([images.image(i) for i in range(len(images))])
-
-
 def in_space(m: dict, space: str) -> dict:
     """{"fid": .., "kid_std": ..} -> {"fid_<space>": .., "kid_<space>_std": ..}: keys say the feature space."""
     return {(f"{k[:-4]}_{space}_std" if k.endswith("_std") else f"{k}_{space}"): v for k, v in m.items()}
@@ -295,31 +188,3 @@ def temp_cache_dir() -> tempfile.TemporaryDirectory:
     """A per-run torch-fidelity cache (never $TORCH_HOME): real features computed once, reused per model; the caches
     killed runs leaked are removed."""
     return temp_dir("oar-fidelity")
-
-
-
-
-# ---- the feature_net stage --------------------------------------------------------------------------
-def run_feature_net(p: FeatureNetParams, ingest_dir="data/ingest", out="models/feature_net.pt",
-                    live_dir="dvclive/feature_net", progress: bool = True) -> dict:
-    """Train the in-domain feature network on the ingested train split (or adopt p.checkpoint), once per data:
-    every evaluation of the same data then measures in the same feature space. Summary: `<live_dir>/metrics.json`."""
-    from oar_core.data import load_split
-
-    train_NHWC, train_labels, _ = load_split(ingest_dir, "train")
-    test_NHWC, test_labels, _ = load_split(ingest_dir, "test")
-    if p.checkpoint:
-        net, ckpt = load_classifier(p.checkpoint)
-        if (net.config["channels"], net.config["image_size"]) != train_NHWC.shape[3:0:-2]:
-            raise ValueError(f"{p.checkpoint}: made for {net.config['image_size']}px x{net.config['channels']} "
-                             f"images, the ingested ones are {train_NHWC.shape[1]}px x{train_NHWC.shape[3]}; unset "
-                             f"feature_net.checkpoint to train one on this data")
-        source = {"source": p.checkpoint, "steps": ckpt.get("steps")}
-    else:
-        net = train_classifier(train_NHWC, train_labels, p.steps, p.batch_size, p.lr, p.seed, progress)
-        source = {"source": "trained", "steps": p.steps}
-    acc = round(classifier_accuracy(net, test_NHWC, test_labels), 4)
-    save_classifier(out, net, **source, test_accuracy=acc)
-    summary = {**source, "task": net.config.get("task", "classes"), "test_accuracy": acc}
-    log_stage(live_dir, summary)
-    return summary

@@ -1,52 +1,47 @@
-"""Ingest: turn an image source into fixed-size uint8 arrays with labels, ids and a train/test split.
-
-Sources (`ingest.source`, a DVC dependency of the stage): a local folder or an s3:// prefix, holding either the
-Fashion-MNIST idx .gz files (read with the official split) or images.
-Folders may hold one level of class sub-folders (labels = sorted folder names) or be flat (one class).
-Output (in p.out_dir): WebDataset shards {split}-NNNNNN.tar of `shard_size` samples {png, cls, id.txt}, written
-as the images stream in (memory stays flat however many there are); report.json (skipped files and why);
-manifest.json (sizes, classes, counts, the shard list), written last.
-"""
+"""Image sources for ingest: the Fashion-MNIST idx files, or a local folder / s3:// prefix of images (one level of
+optional class sub-folders), decoded and normalized to fixed-size uint8 arrays; files that cannot be used come back
+as a stable kind and a reason saying what to do."""
 from __future__ import annotations
 
-import collections
 import gzip
 import hashlib
 import io
-import itertools
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
-from oar_core import io as io_
-from oar_core import webds
-from oar_core.io import fs_for, is_remote, join, read_json, remove_file, storage_errors, write_json
-from oar_core.params import IngestParams
-from oar_core.webds import shard_writer
+from oar_core.storage import fs_for, is_remote, join, storage_errors
 
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
+
+
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
-SPLITS = ("train", "test")
+
+
 IGNORED_KINDS = ("hidden", "empty_folder")  # listed in the report, never counted as skipped images
-INGEST_RERUN = "rerun `dvc repro ingest` (or python -m pipeline.ingest)"
 
 
-# ----------------------------------------------------------------------------- image normalization
+@dataclass(frozen=True)
+class ImageFormat:
+    """What every image is brought to: size x size pixels, 1 or 3 channels; another size is resized or rejected."""
+    size: int
+    channels: int
+    on_size_mismatch: str = "resize"  # or reject
 
-def normalize_image(img: Image.Image, p: IngestParams) -> tuple[np.ndarray | None, str | None]:
-    """PIL image -> (H,W,C) uint8 at p.image_size/p.channels, or (None, reason) when it must be skipped."""
-    img = _to_8bit(img).convert("L" if p.channels == 1 else "RGB")
-    if img.size != (p.image_size, p.image_size):
-        if p.on_size_mismatch == "reject":
-            return None, f"size {img.size[0]}x{img.size[1]} != {p.image_size}x{p.image_size} (on_size_mismatch=reject)"
-        img = _square_resize(img, p.image_size)
-    arr_HWC = np.asarray(img, dtype=np.uint8).reshape(p.image_size, p.image_size, p.channels)
+
+def normalize_image(img: Image.Image, fmt: ImageFormat) -> tuple[np.ndarray | None, str | None]:
+    """PIL image -> (H,W,C) uint8 in `fmt`, or (None, reason) when it must be skipped."""
+    img = _to_8bit(img).convert("L" if fmt.channels == 1 else "RGB")
+    if img.size != (fmt.size, fmt.size):
+        if fmt.on_size_mismatch == "reject":
+            return None, f"size {img.size[0]}x{img.size[1]} != {fmt.size}x{fmt.size} (on_size_mismatch=reject)"
+        img = _square_resize(img, fmt.size)
+    arr_HWC = np.asarray(img, dtype=np.uint8).reshape(fmt.size, fmt.size, fmt.channels)
     return arr_HWC, None
 
 
@@ -94,7 +89,7 @@ def sniff(data: bytes) -> str:
         return "unknown binary data"
 
 
-def decode_image(data: bytes, p: IngestParams) -> tuple[np.ndarray | None, tuple[str, str] | None]:
+def decode_image(data: bytes, fmt: ImageFormat) -> tuple[np.ndarray | None, tuple[str, str] | None]:
     """(H,W,C) uint8, or None and (kind, reason) when the file must be skipped. Reasons never carry exception
     reprs (PIL's hold memory addresses), so the report is the same bytes on every run."""
     if not data:
@@ -113,13 +108,11 @@ def decode_image(data: bytes, p: IngestParams) -> tuple[np.ndarray | None, tuple
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None, ("truncated", f"truncated or corrupt {img.format} data: re-download or re-export it")
         try:
-            arr_HWC, why = normalize_image(img, p)
+            arr_HWC, why = normalize_image(img, fmt)
         except (OSError, ValueError):
             return None, ("unsupported_mode", f"unsupported pixel mode {img.mode}: convert it to RGB or grayscale")
         return arr_HWC, None if why is None else ("size", why)
 
-
-# ----------------------------------------------------------------------------- Fashion-MNIST
 
 FASHION_MNIST_FILES = tuple(f"{stem}-{kind}-idx{d}-ubyte.gz" for stem in ("train", "t10k")
                             for kind, d in (("images", 3), ("labels", 1)))
@@ -153,17 +146,18 @@ def _open_idx(path: str, magic: int):
     return f, n, tuple(shape)
 
 
-def fashion_mnist_split(p: IngestParams, split: str) -> tuple[int, Iterator[tuple[np.ndarray, int, str]]]:
+def fashion_mnist_split(source: str, split: str, limit: int | None, fmt: ImageFormat
+                        ) -> tuple[int, Iterator[tuple[np.ndarray, int, str]]]:
     """How many images one official split gives, and its (image HWC, label, id), read from the .gz a chunk of rows
     at a time."""
-    stem, limit = ("train", p.max_train) if split == "train" else ("t10k", p.max_test)
-    lf, n_labels, _ = _open_idx(join(p.source, f"{stem}-labels-idx1-ubyte.gz"), 2049)
+    stem = "train" if split == "train" else "t10k"
+    lf, n_labels, _ = _open_idx(join(source, f"{stem}-labels-idx1-ubyte.gz"), 2049)
     with lf:
         labels_N = np.frombuffer(lf.read(n_labels), dtype=np.uint8)
-    f, n, (rows, cols) = _open_idx(join(p.source, f"{stem}-images-idx3-ubyte.gz"), 2051)
-    if p.on_size_mismatch == "reject" and p.image_size != rows:
+    f, n, (rows, cols) = _open_idx(join(source, f"{stem}-images-idx3-ubyte.gz"), 2051)
+    if fmt.on_size_mismatch == "reject" and fmt.size != rows:
         raise ValueError(
-            f"ingest.image_size={p.image_size} but Fashion-MNIST is {rows}x{cols} and "
+            f"ingest.image_size={fmt.size} but Fashion-MNIST is {rows}x{cols} and "
             f"ingest.on_size_mismatch=reject; set image_size: 28 or on_size_mismatch: resize")
     n = min(n, len(labels_N), limit or n)  # the official files are class-mixed, so a prefix is a fair subset
 
@@ -172,14 +166,12 @@ def fashion_mnist_split(p: IngestParams, split: str) -> tuple[int, Iterator[tupl
             for start in range(0, n, 1000):
                 chunk_nHW = np.frombuffer(f.read((min(n, start + 1000) - start) * rows * cols), np.uint8)
                 for i, im_HW in enumerate(chunk_nHW.reshape(-1, rows, cols), start):
-                    arr_HWC = (im_HW[..., None] if p.image_size == rows and p.channels == 1
-                               else normalize_image(Image.fromarray(im_HW, mode="L"), p)[0])
+                    arr_HWC = (im_HW[..., None] if fmt.size == rows and fmt.channels == 1
+                               else normalize_image(Image.fromarray(im_HW, mode="L"), fmt)[0])
                     yield arr_HWC, int(labels_N[i]), f"fmnist-{split}-{i:05d}"
 
     return n, samples()
 
-
-# ----------------------------------------------------------------------------- folders / S3 prefixes
 
 def split_of(rel: str, test_fraction: float, seed: int) -> tuple[str, int]:
     """Deterministic split from a hash of the relative path: adding or removing images never moves others.
@@ -247,7 +239,7 @@ def _fetch(paths: list[str]) -> dict[str, bytes | Exception]:
     return {path: got.get(s, FileNotFoundError(s)) for path, s in zip(paths, stripped)}
 
 
-def folder_samples(p: IngestParams, todo: list[tuple[int, str, str, int]], limit: int | None, skipped: list[dict],
+def folder_samples(todo: list[tuple[int, str, str, int]], limit: int | None, skipped: list[dict], fmt: ImageFormat,
                    chunk: int = 256) -> Iterator[tuple[np.ndarray, int, str]]:
     """(image HWC, label, id) of one split's (hash, rel, full path, label) entries, fetched and decoded a chunk at a
     time; stops once `limit` usable images are out, so a small subset of a big bucket is cheap."""
@@ -263,122 +255,9 @@ def folder_samples(p: IngestParams, todo: list[tuple[int, str, str, int]], limit
                 skipped.append(skip(rel, "unreadable_file", f"cannot read the file ({type(blob).__name__}); check "
                                                             "its permissions or the storage"))
                 continue
-            arr_HWC, why = decode_image(blob, p)
+            arr_HWC, why = decode_image(blob, fmt)
             if arr_HWC is None:
                 skipped.append(skip(rel, *why))
                 continue
             n += 1
             yield arr_HWC, label, rel
-
-
-# ----------------------------------------------------------------------------- outputs: WebDataset image shards
-
-def run_ingest(p: IngestParams) -> dict:
-    io_.S3_TIMEOUT_S = p.s3_timeout_s
-    manifest_path = join(p.out_dir, "manifest.json")
-    remove_file(manifest_path)  # while shards are being replaced, no manifest may vouch for them
-    if is_fashion_mnist(p.source):
-        skipped, class_names = [], list(FASHION_MNIST_CLASSES)
-        samples = {s: fashion_mnist_split(p, s) for s in SPLITS}  # split: (image count, the images)
-    else:
-        entries, skipped, class_names = scan_folder(p.source)
-        label_of = {c: i for i, c in enumerate(class_names)}
-        by_split: dict[str, list] = {s: [] for s in SPLITS}
-        for full, rel, c in entries:
-            split, h = split_of(rel, p.test_fraction, p.seed)
-            by_split[split].append((h, rel, full, label_of.get(c, 0)))
-        limits = {"train": p.max_train, "test": p.max_test}
-        samples = {s: (min(len(by_split[s]), limits[s] or len(by_split[s])),  # at most: some may be skipped
-                       folder_samples(p, sorted(by_split[s]), limits[s], skipped)) for s in SPLITS}
-    published = {}
-    for split in SPLITS:
-        with shard_writer(p.out_dir, split, p.shard_size) as (writer, published[split]):
-            total, images = samples[split]
-            for g, (arr_HWC, label, id_) in enumerate(tqdm(images, total=total, desc=f"ingest {split}", unit="img",
-                                                           leave=False, mininterval=1.0)):
-                writer.write({"__key__": f"{split}-{g:08d}", "png": arr_HWC[..., 0] if p.channels == 1 else arr_HWC,
-                              "cls": label, "id.txt": id_})
-    counts = {s: sum(published[s].values()) for s in SPLITS}
-    ignored = [e for e in skipped if e["kind"] in IGNORED_KINDS]
-    skipped = [e for e in skipped if e["kind"] not in IGNORED_KINDS]
-    by_kind = dict(sorted(collections.Counter(e["kind"] for e in skipped + ignored).items()))
-    report = {"skipped": skipped, "n_skipped": len(skipped), "ignored": ignored, "by_kind": by_kind}
-    write_json(join(p.out_dir, "report.json"), report)  # also when failing below: it says why files were rejected
-    for s in SPLITS:
-        if counts[s] == 0:
-            if not any(counts.values()):
-                hint = "every image was skipped; see report.json in ingest.out_dir for the reasons"
-            elif s == "test":
-                hint = (f"the hash split put no image in test; raise ingest.test_fraction (now {p.test_fraction}) "
-                        f"or add images")
-            else:
-                hint = f"lower ingest.test_fraction (now {p.test_fraction}) or add images"
-            raise ValueError(f"{p.source}: no usable {s} images after ingest ({len(skipped)} skipped); {hint}")
-    manifest = {
-        "source": p.source, "image_size": p.image_size, "channels": p.channels,
-        "class_names": class_names, "num_classes": len(class_names), "counts": counts,
-        "shards": {s: list(published[s]) for s in SPLITS},
-        "shard_counts": {s: list(published[s].values()) for s in SPLITS},
-    }
-    write_json(manifest_path, manifest)  # written last: its presence means the shards are complete
-    return {**manifest, "n_skipped": len(skipped), "by_kind": by_kind, "out_dir": p.out_dir}
-
-
-def load_manifest(in_dir: str | os.PathLike) -> dict:
-    return read_json(join(str(in_dir), "manifest.json"),
-                     "ingest manifest not found; run `dvc repro ingest` (or python -m pipeline.ingest)",
-                     "rerun `dvc repro ingest` (or python -m pipeline.ingest)")
-
-
-def _stack(samples: list[tuple]) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    images, labels, ids = zip(*samples)
-    images_BHWC = np.stack(images)
-    return (images_BHWC[..., None] if images_BHWC.ndim == 3 else images_BHWC), np.asarray(labels, np.int64), list(ids)
-
-
-def image_batches(in_dir, split: str, batch_size: int, seed: int | None = None, buffer: int = 0
-                  ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """Stream one split of the ingest shards as (images_BHWC uint8, labels_B int64, ids) batches: in order, or
-    shuffled with `seed` (shard order, then a `buffer`-sample shuffle of the still-encoded samples). Memory: one batch
-    plus the buffer, whatever the size of the split."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    manifest = load_manifest(in_dir)
-    urls = [join(str(in_dir), name) for name in manifest["shards"][split]]
-    ds = webds.dataset(urls, INGEST_RERUN, seed)
-    if seed is not None and buffer > 1:
-        ds = ds.shuffle(buffer, initial=buffer, seed=seed)
-    ds = ds.decode("l8" if manifest["channels"] == 1 else "rgb8").to_tuple("png", "cls", "id.txt")
-    n = 0
-    for images_BHWC, labels_B, ids in ds.batched(batch_size, collation_fn=_stack):
-        n += len(ids)
-        yield images_BHWC, labels_B, ids
-    if n != manifest["counts"][split]:
-        raise ValueError(f"{in_dir}: the {split} shards hold {n} images, manifest.json says "
-                         f"{manifest['counts'][split]} (a truncated or replaced shard); {INGEST_RERUN}")
-
-
-def endless_batches(in_dir, split: str, batch_size: int, seed: int, buffer: int) -> Iterator[np.ndarray]:
-    """Shuffled image batches for training, epoch after epoch, each epoch shuffled by its own seed."""
-    for epoch in itertools.count():
-        for images_BHWC, _, _ in image_batches(in_dir, split, batch_size, seed + epoch, buffer):
-            yield images_BHWC
-
-
-def take(in_dir, split: str, idx) -> np.ndarray:
-    """images_NHWC[idx] of one split, streamed: only the chosen images are ever held."""
-    slot = {int(i): k for k, i in enumerate(idx)}
-    out, start = [None] * len(slot), 0
-    for images_BHWC, _, _ in image_batches(in_dir, split, 1000):
-        for j in range(len(images_BHWC)):
-            if start + j in slot:
-                out[slot[start + j]] = images_BHWC[j]
-        start += len(images_BHWC)
-    return np.stack(out)
-
-
-def load_split(in_dir: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images_NHWC uint8, labels_N int64, ids_N str) of one split, all in memory (small splits; stages stream)."""
-    batches = list(image_batches(in_dir, split, 1000))
-    return (np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]),
-            np.asarray([i for b in batches for i in b[2]], dtype=str))

@@ -1,10 +1,10 @@
-"""Atomic artifact writes, local-or-S3 paths, checkpoints."""
+"""Local-or-S3 files: paths, atomic writes (temp name, then rename), reads, listing, scratch folders,
+and S3 failures turned into one actionable line."""
 from __future__ import annotations
 
 import contextlib
 import fcntl
 import hashlib
-import io
 import json
 import logging
 import os
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import fsspec
-import torch
 
 
 def is_remote(path: str | os.PathLike) -> bool:
@@ -115,8 +114,12 @@ def _storage_error(path, action: str, e: Exception) -> Exception:
     return e
 
 
-_UMASK = os.umask(0o022)  # read once (it can only be read by setting it), then restored
-os.umask(_UMASK)
+def _umask() -> int:
+    """This process's umask, from the kernel's own report (reading it with os.umask would set it)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("Umask:"):
+            return int(line.split()[1], 8)
+    return 0o022
 
 
 @contextlib.contextmanager
@@ -147,7 +150,7 @@ def publish_file(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
             fs.put_file(str(tmp), p)
         os.remove(tmp)
         return
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's private 0600 would otherwise become the artifact's mode
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's private 0600 would otherwise become the artifact's mode
     os.replace(tmp, dest)
 
 
@@ -178,18 +181,22 @@ def remove_path(path: Path) -> None:
         path.unlink()
 
 
-_STARTED = time.time()  # about when this process started: every stage imports oar_core.io first thing
+def _process_start() -> float:
+    """When this process started (the kernel's clock ticks since boot, turned into wall time)."""
+    ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+    boot = time.time() - float(Path("/proc/uptime").read_text().split()[0])
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Delete the hidden `.NAME.*.tmp` files that a process killed inside `atomic_path` leaves behind. Another
     process may be writing into `folder` right now, so a temp file newer than this process, or one a live
     writer holds a flock on (order_table.write_part does), is left alone."""
-    stale = []
+    stale, started = [], _process_start()
     for f in sorted(Path(folder).glob(".*.tmp")) if Path(folder).is_dir() else []:
         try:
             with f.open("rb") as fh:
-                if os.fstat(fh.fileno()).st_mtime < _STARTED:
+                if os.fstat(fh.fileno()).st_mtime < started:
                     fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     f.unlink()
                     stale.append(f)
@@ -231,25 +238,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def save_torch(path: str | os.PathLike, obj: Any) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    write_bytes_atomic(path, buf.getvalue())
-
-
-def load_torch(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    try:
-        data = read_bytes(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: {what} not found; run the stage that produces it "
-                                f"(e.g. `dvc repro`)") from None
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or foreign file
-        raise ValueError(f"{path}: unreadable {what} ({type(e).__name__}: {e}); delete it and rerun its "
-                         f"stage") from None
-
-
 def file_hash(path: str | os.PathLike) -> str:
     return hashlib.sha256(read_bytes(path)).hexdigest()[:16]
 
@@ -284,20 +272,3 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
-
-
-def pick_device(worker_index: int | None = None) -> torch.device:
-    """CPU, or this process's own GPU: LOCAL_RANK under torchrun, else the worker index of a fan-out (several
-    workers on one machine each take their own card), modulo the visible cards (so a launcher that sets
-    CUDA_VISIBLE_DEVICES per worker, leaving one card visible, also works)."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    index = int(os.environ.get("LOCAL_RANK", worker_index or 0))
-    return torch.device("cuda", index % torch.cuda.device_count())
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA; plain fp32 on CPU (where bf16 is faster but changes numerics we test against)."""
-    if torch.device(device).type == "cuda":  # also accepts "cpu"/"cuda" strings (metrics' default device="cpu")
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
