@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from oar_core.decode import generate
 from oar_core.figures import grid_from_folder, png_bytes, to_uint8_NHWC
+from oar_core.live import log_per_key
 from oar_core.model import GPT, load_gpt
 from oar_core.names import LocationRule
 from oar_core.params import SampleModelParams, SampleParams
@@ -127,8 +128,8 @@ def tidy_samples_dir(out_dir: Path, names: list[str]) -> list[str]:
     return gone
 
 
-def run_sample(p: SampleParams, metrics_dir: str = "metrics", progress: bool = True) -> dict:
-
+def run_sample(p: SampleParams, live_dir: str = "dvclive/sample", progress: bool = True) -> dict:
+    """Every model's samples, then each model's speed in DVCLive's layout: `<live_dir>/<model>/metrics.json`."""
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     if world > 1:  # torchrun: ranks only meet at barriers (gloo works with CPU and GPU ranks alike)
         dist.init_process_group("gloo")
@@ -156,15 +157,15 @@ def run_sample(p: SampleParams, metrics_dir: str = "metrics", progress: bool = T
         summary[spec.name] = {"seconds": round(seconds, 2), "images_per_s": round(p.n_per_model / seconds, 2),
                               "images_this_process": mine}
     if rank == 0:
-        write_json(Path(metrics_dir) / "sample.json", summary)
+        log_per_key(live_dir, summary)  # a row per model in `dvc metrics show dvclive/sample`
     if world > 1:
         dist.destroy_process_group()
     return summary
 
 
 def main(argv=None):
-    return stage_main(__doc__, "sample", lambda p, a: run_sample(p, a.metrics_dir), argv,
-                      lambda ap: ap.add_argument("--metrics-dir", default="metrics"))
+    return stage_main(__doc__, "sample", lambda p, a: run_sample(p, a.live_dir), argv,
+                      lambda ap: ap.add_argument("--live-dir", default="dvclive/sample"))
 
 
 if __name__ == "__main__":

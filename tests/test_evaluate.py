@@ -69,7 +69,7 @@ def pipeline_dir(fmnist_small, tmp_path_factory):
               ("any-order-confidence", "random", "confidence"), ("oar", "oar", "confidence")]]
     sp = SampleParams(out_dir=str(root / "samples"), tokenizer=str(root / "tokenizer.pt"), models=specs,
                       n_per_model=40, batch_size=20)
-    run_sample(sp, metrics_dir=str(root / "metrics"), progress=False)
+    run_sample(sp, live_dir=str(root / "dvclive/sample"), progress=False)
     return root, sp
 
 
@@ -85,7 +85,7 @@ def test_sample_outputs_are_complete_and_deterministic(pipeline_dir, tmp_path):
     assert str(pq.read_schema(folder / "orders.parquet").field("order").type) == "list<element: uint16>"
     # same seed -> same images
     again = sp.model_copy(update={"out_dir": str(tmp_path / "s"), "models": sp.models[3:]})
-    run_sample(again, metrics_dir=str(tmp_path / "m"), progress=False)
+    run_sample(again, live_dir=str(tmp_path / "m"), progress=False)
     a, b = (load_image_folder(d, 28, 1) for d in (folder, tmp_path / "s" / "oar"))
     assert np.array_equal(a, b)
 
@@ -163,7 +163,7 @@ def test_a_sample_rerun_leaves_exactly_the_listed_models_and_no_leftovers(pipeli
     (out / ".oar.partial").mkdir()  # what a killed run leaves
     (out / ".meta.json.123.tmp").write_text("{")
     rerun = sp.model_copy(update={"out_dir": str(out), "models": sp.models[3:], "n_per_model": 10})
-    run_sample(rerun, metrics_dir=str(tmp_path / "m"), progress=False)
+    run_sample(rerun, live_dir=str(tmp_path / "m"), progress=False)
     assert sorted(f.name for f in out.iterdir()) == ["oar"]  # models no longer listed are gone
     assert sorted(f.name for f in (out / "oar").iterdir()) == [f"{i:05d}.png" for i in range(10)] + [
         "grid.png", "meta.json", "orders.parquet"]  # none of the previous run's 40 images
@@ -189,7 +189,7 @@ def test_sample_decodes_with_its_candidate_memory_budget(pipeline_dir, tmp_path,
     monkeypatch.setattr(samples, "generate", lambda *a, **k: seen.append(k["candidate_chunk_mb"]) or real(*a, **k))
     _, sp = pipeline_dir
     run_sample(sp.model_copy(update={"out_dir": str(tmp_path / "s"), "models": sp.models[3:], "n_per_model": 10,
-                                     "candidate_chunk_mb": 0.5}), metrics_dir=str(tmp_path / "m"), progress=False)
+                                     "candidate_chunk_mb": 0.5}), live_dir=str(tmp_path / "m"), progress=False)
     assert seen == [0.5]
 
 
