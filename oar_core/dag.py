@@ -10,14 +10,17 @@ import yaml
 _VAR = re.compile(r"\$\{([A-Za-z0-9_.]+)\}")
 
 
-def dag_stages(dvc_yaml: str | Path = "dvc.yaml", params: str | Path | None = None) -> dict[str, dict]:
-    """{stage: its spec}, in file order (which is topological in ours); `params` defaults to the params.yaml beside
-    dvc.yaml."""
+def dag_stages(dvc_yaml: str | Path = "dvc.yaml", params: dict | None = None) -> dict[str, dict]:
+    """{stage: its spec}, in file order (which is topological in ours); `${...}` filled from `params` (a dict of
+    sections; default: the params.yaml beside dvc.yaml, validated, so a key it leaves out has its default)."""
     dvc_yaml = Path(dvc_yaml)
     text = dvc_yaml.read_text()
     if _VAR.search(text):
-        values = yaml.safe_load(Path(params or dvc_yaml.parent / "params.yaml").read_text()) or {}
-        text = _VAR.sub(lambda m: str(_lookup(values, m.group(1))), text)
+        if params is None:
+            from oar_core.params import load_params  # here, not at the top: params imports nothing of the DAG
+
+            params = load_params(dvc_yaml.parent / "params.yaml").model_dump(mode="json")
+        text = _VAR.sub(lambda m: str(_lookup(params, m.group(1))), text)
     return (yaml.safe_load(text) or {}).get("stages") or {}
 
 

@@ -12,12 +12,12 @@ from oar_core.params import load_params, upstream_paths
 from oar_core.storage import remove_stale_temps
 
 
-def sweep_temps(stage: str, dag: str = "dvc.yaml") -> None:
+def sweep_temps(stage: str, params: dict, dag: str = "dvc.yaml") -> None:
     """Remove the `.*.tmp` files a killed run of this stage left inside its declared outputs, before DVC can
     record them (remove_stale_temps spares files another live process is still writing)."""
     if not Path(dag).exists():
         return
-    for out in map(Path, declared(dag_stages(dag).get(stage) or {}, "outs", "metrics", "plots")):
+    for out in map(Path, declared(dag_stages(dag, params).get(stage) or {}, "outs", "metrics", "plots")):
         folders = {f.parent for f in out.rglob(".*.tmp")} if out.is_dir() else {out.parent}
         for folder in folders:
             remove_stale_temps(folder)
@@ -33,9 +33,9 @@ def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args
         add_args(ap)
     args = ap.parse_args(argv)
     name = section or args.stage
-    sweep_temps(name)
     try:
         params = load_params(args.params)
+        sweep_temps(name, params.model_dump(mode="json"))
         for key, path in upstream_paths(params).items():  # an --option given on the command line wins
             if getattr(args, key, False) is None:
                 setattr(args, key, path)

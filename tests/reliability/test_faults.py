@@ -20,9 +20,9 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 import torch
-import yaml
 
 from oar_core.checkpoint import load_torch
+from oar_core.dag import dag_stages
 from oar_core.model import load_gpt
 from oar_core.order_table import scan
 from oar_core.params import (
@@ -232,7 +232,7 @@ class _Outs:
     `markers`: what the stage writes last (default: its metrics), so a run that has them finished."""
 
     def __init__(self, stage: str, markers=()):
-        spec = yaml.safe_load(DAG.read_text())["stages"][stage]
+        spec = dag_stages(DAG, Params().model_dump(mode="json"))[stage]  # the tests use the default folders
         paths = {k: [next(iter(e)) if isinstance(e, dict) else e for e in spec.get(k) or []]
                  for k in ("outs", "metrics", "plots")}
         self.roots = sorted({Path(p).parts[0] for ps in paths.values() for p in ps})
