@@ -271,3 +271,20 @@ def test_a_stage_sweeps_the_temp_files_a_killed_run_left_in_its_outputs(image_fo
     main([])
     assert sorted(f.name for f in (tmp_path / "o").iterdir()) == ["manifest.json", "report.json", "test-000000.tar",
                                                                   "train-000000.tar"]
+
+
+def test_a_failed_ingest_leaves_the_previous_output_readable(image_folder, tmp_path):
+    """A typo'd source folder or a Fashion-MNIST folder missing a file fails before the old shards are touched:
+    the previous manifest and shards still read (they used to be unreadable until `dvc checkout data/ingest`)."""
+    out = tmp_path / "out"
+    run_ingest(params(image_folder, out))
+    before = load_split(out, "train")
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        run_ingest(params(tmp_path / "imgs-typo", out))
+    (tmp_path / "fm").mkdir()
+    (tmp_path / "fm" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\0"))
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST file not found"):
+        run_ingest(params(tmp_path / "fm", out))
+    after = load_split(out, "train")
+    assert load_manifest(out)["source"] == str(image_folder)
+    np.testing.assert_array_equal(after[0], before[0])
