@@ -288,3 +288,24 @@ def test_a_failed_ingest_leaves_the_previous_output_readable(image_folder, tmp_p
     after = load_split(out, "train")
     assert load_manifest(out)["source"] == str(image_folder)
     np.testing.assert_array_equal(after[0], before[0])
+
+
+def test_symlinks_are_followed_to_files_and_reported_otherwise(image_folder, tmp_path):
+    """A link to an image is read like the image; a broken link, a loop and a link to a folder are each reported as
+    such (they used to be skipped as 'unsupported extension' or 'cannot read the file')."""
+    cat = image_folder / "cat"
+    (cat / "alias.png").symlink_to(cat / "00.png")
+    (cat / "gone.png").symlink_to(cat / "nowhere.png")
+    (cat / "a.png").symlink_to(cat / "b.png")
+    (cat / "b.png").symlink_to(cat / "a.png")
+    (cat / "more").symlink_to(image_folder / "dog", target_is_directory=True)
+    out = tmp_path / "out"
+    run_ingest(params(image_folder, out))
+    report = json.loads((out / "report.json").read_text())
+    why = {e["file"]: (e["kind"], e["reason"]) for e in report["skipped"]}
+    assert why["cat/gone.png"][0] == "symlink" and "broken symbolic link" in why["cat/gone.png"][1]
+    assert why["cat/a.png"][0] == why["cat/b.png"][0] == "symlink" and "loop" in why["cat/a.png"][1]
+    assert why["cat/more"][0] == "symlink" and "folder" in why["cat/more"][1]
+    assert "cat/alias.png" not in why
+    ids = [i for s in ("train", "test") for i in load_split(out, s)[2]]
+    assert "cat/alias.png" in ids
