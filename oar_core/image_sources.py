@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -201,8 +202,11 @@ def scan_folder(source: str) -> tuple[list[tuple[str, str, str | None]], list[di
     for full in files:
         rel = full[len(root) + 1:]
         parts = rel.split("/")
+        link = None if is_remote(source) else _symlink_problem(Path(full))
         if any(part.startswith(".") for part in parts):  # .DS_Store, editor temp files: never data
             ignored.append(skip(rel, "hidden", "hidden file: ignored"))
+        elif link:
+            skipped.append(skip(rel, "symlink", link))
         elif Path(rel).suffix.lower() not in IMAGE_EXTS:
             skipped.append(skip(rel, "extension", f"unsupported extension (expected one of {sorted(IMAGE_EXTS)}); "
                                                   f"convert it or move it out of the source"))
@@ -229,6 +233,22 @@ def scan_folder(source: str) -> tuple[list[tuple[str, str, str | None]], list[di
         scheme = source.split("://", 1)[0]
         entries = [(f"{scheme}://{full}", rel, c) for full, rel, c in entries]
     return entries, skipped + ignored, class_names
+
+
+def _symlink_problem(path: Path) -> str | None:
+    """Why a symbolic link cannot be read as an image, or None (not a link, or a link to a file: followed)."""
+    if not path.is_symlink():
+        return None
+    try:
+        target = path.resolve(strict=True)
+    except FileNotFoundError:
+        return f"broken symbolic link (to {os.readlink(path)}): point it at an image or remove it"
+    except (RuntimeError, OSError):  # a loop: RuntimeError before Python 3.13, OSError (ELOOP) after
+        return ("symbolic link loop: remove it (DVC cannot hash a source folder holding one either: `dvc status` "
+                "fails on it with [Errno 40])")
+    if target.is_dir():
+        return "symbolic link to a folder: not followed (it could loop); move or copy its images into the source"
+    return None
 
 
 def _fetch(paths: list[str]) -> dict[str, bytes | Exception]:

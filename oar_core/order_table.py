@@ -1,8 +1,9 @@
-"""The extracted-orders table: one Parquet part per token shard, queried lazily with Polars.
+"""The extracted-orders table: one Parquet part per token shard, each written with page checksums.
 
-    import polars as pl
-    orders = pl.scan_parquet("data/orders/*.parquet")       # works while extraction is still running
+    from oar_core.order_table import scan
+    orders = scan("data/orders")             # every part checked against its checksums, no image twice
     orders.filter(pl.col("label") == 3).select("image_id", "nll_extracted").collect()
+    pl.scan_parquet("data/orders/*.parquet")  # plain Polars: lazy and works mid-extraction, but checks nothing
 
 Queries and their CLI: `oar_core.order_queries`."""
 from __future__ import annotations
@@ -65,22 +66,32 @@ def parts(orders_dir: str | Path) -> list[Path]:
     return found
 
 
-def scan(orders_dir: str | Path) -> pl.LazyFrame:
-    return pl.scan_parquet([str(p) for p in parts(orders_dir)])
-
-
-def orders_for_ids(orders_dir, ids: list[str], N: int, missing_ok: bool = False) -> torch.Tensor | None:
-    """(len(ids), N) orders matched to `ids` by image id; checks every part reads back intact, that no image
-    has two rows (a join would then return extra rows and shift every later one onto a neighbour's order)
-    and that every row is a permutation of the grid."""
-    table = pl.concat([pl.from_arrow(read_part(f, ["image_id", "permutation"])).with_columns(part=pl.lit(f.name))
-                       for f in parts(orders_dir)])
+def read_table(orders_dir: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
+    """Every part read whole under its page checksums (a flipped bit is an error, not a plausible number), with a
+    `part` column, and no image twice (a duplicated part would count it twice and shift joins)."""
+    cols = None if columns is None else list(dict.fromkeys(["image_id", *columns]))
+    table = pl.concat([pl.from_arrow(read_part(f, cols)).with_columns(part=pl.lit(f.name))
+                       for f in parts(orders_dir)], how="vertical_relaxed")
     dup = table.filter(pl.col("image_id").is_duplicated())
     if len(dup):
         first = dup.filter(pl.col("image_id") == dup["image_id"][0])
         raise ValueError(f"{orders_dir}: {dup['image_id'].n_unique()} image(s) have more than one row, e.g. "
                          f"{first['image_id'][0]!r}: {len(first)} rows in "
                          f"{', '.join(first['part'].unique(maintain_order=True))}; {RERUN}")
+    return table
+
+
+def scan(orders_dir: str | Path, columns: list[str] | None = None) -> pl.LazyFrame:
+    """The verified table (read_table) as a LazyFrame, for the project's queries. (Polars' own
+    `pl.scan_parquet` reads parts without their checksums.)"""
+    return read_table(orders_dir, columns).lazy()
+
+
+def orders_for_ids(orders_dir, ids: list[str], N: int, missing_ok: bool = False) -> torch.Tensor | None:
+    """(len(ids), N) orders matched to `ids` by image id; checks every part reads back intact, that no image
+    has two rows (a join would then return extra rows and shift every later one onto a neighbour's order)
+    and that every row is a permutation of the grid."""
+    table = read_table(orders_dir, ["permutation"])
     want = pl.DataFrame({"image_id": ids, "_row": np.arange(len(ids))})
     got = want.join(table.drop("part"), on="image_id", how="left")
     missing = got.filter(pl.col("permutation").is_null())

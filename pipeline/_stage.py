@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
@@ -23,6 +26,16 @@ def sweep_temps(stage: str, params: dict, dag: str = "dvc.yaml") -> None:
             remove_stale_temps(folder)
 
 
+def die_with_dvc() -> None:
+    """Under `dvc repro` (which sets DVC_STAGE), ask the kernel to end this stage (SIGTERM) when the dvc process dies:
+    a dvc killed alone must not leave its stage running as an orphan that goes on writing outputs nobody records."""
+    if "DVC_STAGE" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # dvc was already gone before the request: nobody waits for this run
+        sys.exit("error: the dvc process that started this stage has exited; not running")
+
+
 def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args: Callable | None = None,
                summary: Callable[[dict], str] | None = None):
     ap = argparse.ArgumentParser(description=doc)
@@ -32,6 +45,7 @@ def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args
     if add_args:
         add_args(ap)
     args = ap.parse_args(argv)
+    die_with_dvc()
     name = section or args.stage
     try:
         params = load_params(args.params)

@@ -30,8 +30,6 @@ from pipeline._stage import stage_main
 
 def run_ingest(p: IngestParams) -> dict:
     storage.S3_TIMEOUT_S = p.s3_timeout_s
-    manifest_path = join(p.out_dir, "manifest.json")
-    remove_file(manifest_path)  # while shards are being replaced, no manifest may vouch for them
     fmt = ImageFormat(p.image_size, p.channels, p.on_size_mismatch)
     limits = {"train": p.max_train, "test": p.max_test}
     if is_fashion_mnist(p.source):
@@ -46,6 +44,10 @@ def run_ingest(p: IngestParams) -> dict:
             by_split[split].append((h, rel, full, label_of.get(c, 0)))
         samples = {s: (min(len(by_split[s]), limits[s] or len(by_split[s])),  # at most: some may be skipped
                        folder_samples(sorted(by_split[s]), limits[s], skipped, fmt)) for s in SPLITS}
+    # the source is open and listed: only now do the old shards start to be replaced, and while they are, no
+    # manifest may vouch for them (a typo'd folder or an unreachable bucket leaves the previous output readable)
+    manifest_path = join(p.out_dir, "manifest.json")
+    remove_file(manifest_path)
     published = {}
     for split in SPLITS:
         with shard_writer(p.out_dir, split, p.shard_size) as (writer, published[split]):

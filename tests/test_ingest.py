@@ -271,3 +271,41 @@ def test_a_stage_sweeps_the_temp_files_a_killed_run_left_in_its_outputs(image_fo
     main([])
     assert sorted(f.name for f in (tmp_path / "o").iterdir()) == ["manifest.json", "report.json", "test-000000.tar",
                                                                   "train-000000.tar"]
+
+
+def test_a_failed_ingest_leaves_the_previous_output_readable(image_folder, tmp_path):
+    """A typo'd source folder or a Fashion-MNIST folder missing a file fails before the old shards are touched:
+    the previous manifest and shards still read (they used to be unreadable until `dvc checkout data/ingest`)."""
+    out = tmp_path / "out"
+    run_ingest(params(image_folder, out))
+    before = load_split(out, "train")
+    with pytest.raises(FileNotFoundError, match="image folder not found"):
+        run_ingest(params(tmp_path / "imgs-typo", out))
+    (tmp_path / "fm").mkdir()
+    (tmp_path / "fm" / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x01\0\0\0\0"))
+    with pytest.raises(FileNotFoundError, match="Fashion-MNIST file not found"):
+        run_ingest(params(tmp_path / "fm", out))
+    after = load_split(out, "train")
+    assert load_manifest(out)["source"] == str(image_folder)
+    np.testing.assert_array_equal(after[0], before[0])
+
+
+def test_symlinks_are_followed_to_files_and_reported_otherwise(image_folder, tmp_path):
+    """A link to an image is read like the image; a broken link, a loop and a link to a folder are each reported as
+    such (they used to be skipped as 'unsupported extension' or 'cannot read the file')."""
+    cat = image_folder / "cat"
+    (cat / "alias.png").symlink_to(cat / "00.png")
+    (cat / "gone.png").symlink_to(cat / "nowhere.png")
+    (cat / "a.png").symlink_to(cat / "b.png")
+    (cat / "b.png").symlink_to(cat / "a.png")
+    (cat / "more").symlink_to(image_folder / "dog", target_is_directory=True)
+    out = tmp_path / "out"
+    run_ingest(params(image_folder, out))
+    report = json.loads((out / "report.json").read_text())
+    why = {e["file"]: (e["kind"], e["reason"]) for e in report["skipped"]}
+    assert why["cat/gone.png"][0] == "symlink" and "broken symbolic link" in why["cat/gone.png"][1]
+    assert why["cat/a.png"][0] == why["cat/b.png"][0] == "symlink" and "loop" in why["cat/a.png"][1]
+    assert why["cat/more"][0] == "symlink" and "folder" in why["cat/more"][1]
+    assert "cat/alias.png" not in why
+    ids = [i for s in ("train", "test") for i in load_split(out, s)[2]]
+    assert "cat/alias.png" in ids

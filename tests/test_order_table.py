@@ -111,3 +111,28 @@ def test_a_part_being_written_survives_another_runs_cleanup(tmp_path, monkeypatc
     part = write(tmp_path, "train-000000", IDS)
     monkeypatch.undo()
     assert part_is_current(part, "ckpt", "params", IDS)
+
+
+def test_the_query_cli_checks_checksums_and_duplicates(tmp_path, capsys):
+    """`python -m oar_core.order_queries DIR summary` reads the parts it summarises under their checksums: a flipped
+    byte used to be reported as a plausible mean, a duplicated part as extra images."""
+    from oar_core.order_queries import main
+
+    ids = [f"img-{i}" for i in range(40)]
+    table = pa.table({"image_id": ids, "split": ["train"] * 40, "label": [i % 4 for i in range(40)],
+                      "permutation": pa.array([perm(i) for i in ids], pa.list_(pa.uint16())),
+                      "nll_extracted": pa.array(np.full(40, 5.0), pa.float32()),
+                      "nll_random": pa.array(np.full(40, 6.0), pa.float32())})
+    part = tmp_path / "train-000000.parquet"
+    write_part(part, table, "ckpt", "params")
+    main([str(tmp_path), "summary"])
+    assert "40" in capsys.readouterr().out
+    (tmp_path / "train-000001.parquet").write_bytes(part.read_bytes())  # the same part twice
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "summary"])
+    assert "40 image(s) have more than one row" in capsys.readouterr().err
+    (tmp_path / "train-000001.parquet").unlink()
+    flip_data_pages(part, "nll_extracted", n=4)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "per-class"])
+    assert "corrupt orders part" in capsys.readouterr().err
