@@ -235,6 +235,25 @@ def test_cli_param_change_reruns_the_stage_and_only_its_downstream(tiny_repo):
     assert_clean(tiny_repo)
 
 
+def test_a_moved_output_folder_takes_effect_downstream(tiny_repo, tmp_path):
+    """Output folders are set once, in params.yaml: moving the orders or the shards reruns what reads them and they
+    read the new place (extract_orders.out_dir used to be written while dvc.lock kept the old folder and finetune
+    never reran; tokenize.out: data/shards2 failed with "output 'data/shards' does not exist")."""
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo, repo, symlinks=True)
+    set_params(repo, "extract_orders", out_dir="data/orders2")
+    assert ran_stages(dvc(repo, "repro").stdout) == ["extract_orders", "finetune"]
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert [d["path"] for d in lock["finetune"]["deps"] if d["path"].startswith("data/orders")] == ["data/orders2"]
+    assert sorted(p.name for p in (repo / "data/orders2").glob("*.parquet")) == [
+        "test-000000.parquet", "train-000000.parquet", "train-000001.parquet"]
+    set_params(repo, "tokenize", out="data/shards2")
+    ran = ran_stages(dvc(repo, "repro").stdout)
+    assert ran[0] == "tokenize" and {"train_raster", "train_random"} <= set(ran), ran
+    assert json.loads((repo / "data/shards2/meta.json").read_text())["counts"] == {"train": 256, "test": 64}
+    assert_clean(repo)
+
+
 # ---------------------------------------------------------------- flows against the test server
 
 
