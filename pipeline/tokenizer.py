@@ -11,7 +11,6 @@ import torch
 from tqdm import tqdm
 
 from oar_core import vq_diffusers
-from oar_core.checkpoint import save_torch
 from oar_core.image_shards import endless_batches, image_batches, load_manifest, to_float_BCHW
 from oar_core.live import log_stage
 from oar_core.params import TokenizerParams
@@ -117,7 +116,7 @@ def run_tokenizer(p: TokenizerParams, ingest_dir: str, out="models/tokenizer.pt"
         if model.channels != manifest["channels"]:
             raise ValueError(f"{p.checkpoint}: the VQModel takes {model.channels}-channel images, the ingested ones "
                              f"have {manifest['channels']}; set ingest.channels: {model.channels}")
-        save_torch(out, vq_diffusers.to_checkpoint(model))  # self-contained: later stages never need the folder
+        save_tokenizer(out, model)  # self-contained: later stages never need the folder
         history, source = [], p.checkpoint
     elif p.checkpoint:
         model = load_tokenizer(p.checkpoint, device)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from oar_core.checkpoint import save_torch
+from oar_core.checkpoint import save_checkpoint
 from oar_core.image_shards import endless_batches, image_batches, load_split, to_float_BCHW
 from oar_core.params import TokenizerParams
 from oar_core.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
@@ -128,11 +128,11 @@ def test_bad_checkpoint_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.pt: unreadable tokenizer checkpoint"):
         load_tokenizer(tmp_path / "junk.pt")
-    save_torch(tmp_path / "other.pt", {"weights": 1})
+    save_checkpoint(tmp_path / "other.pt", {"weights": 1})
     with pytest.raises(ValueError, match="other.pt: not a tokenizer checkpoint"):
         load_tokenizer(tmp_path / "other.pt")
     good = VQTokenizer(28, 1, 7, codebook_size=16, code_dim=8, hidden=16)
     config = {**good.config, "codebook_size": 32}  # config no longer matches the weights
-    save_torch(tmp_path / "shape.pt", {"config": config, "state_dict": good.state_dict()})
+    save_checkpoint(tmp_path / "shape.pt", {"config": config, "state_dict": good.state_dict()})
     with pytest.raises(ValueError, match="shape.pt: tokenizer checkpoint does not match its config"):
         load_tokenizer(tmp_path / "shape.pt")
