@@ -15,7 +15,6 @@ from oar_core.image_shards import endless_batches, image_batches, load_manifest,
 from oar_core.live import log_stage
 from oar_core.params import TokenizerParams
 from oar_core.runtime import pick_device
-from oar_core.storage import read_bytes, write_bytes_atomic
 from oar_core.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
 from pipeline._stage import stage_main
 
@@ -119,9 +118,10 @@ def run_tokenizer(p: TokenizerParams, ingest_dir: str, out="models/tokenizer.pt"
         save_tokenizer(out, model)  # self-contained: later stages never need the folder
         history, source = [], p.checkpoint
     elif p.checkpoint:
-        model = load_tokenizer(p.checkpoint, device)
+        model = load_tokenizer(p.checkpoint, device)  # safetensors only: the user's file runs no code
         check_compatible(model, manifest, p, p.checkpoint)
-        write_bytes_atomic(out, read_bytes(p.checkpoint))  # byte copy: the artifact is exactly what the user gave
+        # re-saved from the loaded weights, not copied byte for byte: the artifact holds only what was read safely
+        save_tokenizer(out, model)
         history, source = [], p.checkpoint
     else:
         stream = endless_batches(ingest_dir, "train", p.batch_size, p.seed, p.shuffle_buffer)

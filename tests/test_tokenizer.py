@@ -106,6 +106,11 @@ def test_user_checkpoint_is_adopted(trained, fmnist_small, tmp_path):
     p = TokenizerParams(checkpoint=str(tmp_path / "mine.pt"), steps=10**6)  # steps would take hours if it trained
     r = run_tokenizer(p, fmnist_small, tmp_path / "out" / "tok.pt", tmp_path / "live")
     assert r["source"] == str(tmp_path / "mine.pt") and r["steps"] == 0
+    # re-saved from the weights it loaded (safely), not copied: the same weights and config, and, as the user's file
+    # was itself a save_tokenizer file of this model, the same bytes (saving is deterministic)
+    adopted = load_tokenizer(tmp_path / "out" / "tok.pt")
+    assert adopted.config == model.config
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in adopted.state_dict().items())
     assert (tmp_path / "out" / "tok.pt").read_bytes() == (tmp_path / "mine.pt").read_bytes()
     assert r["recon_mse"] < r["baseline_mse"]
 
