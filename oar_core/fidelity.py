@@ -159,10 +159,13 @@ def read_inception_weights(path: str) -> dict[str, torch.Tensor]:
         state = load_pickle_weights_only(where, data, fix=INCEPTION_FIX)
     else:
         raise ValueError(f"{where}: neither a safetensors file nor a torch weights file; {INCEPTION_FIX}")
-    if not isinstance(state, dict) or not state or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+    # plain tensors only (a Parameter detaches to one), so the copy torch-fidelity unpickles holds nothing else
+    plain = isinstance(state, dict) and state and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) and type(v.detach()) is torch.Tensor
+        for k, v in state.items())
+    if not plain:
         raise ValueError(f"{where}: not a state dict (names -> tensors); {INCEPTION_FIX}")
-    return {k: v for k, v in state.items()}
+    return {k: v.detach() for k, v in state.items()}
 
 
 def inception_weights_file(state: dict[str, torch.Tensor], folder: str, path: str) -> str:
