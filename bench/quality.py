@@ -160,10 +160,12 @@ def evaluate_images(images, ref, common: Path, seed: int, cache: str) -> dict:
 
 
 def trained(path: str, p, shards: str, orders_dir: str | None = None) -> bool:
-    from oar_core.checkpoint import load_torch
+    from oar_core.checkpoint import load_checkpoint
     from pipeline.train import input_hashes, run_digest
 
-    return Path(path).exists() and load_torch(path).get("digest") == run_digest(p, input_hashes(p, shards, orders_dir))
+    if not Path(path).exists():
+        return False
+    return load_checkpoint(path).get("digest") == run_digest(p, input_hashes(p, shards, orders_dir))
 
 
 def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) -> dict:

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from oar_core.checkpoint import load_torch, save_torch
+from oar_core.checkpoint import load_checkpoint, save_checkpoint
 from oar_core.image_shards import to_float_BCHW
 
 INDOMAIN_NAME = "oar-indomain-cnn"
@@ -60,14 +60,19 @@ def classifier_accuracy(model: SmallCNN, images_NHWC: np.ndarray, labels_N: np.n
 
 
 def save_classifier(path, model: SmallCNN, **extra) -> None:
-    save_torch(path, {"kind": "oar-indomain-cnn", "config": model.config, "state_dict": model.state_dict(), **extra})
+    save_checkpoint(path, {"kind": INDOMAIN_NAME, "config": model.config, "state_dict": model.state_dict(), **extra})
 
 
 def load_classifier(path) -> tuple[SmallCNN, dict]:
-    ckpt = load_torch(path, "in-domain feature network")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != "oar-indomain-cnn":
+    ckpt = load_checkpoint(path, "in-domain feature network")
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != INDOMAIN_NAME:
         raise ValueError(f"{path}: not an in-domain feature-network checkpoint (written by save_classifier); "
                          "run `dvc repro feature_net` (or unset feature_net.checkpoint)")
-    model = SmallCNN(**ckpt["config"])
-    model.load_state_dict(ckpt["state_dict"])
+    try:
+        model = SmallCNN(**ckpt["config"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, RuntimeError) as e:  # altered, or written by other code
+        detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:2])[:300]
+        raise ValueError(f"{path}: feature-network checkpoint does not match its config ({detail}); "
+                         "run `dvc repro feature_net` (or unset feature_net.checkpoint)") from None
     return model.eval(), ckpt

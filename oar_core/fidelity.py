@@ -6,7 +6,9 @@ through torch-fidelity.
   logits IS. Registered with torch-fidelity as `oar-indomain-cnn`, its weights passed as
   `feature_extractor_weights_path`, so nothing is ever downloaded.
 - Inception (optional): torch-fidelity's standard `inception-v3-compat`, only when a local weights file is
-  given (torch-fidelity would otherwise download it at first use).
+  given (torch-fidelity would otherwise download it at first use). torch-fidelity unpickles that file with
+  weights_only=False, so it never sees the user's file: read_inception_weights loads it safely, and
+  inception_weights_file hands torch-fidelity a private copy holding only those tensors.
 torch-fidelity 0.4 takes a torch Dataset whose items are uint8 tensors of shape (3, H, W); grayscale images
 are repeated to 3 channels and the in-domain extractor converts them back."""
 from __future__ import annotations
@@ -15,13 +17,15 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from oar_core.checkpoint import file_kind, load_pickle_weights_only, one_line
 from oar_core.feature_net import INDOMAIN_NAME, load_classifier
-from oar_core.storage import temp_dir
+from oar_core.storage import read_bytes, temp_dir
 
 INCEPTION_NAME = "inception-v3-compat"
 
@@ -132,12 +136,53 @@ def fidelity_metrics(gen_NHWC: np.ndarray | Dataset, real_NHWC: np.ndarray, feat
             "is_std": m["inception_score_std"], "precision": m["precision"], "recall": m["recall"]}
 
 
-def check_inception_weights(path: str) -> str:
+INCEPTION_FIX = ("point it at torch-fidelity's pt_inception-2015-12-05 weights (a .pth or .safetensors file), or set "
+                 "evaluate.inception_weights: null to skip standard Inception metrics")
+
+
+def read_inception_weights(path: str) -> dict[str, torch.Tensor]:
+    """The Inception state dict in `path`, read once and without running code: a safetensors file, or a torch.save
+    pickle through torch's weights-only unpickler (torch-fidelity's own release is one). What torch-fidelity later
+    loads is rebuilt from these tensors (inception_weights_file), never the user's file, so swapping the file after
+    this check changes nothing."""
+    where = f"evaluate.inception_weights={path!r}"
     if not Path(path).is_file():
-        raise ValueError(f"evaluate.inception_weights={path!r}: file not found; point it at a local "
-                         "pt_inception-2015-12-05 weights file (torch-fidelity's) or set it to null to skip "
-                         "standard Inception metrics")
-    return path
+        raise ValueError(f"{where}: file not found; {INCEPTION_FIX}")
+    data = read_bytes(path)
+    kind = file_kind(data)
+    if kind == "safetensors":
+        try:
+            state = safetensors.torch.load(data)
+        except Exception as e:  # SafetensorError: truncated or corrupt
+            raise ValueError(f"{where}: unreadable safetensors ({one_line(e)}); {INCEPTION_FIX}") from None
+    elif kind == "pickle":
+        state = load_pickle_weights_only(where, data, fix=INCEPTION_FIX)
+    else:
+        raise ValueError(f"{where}: neither a safetensors file nor a torch weights file; {INCEPTION_FIX}")
+    # plain tensors only (a Parameter detaches to one), so the copy torch-fidelity unpickles holds nothing else
+    plain = isinstance(state, dict) and state and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) and type(v.detach()) is torch.Tensor
+        for k, v in state.items())
+    if not plain:
+        raise ValueError(f"{where}: not a state dict (names -> tensors); {INCEPTION_FIX}")
+    return {k: v.detach() for k, v in state.items()}
+
+
+def inception_weights_file(state: dict[str, torch.Tensor], folder: str, path: str) -> str:
+    """Write `state` (from read_inception_weights) into `folder`, a private scratch folder (temp_cache_dir: mode
+    0700), for torch-fidelity's `feature_extractor_weights_path`, and check that its Inception-v3 takes it. The
+    pickle torch-fidelity unpickles is one we wrote from plain tensors; `path` (the user's file) names errors only."""
+    copy = Path(folder) / "inception-weights.pth"
+    torch.save(state, copy)
+    _import_fidelity()
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    try:  # the full key and shape check, by torch-fidelity's own module, before any image is scored
+        FEATURE_EXTRACTORS_REGISTRY[INCEPTION_NAME](INCEPTION_NAME, ["2048"], feature_extractor_weights_path=str(copy))
+    except RuntimeError as e:
+        raise ValueError(f"evaluate.inception_weights={path!r}: not torch-fidelity's Inception-v3 weights "
+                         f"({one_line(e)}); {INCEPTION_FIX}") from None
+    return str(copy)
 
 
 class ImageFiles(Dataset):

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from oar_core.checkpoint import load_torch, save_torch
+from oar_core.checkpoint import load_checkpoint, save_checkpoint
 from oar_core.orders import step_of_position
 
 
@@ -258,18 +258,18 @@ class GPT(nn.Module):
 
 def save_gpt(path, model: GPT, **extra) -> None:
     raw = model.module if hasattr(model, "module") else model
-    save_torch(path, {"config": asdict(raw.cfg), "state_dict": raw.state_dict(), **extra})
+    save_checkpoint(path, {"config": asdict(raw.cfg), "state_dict": raw.state_dict(), **extra})
 
 
 def load_gpt(path, device="cpu") -> tuple[GPT, dict]:
-    ckpt = load_torch(path, "model checkpoint")
+    ckpt = load_checkpoint(path, "model checkpoint")
     if not isinstance(ckpt, dict) or "config" not in ckpt or "state_dict" not in ckpt:
         raise ValueError(f"{path}: not an oar model checkpoint (no config/state_dict); point to a train stage's "
                          f"model.pt")
-    model = GPT(GPTConfig(**ckpt["config"]))
     try:
+        model = GPT(GPTConfig(**ckpt["config"]))
         model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as e:
+    except (TypeError, RuntimeError) as e:  # TypeError: a config key GPTConfig does not have
         # torch's first line is only "Error(s) in loading state_dict for GPT:"; the next one names the tensor
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         detail = (lines[1] if len(lines) > 1 else lines[0])[:300]

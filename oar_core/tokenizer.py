@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from oar_core import vq_diffusers
-from oar_core.checkpoint import load_torch, save_torch
+from oar_core.checkpoint import load_checkpoint, save_checkpoint
 
 
 def num_stages(image_size: int, grid: int) -> int:
@@ -164,13 +164,17 @@ class VQTokenizer(nn.Module):
         return self._from_internal(torch.sigmoid(self.decoder(q_BhwD.permute(0, 3, 1, 2))))
 
 
-def save_tokenizer(path, model: VQTokenizer) -> None:
-    save_torch(path, {"kind": "oar-vq-tokenizer", "config": dict(model.config),
-                      "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
+def save_tokenizer(path, model: VQTokenizer | vq_diffusers.DiffusersVQ) -> None:
+    """Either kind load_tokenizer returns (the tokenizer stage re-saves whichever one it adopts)."""
+    if isinstance(model, vq_diffusers.DiffusersVQ):
+        save_checkpoint(path, vq_diffusers.to_checkpoint(model))
+        return
+    save_checkpoint(path, {"kind": "oar-vq-tokenizer", "config": dict(model.config),
+                           "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
 
 
 def load_tokenizer(path, device: torch.device | str = "cpu") -> VQTokenizer | vq_diffusers.DiffusersVQ:
-    ckpt = load_torch(path, what="tokenizer checkpoint")
+    ckpt = load_checkpoint(path, what="tokenizer checkpoint")
     if isinstance(ckpt, dict) and ckpt.get("kind") == vq_diffusers.KIND:
         try:
             return vq_diffusers.from_checkpoint(ckpt).to(device).eval()

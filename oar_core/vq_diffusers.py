@@ -115,8 +115,9 @@ def from_pretrained_dir(path: str | Path, image_size: int, do_normalize: bool | 
 
 
 def to_checkpoint(model: DiffusersVQ) -> dict:
-    """Self-contained dict for torch.save: downstream stages rebuild the model without the user's folder."""
-    # JSON round trip: tuples -> lists and no diffusers FrozenDict in the pickle; private keys (_name_or_path,
+    """Self-contained dict for checkpoint.save_checkpoint: downstream stages rebuild the model without the user's
+    folder."""
+    # JSON round trip: tuples -> lists and no diffusers FrozenDict in the checkpoint; private keys (_name_or_path,
     # _use_default_values, ...) dropped so the artifact does not depend on where the folder was
     config = json.loads(json.dumps({k: v for k, v in model.vq.config.items() if not k.startswith("_")}))
     return {"kind": KIND, "config": config, "image_size": model.image_size, "do_normalize": model.do_normalize,

@@ -13,10 +13,11 @@ from oar_core import report
 from oar_core.feature_net import INDOMAIN_NAME, load_classifier
 from oar_core.fidelity import (
     INCEPTION_NAME,
-    check_inception_weights,
     fidelity_metrics,
     image_folder,
     in_space,
+    inception_weights_file,
+    read_inception_weights,
     temp_cache_dir,
 )
 from oar_core.figures import (
@@ -71,6 +72,8 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
                  tokenizer_path="models/tokenizer.pt", plots_dir="dvclive", metrics_dir="dvclive/evaluate",
                  feature_net="models/feature_net.pt", progress: bool = True) -> dict:
     out = Path(p.out_dir)
+    # first, before anything slow: read once and safely (torch-fidelity itself would unpickle it with no limits)
+    inception = read_inception_weights(p.inception_weights) if p.inception_weights else None
     manifest = load_manifest(ingest_dir)
     size, channels = manifest["image_size"], manifest["channels"]
     models = model_folders(samples_dir)
@@ -84,23 +87,23 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
     metrics["feature_net"] = {"test_accuracy": acc}
     space = (f"in-domain classifier ({INDOMAIN_NAME}, test acc {acc:.3f})" if clf.config.get("task") != "rotation" else
              f"in-domain rotation predictor ({INDOMAIN_NAME}; one class, so self-supervised; test acc {acc:.3f})")
-    inception = check_inception_weights(p.inception_weights) if p.inception_weights else None
     labels = {"feature_space": {
         "indomain": space,
-        "inception": f"Inception-v3 (torch-fidelity {INCEPTION_NAME}, weights {inception})" if inception
-        else "skipped: no local Inception weights (set evaluate.inception_weights)"}}
+        "inception": f"Inception-v3 (torch-fidelity {INCEPTION_NAME}, weights {p.inception_weights})"
+        if inception is not None else "skipped: no local Inception weights (set evaluate.inception_weights)"}}
 
     # reference: real train images (as many as one model's samples) vs the same test set
     n_ref = max(len(v) for v in gen.values())
     ref_idx = np.random.default_rng(p.seed).permutation(manifest["counts"]["train"])[:n_ref]
     sets = {**{name: gen[name] for name, _ in models}, "real_reference": take(ingest_dir, "train", ref_idx)}
     with temp_cache_dir() as cache:
+        weights = inception_weights_file(inception, cache, p.inception_weights) if inception is not None else None
         for name, images in tqdm(sets.items(), desc="fidelity", unit="model", disable=not progress):
             m = fidelity_metrics(images, test_NHWC, INDOMAIN_NAME, clf_path, p.kid_subset_size, p.seed,
                                  cache_dir=cache, real_cache_name="real-test")
             metrics[name] = in_space(m, "indomain")
-            if inception:
-                m = fidelity_metrics(images, test_NHWC, INCEPTION_NAME, inception, p.kid_subset_size, p.seed,
+            if weights:
+                m = fidelity_metrics(images, test_NHWC, INCEPTION_NAME, weights, p.kid_subset_size, p.seed,
                                      cache_dir=cache, real_cache_name="real-test")
                 metrics[name].update(in_space(m, "inception"))
             labels[name] = {"feature_space": space}

@@ -11,12 +11,10 @@ import torch
 from tqdm import tqdm
 
 from oar_core import vq_diffusers
-from oar_core.checkpoint import save_torch
 from oar_core.image_shards import endless_batches, image_batches, load_manifest, to_float_BCHW
 from oar_core.live import log_stage
 from oar_core.params import TokenizerParams
 from oar_core.runtime import pick_device
-from oar_core.storage import read_bytes, write_bytes_atomic
 from oar_core.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
 from pipeline._stage import stage_main
 
@@ -117,12 +115,13 @@ def run_tokenizer(p: TokenizerParams, ingest_dir: str, out="models/tokenizer.pt"
         if model.channels != manifest["channels"]:
             raise ValueError(f"{p.checkpoint}: the VQModel takes {model.channels}-channel images, the ingested ones "
                              f"have {manifest['channels']}; set ingest.channels: {model.channels}")
-        save_torch(out, vq_diffusers.to_checkpoint(model))  # self-contained: later stages never need the folder
+        save_tokenizer(out, model)  # self-contained: later stages never need the folder
         history, source = [], p.checkpoint
     elif p.checkpoint:
-        model = load_tokenizer(p.checkpoint, device)
+        model = load_tokenizer(p.checkpoint, device)  # safetensors only: the user's file runs no code
         check_compatible(model, manifest, p, p.checkpoint)
-        write_bytes_atomic(out, read_bytes(p.checkpoint))  # byte copy: the artifact is exactly what the user gave
+        # re-saved from the loaded weights, not copied byte for byte: the artifact holds only what was read safely
+        save_tokenizer(out, model)
         history, source = [], p.checkpoint
     else:
         stream = endless_batches(ingest_dir, "train", p.batch_size, p.seed, p.shuffle_buffer)

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from oar_core.checkpoint import load_torch, save_torch
+from oar_core.checkpoint import load_checkpoint, save_checkpoint
 from oar_core.live import log_stage
 from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
 from oar_core.nll import bits_along_orders, content_nll, policy_bits, policy_nll
@@ -188,8 +188,12 @@ def run_train(p: TrainParams, stage: str, shards: str, runs_dir: str = "runs", l
     if is_main:
         remove_stale_temps(run_ckpt.parent)  # a kill during a checkpoint write leaves its temp file behind
     if run_ckpt.exists():
-        state = load_torch(run_ckpt, "run checkpoint")
-        if state.get("digest") == digest and state["step"] < p.steps:
+        # safetensors, read before its digest is compared: a file planted here is refused, never executed
+        state = load_checkpoint(run_ckpt, "run checkpoint", fix="delete it (the run then starts over)")
+        if not isinstance(state, dict) or not {"digest", "model", "opt", "step", "history"} <= state.keys():
+            raise ValueError(f"{run_ckpt}: not a run checkpoint of this stage (no digest/model/opt/step/history); "
+                             f"delete it (the run then starts over)")
+        if state["digest"] == digest and state["step"] < p.steps:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["opt"])
             start, history = state["step"], state["history"]
@@ -202,8 +206,9 @@ def run_train(p: TrainParams, stage: str, shards: str, runs_dir: str = "runs", l
 
     def checkpoint(step: int):
         if is_main:
-            save_torch(run_ckpt, {"digest": digest, "model": model.state_dict(), "opt": opt.state_dict(),
-                                  "step": step, "history": history})
+            # the optimizer state's int keys and tuples survive exactly (tensor_tree): the resume is bit-identical
+            save_checkpoint(run_ckpt, {"digest": digest, "model": model.state_dict(), "opt": opt.state_dict(),
+                                       "step": step, "history": history})
 
     local_B = p.batch_size // world
     bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc=stage, disable=not is_main, mininterval=2)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from oar_core.checkpoint import save_torch
+from oar_core.checkpoint import save_checkpoint
 from oar_core.image_shards import endless_batches, image_batches, load_split, to_float_BCHW
 from oar_core.params import TokenizerParams
 from oar_core.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
@@ -106,6 +106,11 @@ def test_user_checkpoint_is_adopted(trained, fmnist_small, tmp_path):
     p = TokenizerParams(checkpoint=str(tmp_path / "mine.pt"), steps=10**6)  # steps would take hours if it trained
     r = run_tokenizer(p, fmnist_small, tmp_path / "out" / "tok.pt", tmp_path / "live")
     assert r["source"] == str(tmp_path / "mine.pt") and r["steps"] == 0
+    # re-saved from the weights it loaded (safely), not copied: the same weights and config, and, as the user's file
+    # was itself a save_tokenizer file of this model, the same bytes (saving is deterministic)
+    adopted = load_tokenizer(tmp_path / "out" / "tok.pt")
+    assert adopted.config == model.config
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in adopted.state_dict().items())
     assert (tmp_path / "out" / "tok.pt").read_bytes() == (tmp_path / "mine.pt").read_bytes()
     assert r["recon_mse"] < r["baseline_mse"]
 
@@ -128,11 +133,11 @@ def test_bad_checkpoint_files(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="junk.pt: unreadable tokenizer checkpoint"):
         load_tokenizer(tmp_path / "junk.pt")
-    save_torch(tmp_path / "other.pt", {"weights": 1})
+    save_checkpoint(tmp_path / "other.pt", {"weights": 1})
     with pytest.raises(ValueError, match="other.pt: not a tokenizer checkpoint"):
         load_tokenizer(tmp_path / "other.pt")
     good = VQTokenizer(28, 1, 7, codebook_size=16, code_dim=8, hidden=16)
     config = {**good.config, "codebook_size": 32}  # config no longer matches the weights
-    save_torch(tmp_path / "shape.pt", {"config": config, "state_dict": good.state_dict()})
+    save_checkpoint(tmp_path / "shape.pt", {"config": config, "state_dict": good.state_dict()})
     with pytest.raises(ValueError, match="shape.pt: tokenizer checkpoint does not match its config"):
         load_tokenizer(tmp_path / "shape.pt")

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from oar_core import vq_diffusers as vqd
+from oar_core.checkpoint import load_checkpoint, save_checkpoint
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -65,9 +66,8 @@ def test_amused_layout_lookup_from_codebook(tmp_path, images_BCHW):
 
 def test_checkpoint_roundtrip(vq_dir, images_BCHW, tmp_path):
     tok = vqd.from_pretrained_dir(vq_dir, image_size=32)
-    torch.save(vqd.to_checkpoint(tok), tmp_path / "tokenizer.pt")
-    # weights_only: the artifact holds only plain containers and tensors
-    back = vqd.from_checkpoint(torch.load(tmp_path / "tokenizer.pt", weights_only=True))
+    save_checkpoint(tmp_path / "tokenizer.pt", vqd.to_checkpoint(tok))  # safetensors + JSON config: no pickle
+    back = vqd.from_checkpoint(load_checkpoint(tmp_path / "tokenizer.pt"))
     tokens_BHW = tok.encode(images_BCHW)
     assert torch.equal(back.encode(images_BCHW), tokens_BHW)
     assert torch.equal(back.decode(tokens_BHW), tok.decode(tokens_BHW))

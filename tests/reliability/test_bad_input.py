@@ -14,9 +14,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 from PIL import Image
 
+from oar_core.checkpoint import load_checkpoint, save_checkpoint
 from oar_core.image_shards import load_split
 from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
 from oar_core.order_table import orders_for_ids
@@ -239,17 +239,17 @@ def test_checkpoint_from_another_config(any_order_model, tiny_shards, tmp_path):
         run_extract(ExtractParams(checkpoint=str(grid5), out_dir=str(tmp_path / "orders")), str(tiny_shards))
 
     # a state_dict tampered to another shape than its config says
-    ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = load_checkpoint(ckpt_path)
     key = next(k for k in ckpt["state_dict"] if k.endswith("weight") and ckpt["state_dict"][k].dim() == 2)
     ckpt["state_dict"][key] = ckpt["state_dict"][key][:, :-1].clone()
-    torch.save(ckpt, tmp_path / "tampered.pt")
+    save_checkpoint(tmp_path / "tampered.pt", ckpt)
     with pytest.raises(ValueError, match=r"tampered.pt: checkpoint does not match its config \(.*size mismatch"):
         load_gpt(tmp_path / "tampered.pt")
     # a truncated file and something that is not a model checkpoint
     (tmp_path / "cut.pt").write_bytes(ckpt_path.read_bytes()[:5000])
     with pytest.raises(ValueError, match=r"cut.pt: unreadable model checkpoint .*delete it and rerun its stage"):
         load_gpt(tmp_path / "cut.pt")
-    torch.save({"weights": 1}, tmp_path / "foreign.pt")
+    save_checkpoint(tmp_path / "foreign.pt", {"weights": 1})
     with pytest.raises(ValueError, match=r"foreign.pt: not an oar model checkpoint"):
         load_gpt(tmp_path / "foreign.pt")
     with pytest.raises(FileNotFoundError, match=r"missing.pt: model checkpoint not found; run the stage"):

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from oar_core.checkpoint import load_torch
+from oar_core.checkpoint import load_checkpoint
 from oar_core.dag import dag_stages
 from oar_core.model import load_gpt
 from oar_core.order_table import scan
@@ -132,7 +132,7 @@ def test_finetune_killed_mid_run_resumes_to_identical_weights(reference_orders, 
     ckpt = killed / "runs/finetune/last.pt"
     _kill_when(_popen(["-m", *args], killed), ckpt.exists)
     assert ckpt.exists() and not (killed / "models/oar/model.pt").exists(), "the kill came too late to test a resume"
-    state = load_torch(ckpt, "run checkpoint")  # the visible checkpoint is whole
+    state = load_checkpoint(ckpt, "run checkpoint")  # the visible checkpoint is whole
     assert 0 < state["step"] < 40 and state["step"] % 5 == 0
     assert not [f for f in files_under(killed / "models")] and not (killed / "dvclive").exists()
 
