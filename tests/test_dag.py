@@ -65,6 +65,6 @@ def test_the_library_holds_no_stage_logic_and_no_params_sections():
         stages = [n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name.startswith("run_")]
         assert not stages, f"{path.name} holds stage logic {stages}: move it to pipeline/"
         if path.name != "params.py":
-            sections = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module == "oar_core.params"
-                        for a in n.names if a.name.endswith("Params")]
+            sections = [a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                        and n.module == "oar_core.params" for a in n.names if a.name.endswith("Params")]
             assert not sections, f"{path.name} imports params sections {sections}: pass plain values"
