@@ -1,8 +1,11 @@
 """Any-order autoregressive transformer over an H x W grid of discrete image tokens.
 
 Sequence for an order s: inputs `[start, x_s(0), ..., x_s(N-2)]`, targets `[x_s(0), ..., x_s(N-1)]`.
-Input t carries its token, the absolute 2-D position of that token, and the (dy, dx) offset to the position it
-must predict next (the dual positional encoding); the start input carries the absolute position of s(0).
+Input t carries its token, the absolute 2-D position of that token, and where it must predict next: the (dy, dx)
+offset to that position (`next_position: relative`, the paper's dual positional encoding), its absolute 2-D
+position (`absolute`), or both; the start input carries the absolute position of s(0). With the offset alone the
+first layer cannot attend near the target (attention logits are bilinear in additive embeddings), which any order
+pays for and raster, whose offset is almost constant, barely does.
 Because "where next" is part of the last input, every candidate next position can be scored in one forward:
 the last token is repeated once per candidate, each copy attending to the cached prefix and to itself.
 """
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from oar_core.checkpoint import load_checkpoint, save_checkpoint
+from oar_core.names import NEXT_POSITIONS
 from oar_core.orders import step_of_position
 
 
@@ -31,6 +35,7 @@ class GPTConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     policy: bool = False  # a location-policy head: where to generate next, from the prefix alone
+    next_position: str = "relative"  # relative (the (dy, dx) offset) | absolute | both: how an input says where next
 
     @property
     def n_tokens(self) -> int:
@@ -129,8 +134,12 @@ class GPT(nn.Module):
         H, W, D = cfg.grid_h, cfg.grid_w, cfg.d_model
         self.tok_emb = nn.Embedding(cfg.vocab_size, D)
         self.pos_row, self.pos_col = nn.Embedding(H, D), nn.Embedding(W, D)  # where this token is
-        self.off_row, self.off_col = nn.Embedding(2 * H - 1, D), nn.Embedding(2 * W - 1, D)  # where next is, relative
-        self.start_row, self.start_col = nn.Embedding(H, D), nn.Embedding(W, D)  # where the first token is
+        if cfg.next_position not in NEXT_POSITIONS:
+            raise ValueError(f"next_position must be one of {', '.join(NEXT_POSITIONS)}, got {cfg.next_position!r}")
+        if cfg.next_position != "absolute":  # where next is, relative
+            self.off_row, self.off_col = nn.Embedding(2 * H - 1, D), nn.Embedding(2 * W - 1, D)
+        # where next is, absolute: for the start input (the first position) and, unless relative only, every input
+        self.start_row, self.start_col = nn.Embedding(H, D), nn.Embedding(W, D)
         self.cls_emb = nn.Embedding(cfg.num_classes + 1, D)  # last row: no class (unconditional / CFG)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -172,8 +181,13 @@ class GPT(nn.Module):
 
     def embed_tokens(self, tok_BT: torch.Tensor, pos_BT: torch.Tensor, next_BT: torch.Tensor) -> torch.Tensor:
         H, W = self.cfg.grid_h, self.cfg.grid_w
-        dy, dx = next_BT // W - pos_BT // W, next_BT % W - pos_BT % W
-        return self.embed_placed(tok_BT, pos_BT) + self.off_row(dy + H - 1) + self.off_col(dx + W - 1)
+        x_BTD = self.embed_placed(tok_BT, pos_BT)
+        if self.cfg.next_position != "absolute":
+            dy, dx = next_BT // W - pos_BT // W, next_BT % W - pos_BT % W
+            x_BTD = x_BTD + self.off_row(dy + H - 1) + self.off_col(dx + W - 1)
+        if self.cfg.next_position != "relative":
+            x_BTD = x_BTD + self.start_row(next_BT // W) + self.start_col(next_BT % W)
+        return x_BTD
 
     def embed_query(self, labels_B: torch.Tensor, last_tok_BT: torch.Tensor | None, last_pos_BT: torch.Tensor | None):
         """Policy queries: the last placed token and its position, with "next = unknown" instead of an offset

@@ -14,6 +14,10 @@ ADAPTIVE_ORDERS = ("confidence", "policy")  # the location is chosen per image, 
 TRAIN_ORDERS = (*FIXED_ORDERS, "random", "given")  # given: each image's extracted order (finetune)
 SAMPLE_ORDERS = (*FIXED_ORDERS, "random", *ADAPTIVE_ORDERS)
 
+# how an input tells the model where the next token goes (oar_core.model): the (dy, dx) offset from this token (the
+# paper's), the next position itself, or both
+NEXT_POSITIONS = ("relative", "absolute", "both")
+
 Score = Literal["max_prob", "margin", "neg_entropy", "gt_prob"]
 SCORES = Score.__args__
 ORACLE_SCORES = ("gt_prob",)  # read the ground truth: extraction only, never a sampler's rule

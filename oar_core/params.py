@@ -13,7 +13,7 @@ from typing import Literal, Optional
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from oar_core.names import ORACLE_SCORES, SAMPLE_ORDERS, TRAIN_ORDERS, LocationRule
+from oar_core.names import NEXT_POSITIONS, ORACLE_SCORES, SAMPLE_ORDERS, TRAIN_ORDERS, LocationRule
 
 
 class Section(BaseModel):
@@ -81,6 +81,7 @@ class ModelParams(Section):
     mlp_ratio: float = Field(4.0, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     class_cond: bool = True
+    next_position: Literal[NEXT_POSITIONS] = "relative"  # where-next as an offset (the paper's), absolute, or both
 
     @model_validator(mode="after")
     def _heads_divide(self):

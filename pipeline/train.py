@@ -106,7 +106,7 @@ def build_model(p: TrainParams, meta: dict) -> GPT:
                              f"retrain it on these shards")
         if "model" in p.model_fields_set:  # the architecture comes from the checkpoint; a different one asked for
             have = {"n_layer": c.n_layer, "n_head": c.n_head, "d_model": c.d_model, "mlp_ratio": c.mlp_ratio,
-                    "dropout": c.dropout, "class_cond": c.num_classes > 0}
+                    "dropout": c.dropout, "class_cond": c.num_classes > 0, "next_position": c.next_position}
             diff = [f"{k}: {getattr(p.model, k)} vs {v}" for k, v in have.items() if getattr(p.model, k) != v]
             if diff:
                 raise ValueError(f"model ({', '.join(diff)} in {p.init_from}) differs from the init_from checkpoint, "
@@ -121,7 +121,8 @@ def build_model(p: TrainParams, meta: dict) -> GPT:
     m = p.model
     return GPT(GPTConfig(grid_h=meta["grid_h"], grid_w=meta["grid_w"], vocab_size=meta["codebook_size"],
                          num_classes=meta["num_classes"] if m.class_cond else 0, n_layer=m.n_layer, n_head=m.n_head,
-                         d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout, policy=p.policy_weight > 0))
+                         d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout, policy=p.policy_weight > 0,
+                         next_position=m.next_position))
 
 
 def heldout_bits(model: GPT, tokens_NN, labels_N, p: TrainParams, device) -> float:

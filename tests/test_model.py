@@ -1,11 +1,14 @@
 """The model and its decoding paths, on a small random-weight model (no data needed)."""
+from dataclasses import asdict
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from oar_core.checkpoint import save_checkpoint
 from oar_core.decode import CachedForward, generate, teacher_forced
 from oar_core.location import location_scores
-from oar_core.model import GPT, GPTConfig
+from oar_core.model import GPT, GPTConfig, load_gpt
 from oar_core.names import LocationRule
 from oar_core.orders import is_permutation, sample_orders
 from tests.reference_decode import UncachedForward, uncached_candidate_logits
@@ -13,11 +16,13 @@ from tests.reference_decode import UncachedForward, uncached_candidate_logits
 N = 16
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=["relative", "both"])
+def model(request):
+    """Every cached/uncached and batched/full equality below holds for the paper's offset and with the absolute next
+    position added (`both` runs every embedding `absolute` has)."""
     torch.manual_seed(0)
     return GPT(GPTConfig(grid_h=4, grid_w=4, vocab_size=32, num_classes=3, n_layer=2, n_head=2, d_model=32,
-                         policy=True)).eval()
+                         policy=True, next_position=request.param)).eval()
 
 
 def test_prefix_is_causal_and_next_position_matters(model):
@@ -205,3 +210,19 @@ def test_kv_cache_has_exactly_n_slots_and_a_decode_fills_them(model, monkeypatch
     last_tok, last_pos = tokens[:, N - 2], order[:, N - 2]
     with pytest.raises(ValueError, match="KV cache overflow: 17 > 16"):
         model.candidate_logits(cache, labels, last_tok, last_pos, order[:, N - 2:])
+
+
+def test_next_position_is_a_model_option_and_old_checkpoints_keep_the_offset(tmp_path):
+    """`relative` is the paper's encoding and the default, so a checkpoint written before the option loads as it was
+    trained; `absolute` has no offset tables; an unknown name is one clear error."""
+    torch.manual_seed(0)
+    old = GPT(GPTConfig(grid_h=4, grid_w=4, vocab_size=32, num_classes=3, n_layer=1, n_head=2, d_model=32))
+    cfg = {k: v for k, v in asdict(old.cfg).items() if k != "next_position"}  # as an older checkpoint has it
+    save_checkpoint(tmp_path / "old.pt", {"config": cfg, "state_dict": old.state_dict()})
+    loaded, _ = load_gpt(tmp_path / "old.pt")
+    assert loaded.cfg.next_position == "relative"
+    absolute = GPT(GPTConfig(grid_h=4, grid_w=4, vocab_size=32, num_classes=3, n_layer=1, n_head=2, d_model=32,
+                             next_position="absolute"))
+    assert not hasattr(absolute, "off_row") and absolute.num_params() < old.num_params()
+    with pytest.raises(ValueError, match="next_position must be one of relative, absolute, both"):
+        GPT(GPTConfig(next_position="offset"))
