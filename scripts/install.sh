@@ -14,6 +14,7 @@ pip_install() {  # quiet, without the "Location ... is ignored" lines that the m
 if [ "${1:-}" = --refresh-lock ]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
+  echo "resolving pyproject.toml's ranges in a clean venv under $tmp (about 10 minutes on 2 cores)..."
   python3 -m venv "$tmp/venv"
   pip_install "$tmp/venv/bin/python" -e '.[test]'
   "$tmp/venv/bin/python" -m pip check
@@ -46,7 +47,7 @@ if [ "$(cat .venv/.lock-sha256 2>/dev/null)" != "$want" ]; then
   pip_install .venv/bin/python "${nodeps[@]}" -r "$LOCK"
   pip_install .venv/bin/python "${nodeps[@]}" -e .
   broken=$(.venv/bin/python -m pip check 2>&1) \
-    || { echo "install failed: $LOCK does not satisfy pyproject.toml (refresh it: bash scripts/install.sh --refresh-lock): $(echo "$broken" | head -1)" >&2; exit 1; }
+    || { echo "install failed: pip check: $(echo "$broken" | head -1) ($LOCK disagrees with pyproject.toml or itself; refresh it: bash scripts/install.sh --refresh-lock)" >&2; exit 1; }
   echo "$want" > .venv/.lock-sha256
 fi
 .venv/bin/python -c "import torch, torchvision, torch_fidelity, prefect, dvc, webdataset, polars, prefect_dask, distributed, diffusers, dvclive" \
