@@ -14,7 +14,7 @@ pip_install() {  # quiet, without the "Location ... is ignored" lines that the m
 if [ "${1:-}" = --refresh-lock ]; then
   tmp=$(mktemp -d)
   trap 'rm -rf "$tmp"' EXIT
-  echo "resolving pyproject.toml's ranges in a clean venv under $tmp (about 10 minutes on 2 cores)..."
+  echo "resolving pyproject.toml's ranges in a clean venv under $tmp (10 to 15 minutes on 2 cores)..."
   python3 -m venv "$tmp/venv"
   pip_install "$tmp/venv/bin/python" -e '.[test]'
   "$tmp/venv/bin/python" -m pip check
