@@ -50,5 +50,5 @@ if [ "$(cat .venv/.lock-sha256 2>/dev/null)" != "$want" ]; then
     || { echo "install failed: pip check: $(echo "$broken" | head -1) ($LOCK disagrees with pyproject.toml or itself; refresh it: bash scripts/install.sh --refresh-lock)" >&2; exit 1; }
   echo "$want" > .venv/.lock-sha256
 fi
-.venv/bin/python -c "import torch, torchvision, torch_fidelity, prefect, dvc, webdataset, polars, prefect_dask, distributed, diffusers, dvclive" \
+.venv/bin/python -c "import torch, torchvision, torch_fidelity, prefect, dvc, webdataset, polars, prefect_dask, distributed, diffusers, safetensors" \
   || { echo "install failed: see the pip output above" >&2; exit 1; }
