@@ -119,6 +119,7 @@ def core_repo(tmp_path) -> Path:
     return repo
 
 
+@pytest.mark.slow  # a queued dvc exp sweep of three trainings: `pytest -m slow`
 def test_a_queued_param_sweep_shows_its_params_metrics_and_step_wise_curves(core_repo):
     repo = core_repo
     dvc(repo, "repro")  # in a repository with no commit yet: DVCLive must not need one

@@ -95,6 +95,7 @@ def test_an_edit_makes_stale_only_the_stages_that_run_that_code(full_repo, path,
     assert json.loads(dvc(full_repo, "status", "--json").stdout) == {}
 
 
+@pytest.mark.slow  # a second whole-DAG dvc repro: `pytest -m slow`
 def test_an_unconditional_model_on_a_folder_without_class_sub_folders_runs_the_whole_dag(tmp_path_factory):
     """`class_cond: false` on a flat folder of PNGs (one class, no labels to learn): every stage runs, the models
     are unconditional, and evaluate's feature space is learned without labels (a one-class classifier would

@@ -193,6 +193,7 @@ def test_sample_decodes_with_its_candidate_memory_budget(pipeline_dir, tmp_path,
     assert seen == [0.5]
 
 
+@pytest.mark.slow  # two torchrun processes: `pytest -m slow`
 def test_torchrun_ranks_draw_the_same_samples_as_one_process(pipeline_dir, tmp_path):
     """Two gloo CPU ranks split each model's batches and write byte-identical folders to one process's."""
     from tests.fixtures_pipeline import run_module, write_params

@@ -189,6 +189,7 @@ def test_each_shard_draws_its_own_random_orders(any_order_model, tiny_shards, tm
     assert (a["nll_random"] != b["nll_random"]).all()
 
 
+@pytest.mark.slow  # two torchrun processes: `pytest -m slow`
 def test_torchrun_ranks_write_the_same_table_as_one_process(any_order_model, tiny_shards, tmp_path):
     """Two CPU ranks split the shards and write byte-identical parts to one process's; a stale part of a shard
     that no longer exists is removed once."""

@@ -333,6 +333,7 @@ def test_pipeline_flow_fans_out_extraction_and_reruns_downstream_only(in_repo, p
     assert hashes == [params.extract_orders.digest()]  # every part written by the workers, under the new params
 
 
+@pytest.mark.slow  # two Dask clusters: `pytest -m slow`
 def test_fanout_on_dask_clusters_matches_the_dvc_stage(in_repo, prefect_api):
     """The fan-out on a 2-worker `distributed.LocalCluster` given by scheduler address (as an existing cluster is),
     then on a temporary one the task runner starts itself (dask_workers=2): each leaves the same Parquet parts and

@@ -76,6 +76,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny_shards, tmp_path):
     assert [p.name for p in (killed / "dvclive").iterdir()] == ["train_random"]  # no staging folder left
 
 
+@pytest.mark.slow  # two torchrun processes: `pytest -m slow`
 def test_ddp_two_cpu_processes_match_one(tiny_shards, tmp_path):
     p = tiny_train_params("models/m", steps=4, eval_every=4, batch_size=16)
     one, two = _two_workdirs(tmp_path, p, ("one", "two"))

@@ -304,6 +304,7 @@ def ingest_7k(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # minutes of its own (a 7k or 60k-image ingest, a tokenizer, sample or evaluate run)
 def test_ingest_killed_mid_write_reruns_to_identical_arrays(tmp_path):
     if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.skip(f"{FMNIST_DIR} missing")
@@ -340,6 +341,7 @@ def tokenizer_straight(ingest_7k, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # minutes of its own (a 7k or 60k-image ingest, a tokenizer, sample or evaluate run)
 @pytest.mark.parametrize("when", ["training", "evaluating"])
 def test_tokenizer_killed_mid_run_reruns_to_an_identical_checkpoint(tokenizer_straight, ingest_7k, tmp_path, when):
     """`training`: killed once its progress line shows steps done; `evaluating`: once models/tokenizer.pt is in
@@ -359,6 +361,7 @@ def test_tokenizer_killed_mid_run_reruns_to_an_identical_checkpoint(tokenizer_st
     _assert_identical(killed, tokenizer_straight, o)  # the metrics: all but train_seconds
 
 
+@pytest.mark.slow  # minutes of its own (a 7k or 60k-image ingest, a tokenizer, sample or evaluate run)
 def test_tokenize_killed_between_shards_reruns_to_identical_shards(ingest_7k, tiny_shards, tmp_path):
     from oar_core.token_shards import load_meta, read_shard
 
@@ -400,6 +403,7 @@ def sampled(any_order_model, tiny_shards, tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow  # minutes of its own (a 7k or 60k-image ingest, a tokenizer, sample or evaluate run)
 def test_sample_killed_between_models_reruns_to_identical_images(sampled, any_order_model, tiny_shards, tmp_path):
     killed = _workdir(tmp_path / "killed", sample=_sample_params(any_order_model, tiny_shards))
     o, samples, names = _Outs("sample"), killed / "samples", ["raster", "any-order", "oar"]
@@ -455,6 +459,7 @@ def evaluate_straight(sampled, evaluate_setup, fmnist_small, tiny_shards, tmp_pa
     return root
 
 
+@pytest.mark.slow  # minutes of its own (a 7k or 60k-image ingest, a tokenizer, sample or evaluate run)
 @pytest.mark.parametrize("when", ["fidelity", "figures"])
 def test_evaluate_killed_mid_run_reruns_to_identical_reports(evaluate_straight, sampled, evaluate_setup, fmnist_small,
                                                              tiny_shards, tmp_path, when):
