@@ -8,16 +8,25 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from oar_core.names import NEXT_POSITIONS, ORACLE_SCORES, SAMPLE_ORDERS, TRAIN_ORDERS, LocationRule
 
+MAX_SEED = 2**32 - 1  # numpy's legacy RandomState (torch-fidelity) takes seeds in [0, 2**32); torch in 64 bits
+MAX_BATCH = 65536  # images per batch or forward: a generous ceiling (the defaults use 64-500)
+
+# seeds index generators; batch sizes bound what one step allocates (an allocation that still fails is one line
+# naming the key to lower: pipeline/_stage.py)
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+BatchSize = Annotated[int, Field(ge=1, le=MAX_BATCH)]
+
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: every float is finite (`.inf` / `.nan` are refused with the key's path, not trained on)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     def digest(self) -> str:
         """Stable short hash of this section, stored beside artifacts so stale resumes are detected."""
@@ -33,9 +42,9 @@ class IngestParams(Section):
     test_fraction: float = Field(0.1, gt=0.0, lt=1.0)  # folders/S3 only; Fashion-MNIST keeps its official split
     max_train: Optional[int] = Field(None, ge=1)
     max_test: Optional[int] = Field(None, ge=1)
-    s3_timeout_s: float = Field(10.0, gt=0)  # connect/read timeout per attempt for an s3:// source
-    shard_size: int = Field(5000, ge=1)  # images per WebDataset shard of the output
-    seed: int = 0
+    s3_timeout_s: float = Field(10.0, gt=0, le=3600)  # connect/read timeout per attempt for an s3:// source
+    shard_size: int = Field(5000, ge=1, le=1_000_000)  # images per WebDataset shard of the output
+    seed: Seed = 0
 
     @field_validator("source")
     @classmethod
@@ -51,14 +60,15 @@ class TokenizerParams(Section):
     checkpoint: Optional[str] = None  # oar: your own tokenizer .pt (skips training); diffusers_vq: the model folder
     grid: int = Field(7, ge=2, le=64)
     codebook_size: int = Field(256, ge=2, le=65536)
-    code_dim: int = Field(32, ge=2)
-    hidden: int = Field(64, ge=8)
+    code_dim: int = Field(32, ge=2, le=4096)
+    hidden: int = Field(64, ge=8, le=4096)
     steps: int = Field(1500, ge=0)
-    batch_size: int = Field(128, ge=1)
+    batch_size: BatchSize = 128
     lr: float = Field(2e-3, gt=0)
     commitment: float = Field(0.25, ge=0)
-    shuffle_buffer: int = Field(5000, ge=1)  # training images shuffled in a stream buffer (held still encoded)
-    seed: int = 0
+    # training images shuffled in a stream buffer (held still encoded)
+    shuffle_buffer: int = Field(5000, ge=1, le=1_000_000)
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _pretrained_needs_folder(self):
@@ -70,15 +80,15 @@ class TokenizerParams(Section):
 
 class TokenizeParams(Section):
     out: str = "data/shards"  # local folder or s3:// prefix
-    shard_size: int = Field(5000, ge=1)
-    batch_size: int = Field(500, ge=1)  # images per tokenizer forward while encoding the stream
+    shard_size: int = Field(5000, ge=1, le=1_000_000)
+    batch_size: BatchSize = 500  # images per tokenizer forward while encoding the stream
 
 
 class ModelParams(Section):
-    n_layer: int = Field(4, ge=1)
-    n_head: int = Field(4, ge=1)
-    d_model: int = Field(128, ge=8)
-    mlp_ratio: float = Field(4.0, gt=0)
+    n_layer: int = Field(4, ge=1, le=1024)
+    n_head: int = Field(4, ge=1, le=1024)
+    d_model: int = Field(128, ge=8, le=65536)
+    mlp_ratio: float = Field(4.0, gt=0, le=64)
     dropout: float = Field(0.0, ge=0, lt=1)
     class_cond: bool = True
     next_position: Literal[NEXT_POSITIONS] = "relative"  # where-next as an offset (the paper's), absolute, or both
@@ -99,7 +109,7 @@ class TrainParams(Section):
     policy_weight: float = Field(0.0, ge=0)  # >0: train a location-policy head on the given orders, loss weight
     out_dir: str = "models/random"
     steps: int = Field(1200, ge=1)
-    batch_size: int = Field(64, ge=1)
+    batch_size: BatchSize = 64
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
@@ -110,7 +120,7 @@ class TrainParams(Section):
     eval_every: int = Field(250, ge=1)
     log_every: int = Field(25, ge=1)
     eval_batches: int = Field(8, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _given_needs_orders(self):
@@ -131,10 +141,10 @@ class ExtractParams(Section):
     out_dir: str = "data/orders"
     # the same rule as a sampler's; greedy gt_prob (an oracle that looks at the answer) by default
     location: LocationRule = LocationRule(score="gt_prob")
-    batch_size: int = Field(256, ge=1)
+    batch_size: BatchSize = 256
     splits: list[Literal["train", "test"]] = Field(["train", "test"], min_length=1)
     candidate_chunk_mb: float = Field(256.0, gt=0, description=CANDIDATE_CHUNK_DOC)
-    seed: int = 0
+    seed: Seed = 0
 
     @field_validator("splits")
     @classmethod
@@ -177,13 +187,13 @@ class SampleParams(Section):
     # FID needs a feature covariance, KID its subsets and precision/recall k=3 neighbours: below 10 samples the
     # numbers are noise or fail
     n_per_model: int = Field(500, ge=10)
-    batch_size: int = Field(250, ge=1)
-    temperature: float = Field(1.0, gt=0)
+    batch_size: BatchSize = 250
+    temperature: float = Field(1.0, ge=1e-4)  # logits / temperature overflows float32 near 0
     top_k: Optional[int] = Field(None, ge=1)
-    cfg_scale: float = Field(2.5, ge=0)  # uncond + s * (cond - uncond); 1 = no guidance
+    cfg_scale: float = Field(2.5, ge=0, le=100)  # uncond + s * (cond - uncond); 1 = no guidance
     cfg_schedule: Literal["constant", "linear"] = "constant"  # linear: ramp from 1 to cfg_scale over the steps
     candidate_chunk_mb: float = Field(256.0, gt=0, description=CANDIDATE_CHUNK_DOC)
-    seed: int = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -197,19 +207,19 @@ class FeatureNetParams(Section):
     """The in-domain feature network evaluate measures in: a small CNN trained on the ingest train labels."""
     checkpoint: Optional[str] = None  # adopt this feature-network checkpoint instead of training one
     steps: int = Field(800, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: BatchSize = 128
     lr: float = Field(2e-3, gt=0)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class EvaluateParams(Section):
     out_dir: str = "reports"
     inception_weights: Optional[str] = None  # local torch-fidelity Inception weights; standard FID/IS only if set
     kid_subset_size: int = Field(100, ge=2)
-    nll_batch_size: int = Field(250, ge=1)
+    nll_batch_size: BatchSize = 250
     nll_orders: int = Field(2, ge=1)  # orders drawn per test image for stochastic samplers' likelihood bounds
     strip_steps: int = Field(8, ge=2)  # partial canvases in the generation-order strip
-    seed: int = 0
+    seed: Seed = 0
 
 
 class Params(Section):

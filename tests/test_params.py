@@ -110,3 +110,36 @@ def test_random_mix_anneals_linearly_over_the_steps():
     g = torch.Generator().manual_seed(0)
     early, late = (1 - src(torch.arange(1000), g, s)[1].float().mean() for s in (0, 100))
     assert 0.75 < early < 0.85 and late == 0  # fraction of rows given a random order instead of the extracted one
+
+
+# ---------------------------------------------------------------------------------------------- issue 21
+@pytest.mark.parametrize("text,says", [
+    # accepted before: training exited 0 with NaN weights / sampling ended in a traceback from multinomial
+    ("train_random:\n  lr: .inf\n", "train_random.lr: Input should be a finite number (got inf)"),
+    ("sample:\n  cfg_scale: .inf\n", "sample.cfg_scale: Input should be a finite number (got inf)"),
+    ("ingest:\n  test_fraction: .nan\n", "ingest.test_fraction: Input should be a finite number (got nan)"),
+    ("train_raster:\n  model:\n    mlp_ratio: .inf\n", "train_raster.model.mlp_ratio: Input should be a finite number"),
+    ("finetune:\n  random_mix_end: .nan\n", "finetune.random_mix_end: Input should be a finite number"),
+    ("ingest:\n  s3_timeout_s: 1.0e+400\n", "ingest.s3_timeout_s: Input should be a finite number (got inf)"),
+    # a 19.6 GB allocation and a traceback before
+    ("train_random:\n  batch_size: 100000000\n",
+     "train_random.batch_size: Input should be less than or equal to 65536 (got 100000000)"),
+    ("evaluate:\n  nll_batch_size: 100000000\n",
+     "evaluate.nll_batch_size: Input should be less than or equal to 65536"),
+    # "Overflow when unpacking long long" from torch, without the key, before
+    ("train_random:\n  seed: 1180591620717411303424\n",
+     "train_random.seed: Input should be less than or equal to 4294967295 (got 1180591620717411303424)"),
+    ("evaluate:\n  seed: -1\n", "evaluate.seed: Input should be greater than or equal to 0 (got -1)"),
+    ("sample:\n  temperature: 1e-40\n", "sample.temperature: Input should be greater than or equal to 0.0001"),
+    ("sample:\n  cfg_scale: 1e30\n", "sample.cfg_scale: Input should be less than or equal to 100"),
+])
+def test_non_finite_and_absurd_values_are_refused_with_their_key(tmp_path, text, says):
+    with pytest.raises(ParamsError) as e:
+        load_params(write(tmp_path, text))
+    assert says in str(e.value)
+
+
+def test_the_default_params_yaml_is_accepted():
+    from pathlib import Path
+
+    load_params(Path(__file__).parents[1] / "params.yaml")
