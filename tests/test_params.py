@@ -143,3 +143,102 @@ def test_the_default_params_yaml_is_accepted():
     from pathlib import Path
 
     load_params(Path(__file__).parents[1] / "params.yaml")
+
+
+def test_duplicate_keys_are_refused_with_their_lines(tmp_path):
+    # PyYAML took the last value while DVC refused the file: `python -m pipeline.*` and `dvc repro` disagreed
+    text = ("ingest:\n  out_dir: a\n  seed: 1\n  out_dir: b\ntrain_random:\n  model: {d_model: 64, d_model: 32}\n"
+            "  lr: 0.1\n  lr: 0.2\n  lr: 0.3\ningest:\n  seed: 2\n")
+    with pytest.raises(ParamsError) as e:
+        load_params(write(tmp_path, text))
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"{tmp_path / 'params.yaml'}: duplicate keys, which DVC refuses")
+    for where in ("ingest.out_dir (lines 2, 4)", "train_random.model.d_model (lines 6, 6)",
+                  "train_random.lr (lines 7, 8, 9)", "ingest (lines 1, 10)"):
+        assert where in msg
+    # the same key under different parents, or a list of mappings with the same keys, is no duplicate
+    load_params(write(tmp_path, "train_raster:\n  lr: 0.1\ntrain_random:\n  lr: 0.1\nsample:\n  models:\n"
+                                "  - {name: a, checkpoint: x, order: raster}\n"
+                                "  - {name: b, checkpoint: x, order: raster}\n"))
+
+
+def test_yaml_bomb_and_aliases_are_refused_at_once(tmp_path):
+    import time
+
+    # "billion laughs": 9 levels of 9 aliases each, 9**9 strings once expanded
+    lines = ['l0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"l{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    t0 = time.time()
+    with pytest.raises(ParamsError, match=r"params.yaml: line 1: YAML anchors and aliases \(&a0\) are not allowed"):
+        load_params(write(tmp_path, "\n".join(lines) + "\ningest:\n  source: *a9\n"))
+    assert time.time() - t0 < 2
+    # a merge key needs an alias, and is refused the same way
+    with pytest.raises(ParamsError, match=r"line 3: YAML anchors and aliases \(&base\)"):
+        load_params(write(tmp_path, "ingest:\n  seed: 1\ntrain_raster: &base\n  lr: 0.1\n"
+                                    "train_random:\n  <<: *base\n"))
+    with pytest.raises(ParamsError, match=r"line 2: YAML anchors and aliases \(\*x\)"):
+        load_params(write(tmp_path, "ingest:\n  source: *x\n"))
+
+
+def test_quoted_values_are_cut_to_80_characters(tmp_path):
+    with pytest.raises(ParamsError) as e:
+        load_params(write(tmp_path, "ingest:\n  image_size: " + "x" * 100_000 + "\n  max_train: [" +
+                          ",".join(["[1,2,3,4,5,6,7,8]"] * 1000) + "]\n"))
+    lines = str(e.value).splitlines()[1:]
+    assert len(lines) == 2 and all(len(ln) < 200 for ln in lines), lines
+    assert lines[0].strip().startswith("ingest.image_size: Input should be a valid integer")
+    assert "(got 'xxxxxxxx" in lines[0]
+    assert all(ln.endswith("…)") for ln in lines)
+
+
+def test_an_integer_too_long_to_read_names_its_line(tmp_path):
+    with pytest.raises(ParamsError, match=r"params.yaml: line 3: an integer of 5000 digits is no usable value"):
+        load_params(write(tmp_path, "ingest:\n  seed: 1\n  max_train: " + "9" * 5000 + "\n"))
+
+
+def test_broken_yaml_is_one_line_with_its_position(tmp_path):
+    with pytest.raises(ParamsError) as e:
+        load_params(write(tmp_path, "ingest:\n  source: [unclosed\n"))
+    assert str(e.value) == (f"{tmp_path / 'params.yaml'}: not valid YAML at line 3, column 1: expected ',' or ']', "
+                            f"but got '<stream end>' (while parsing a flow sequence from line 2)")
+    (tmp_path / "params.yaml").write_bytes(b"ingest:\n  source: caf\xe9\n")  # not UTF-8
+    with pytest.raises(ParamsError, match=r"not valid YAML: .*invalid continuation byte.*position 21"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_dag_reads_params_yaml_as_strictly(tmp_path):
+    from oar_core.dag import dag_stages
+
+    (tmp_path / "dvc.yaml").write_text("stages:\n  ingest:\n    cmd: x\n    outs: [${ingest.out_dir}]\n")
+    write(tmp_path, "ingest:\n  out_dir: a\n  out_dir: b\n")
+    with pytest.raises(ParamsError, match=r"duplicate keys.*ingest.out_dir \(lines 2, 3\)"):
+        dag_stages(tmp_path / "dvc.yaml")
+    # a stage fills ${...} from its validated params (defaults included), not from a second read of the file
+    assert dag_stages(tmp_path / "dvc.yaml", {"ingest": {"out_dir": "c"}})["ingest"]["outs"] == ["c"]
+
+
+def test_prefect_write_params_round_trips_through_the_strict_reader(tmp_path):
+    """flows.pipeline.write_params edits params.yaml with ruamel and re-reads it with load_params: its output
+    must pass the duplicate-key and alias checks, and a file that fails them is refused before it is touched."""
+    import shutil
+    from pathlib import Path
+
+    from flows.pipeline import write_params
+    from oar_core.params import ModelParams
+
+    shutil.copy(Path(__file__).parents[1] / "params.yaml", tmp_path / "params.yaml")
+    current = load_params(tmp_path / "params.yaml")
+    model = ModelParams(n_layer=2, n_head=2, d_model=64)  # the same object into two sections
+    changed = write_params(tmp_path, {s: getattr(current, s).model_copy(update={"model": model, "seed": 7})
+                                      for s in ("train_raster", "train_random")})
+    assert set(changed) >= {"train_raster.model.n_layer", "train_random.seed"}
+    text = (tmp_path / "params.yaml").read_text()
+    assert "&id0" not in text  # ruamel would name an anchor for a repeated object &id001
+    again = load_params(tmp_path / "params.yaml")
+    assert again.train_raster.model == again.train_random.model == model and again.train_random.seed == 7
+
+    bad = text.replace("train_random:\n", "train_random:\n  seed: 3\n", 1)
+    (tmp_path / "params.yaml").write_text(bad)
+    with pytest.raises(ParamsError, match=r"duplicate keys.*train_random.seed"):
+        write_params(tmp_path, {"ingest": current.ingest.model_copy(update={"seed": 5})})
+    assert (tmp_path / "params.yaml").read_text() == bad

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import socket
 import threading
 import time
@@ -390,3 +391,65 @@ def test_a_silent_s3_endpoint_times_out_with_progress_not_a_hang(tmp_path, silen
     assert time.time() - t0 < 60  # botocore's defaults alone waited 423 s here
     assert f"S3 endpoint {silent_endpoint} did not answer within 1 s in 2 attempts" in error_line(r, "ingest")
     assert f"[storage] no answer from {silent_endpoint} within 1 s" in r.stderr  # progress while it retries
+
+
+# ---------------------------------------------------------------------------------------------- issue 21
+REPO = Path(__file__).parents[2]
+
+
+def test_non_finite_and_absurd_values_name_their_key_before_any_work(tmp_path):
+    # before: lr .inf trained to NaN weights and exit 0; batch_size 1e8 a 19.6 GB allocation and a traceback;
+    # seed 2**70 torch's "Overflow when unpacking long long"; cfg_scale .inf a traceback from multinomial
+    (tmp_path / "params.yaml").write_text(
+        "train_random:\n  lr: .inf\n  batch_size: 100000000\n  seed: 1180591620717411303424\n"
+        "sample:\n  cfg_scale: .inf\n  batch_size: " + "x" * 5000 + "\n")
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    r = run_module(["pipeline.train", "--stage", "train_random", "--shards", "nowhere"], tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    head, *problems = r.stderr.strip().splitlines()
+    assert head == "error: [train_random] params.yaml: invalid parameters (5 problem(s)); fix these keys:"
+    assert sorted(ln.strip() for ln in problems) == [
+        "sample.batch_size: Input should be a valid integer, unable to parse string as an integer (got '"
+        + "x" * 78 + "…)",  # a value quoted in a message is cut to 80 characters
+        "sample.cfg_scale: Input should be a finite number (got inf)",
+        "train_random.batch_size: Input should be less than or equal to 65536 (got 100000000)",
+        "train_random.lr: Input should be a finite number (got inf)",
+        "train_random.seed: Input should be less than or equal to 4294967295 (got 1180591620717411303424)"]
+    assert files_under(tmp_path) == {"params.yaml", "dvc.yaml"}
+
+
+def _bomb() -> str:
+    """'billion laughs': ten lines that expand to 9**9 strings."""
+    lines = ['l0: &a0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    lines += [f"l{i}: &a{i} [" + ",".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    return "\n".join(lines) + "\ningest:\n  source: *a9\n"
+
+
+@pytest.mark.parametrize("text,says", [
+    # before: the stages took the last value while `dvc repro` refused the file
+    ("ingest:\n  out_dir: a\n  seed: 1\n  out_dir: b\n",
+     "params.yaml: duplicate keys, which DVC refuses (PyYAML would silently take the last value): ingest.out_dir "
+     "(lines 2, 4); keep one of each"),
+    # before: nothing for 120 s, then a traceback
+    (_bomb(), "params.yaml: line 1: YAML anchors and aliases (&a0) are not allowed here; write each value out"),
+    # before: a traceback from oar_core.dag's own read of params.yaml (to sweep the stage's temp files)
+    ("ingest: [unclosed\n", "params.yaml: not valid YAML at line 2, column 1: expected ',' or ']', but got "
+                            "'<stream end>' (while parsing a flow sequence from line 1)"),
+], ids=["duplicate-key", "yaml-bomb", "broken-yaml-beside-dvc.yaml"])
+def test_params_yaml_that_dvc_and_the_stages_would_read_differently(tmp_path, text, says):
+    (tmp_path / "params.yaml").write_text(text)
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")  # as in the repository: the stage reads it to sweep
+    t0 = time.time()
+    assert error_line(run_module(["pipeline.ingest"], tmp_path, timeout=120), "ingest") == f"error: [ingest] {says}"
+    assert time.time() - t0 < 60
+    assert files_under(tmp_path) == {"params.yaml", "dvc.yaml"}
+
+
+def test_a_params_yaml_of_some_sections_beside_dvc_yaml(tmp_path):
+    # the start-of-run sweep fills dvc.yaml's ${...} from the validated params (defaults included): it read the file
+    # again and ended in a traceback (KeyError: 'ingest') when a section was left to its defaults (before dae1445)
+    (tmp_path / "params.yaml").write_text("tokenizer:\n  steps: 5\n")
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    line = error_line(run_module(["pipeline.tokenizer"], tmp_path), "tokenizer")
+    assert line == ("error: [tokenizer] data/ingest/manifest.json: ingest manifest not found; run `dvc repro ingest` "
+                    "(or python -m pipeline.ingest)")
