@@ -5,13 +5,14 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 from oar_core.dag import dag_stages, declared
-from oar_core.params import load_params, upstream_paths
+from oar_core.params import Params, load_params, upstream_paths
 from oar_core.storage import remove_stale_temps
 
 
@@ -36,6 +37,38 @@ def die_with_dvc() -> None:
         sys.exit("error: the dvc process that started this stage has exited; not running")
 
 
+MEMORY_KEYS = ("batch_size", "nll_batch_size", "candidate_chunk_mb", "shuffle_buffer")  # what one step holds
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: numpy's MemoryError, torch's CPU allocator or the CUDA caching allocator
+    (torch.OutOfMemoryError, a RuntimeError; matched by name, so this module needs no torch)."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
+        return True
+    msg = str(e)
+    return "can't allocate memory" in msg or "out of memory" in msg.lower()
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} EiB"
+
+
+def memory_advice(e: BaseException, stage: str, params: Params | None) -> str:
+    """One line for a failed allocation: how much was asked for, and this stage's keys that size it, with values."""
+    msg = " ".join(str(e).split())
+    size = re.search(r"allocate (\d+) bytes", msg)  # torch's CPU allocator
+    size_unit = re.search(r"(?:[Tt]ried to|[Uu]nable to) allocate ([\d.]+ [KMGTP]?i?B)", msg)  # CUDA, numpy
+    asked = _bytes(int(size.group(1))) if size else size_unit.group(1) if size_unit else None
+    section = getattr(params, stage, None)
+    keys = [f"{stage}.{k} (now {getattr(section, k)})" for k in MEMORY_KEYS if hasattr(section, k)]
+    return (f"out of memory{f' (tried to allocate {asked})' if asked else ''}; lower "
+            f"{' or '.join(keys) if keys else f'the sizes in {stage}'} and rerun (finished work is kept)")
+
+
 def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args: Callable | None = None,
                summary: Callable[[dict], str] | None = None):
     ap = argparse.ArgumentParser(description=doc)
@@ -47,6 +80,7 @@ def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args
     args = ap.parse_args(argv)
     die_with_dvc()
     name = section or args.stage
+    params = None
     try:
         params = load_params(args.params)
         sweep_temps(name, params.model_dump(mode="json"))
@@ -61,6 +95,11 @@ def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args
         where = f"{e.filename}: " if e.filename else ""
         print(f"error: [{name}] {where}{e.strerror or e} (errno {e.errno}); check free space, quota and permissions "
               f"there, then rerun (finished work is kept)", file=sys.stderr)
+        sys.exit(1)
+    except (MemoryError, RuntimeError) as e:  # torch.OutOfMemoryError is a RuntimeError; numpy raises MemoryError
+        if not isinstance(e, MemoryError) and not out_of_memory(e):
+            raise
+        print(f"error: [{name}] {memory_advice(e, name, params)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         print(f"error: [{name}] interrupted; nothing partial is visible, rerun to continue", file=sys.stderr)

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from oar_core.checkpoint import load_checkpoint, save_checkpoint
@@ -453,3 +454,27 @@ def test_a_params_yaml_of_some_sections_beside_dvc_yaml(tmp_path):
     line = error_line(run_module(["pipeline.tokenizer"], tmp_path), "tokenizer")
     assert line == ("error: [tokenizer] data/ingest/manifest.json: ingest manifest not found; run `dvc repro ingest` "
                     "(or python -m pipeline.ingest)")
+
+
+@pytest.mark.parametrize("stage,fault,says", [
+    ("train_random", lambda: torch.empty(2**62, dtype=torch.uint8),  # torch's CPU allocator, a real failure
+     "out of memory (tried to allocate 4.0 EiB); lower train_random.batch_size (now 64) and rerun"),
+    ("evaluate", lambda: np.empty(2**40),  # numpy's MemoryError, a real failure
+     "out of memory (tried to allocate 8.00 TiB); lower evaluate.nll_batch_size (now 250) and rerun"),
+    ("sample", lambda: (_ for _ in ()).throw(torch.OutOfMemoryError(  # the CUDA allocator's text (not raised here)
+        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 139.81 GiB of which 1.2 GiB "
+        "is free.\nIf reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF")),
+     "out of memory (tried to allocate 2.00 GiB); lower sample.batch_size (now 250) or sample.candidate_chunk_mb "
+     "(now 256.0) and rerun"),
+], ids=["torch-cpu", "numpy", "cuda"])
+def test_an_allocation_that_fails_names_the_key_to_lower(tmp_path, capsys, monkeypatch, stage, fault, says):
+    from pipeline._stage import stage_main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("train_random:\n  batch_size: 64\n")
+    with pytest.raises(SystemExit) as e:
+        stage_main("doc", stage, lambda p, a: fault(), [])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and err.startswith(f"error: [{stage}] {says}"), err
+    with pytest.raises(RuntimeError, match="not about memory"):  # any other RuntimeError is not dressed up as one
+        stage_main("doc", stage, lambda p, a: (_ for _ in ()).throw(RuntimeError("not about memory")), [])
