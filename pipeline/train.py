@@ -151,6 +151,24 @@ def given_order_metrics(model: GPT, tokens_NN, labels_N, order_NN, p: TrainParam
     return out
 
 
+def check_finite(model: GPT, losses: list[tuple[int, torch.Tensor]], p: TrainParams, stage: str, world: int):
+    """Stop at the first step whose loss (on any process) is not finite, or when the weights are: the update has
+    made them NaN/inf, and every later step and checkpoint would carry them. One sync per log / eval / checkpoint
+    step rather than one per step, and before any of them, so no checkpoint or model file holds such weights."""
+    loss_S = torch.stack([loss.float() for _, loss in losses])
+    if world > 1:  # every process stops at the same step (a NaN on one rank reaches all through the gradients)
+        dist.all_reduce(loss_S)
+    bad = (~torch.isfinite(loss_S)).nonzero()
+    fix = (f"lower {stage}.lr (now {p.lr}), or raise {stage}.warmup_steps (now {p.warmup_steps}) or lower "
+           f"{stage}.grad_clip (now {p.grad_clip}); no checkpoint of this run holds the diverged weights")
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f"loss is {float(loss_S[i])} at step {losses[i][0]}: training diverged; {fix}")
+    if not torch.stack([q.isfinite().all() for q in model.parameters()]).all():  # an inf gradient, a finite loss
+        raise ValueError(f"weights are not finite after step {losses[-1][0]} (a gradient overflowed): training "
+                         f"diverged; {fix}")
+
+
 def run_train(p: TrainParams, stage: str, shards: str, runs_dir: str = "runs", live_dir: str = "dvclive", *,
               orders_dir: str | None = None) -> dict:
     """Train, then log the summary and the step-wise train loss / held-out bits per token to DVCLive's
@@ -213,7 +231,7 @@ def run_train(p: TrainParams, stage: str, shards: str, runs_dir: str = "runs", l
 
     local_B = p.batch_size // world
     bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc=stage, disable=not is_main, mininterval=2)
-    t0, tokens_seen = time.time(), 0
+    t0, tokens_seen, unchecked = time.time(), 0, []  # unchecked: (step, loss) not yet checked finite
     for step in bar:
         g = torch.Generator().manual_seed(p.seed * 1_000_003 + step)
         torch.manual_seed(p.seed * 1_000_003 + step)  # dropout noise, per step
@@ -238,6 +256,10 @@ def run_train(p: TrainParams, stage: str, shards: str, runs_dir: str = "runs", l
         torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         opt.step()
         tokens_seen += p.batch_size * H * W
+        unchecked.append((step + 1, loss.detach()))
+        if step + 1 == p.steps or any((step + 1) % k == 0 for k in (p.log_every, p.eval_every, p.ckpt_every)):
+            check_finite(model, unchecked, p, stage, world)  # before anything is logged or saved
+            unchecked.clear()
         if (step + 1) % p.log_every == 0 or step + 1 == p.steps:
             loss_value, rate = loss.item(), tokens_seen / (time.time() - t0)
             history["loss"].append((step + 1, loss_value))

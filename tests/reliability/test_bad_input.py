@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import shutil
 import socket
 import threading
@@ -478,3 +479,37 @@ def test_an_allocation_that_fails_names_the_key_to_lower(tmp_path, capsys, monke
     assert e.value.code == 1 and err.count("\n") == 1 and err.startswith(f"error: [{stage}] {says}"), err
     with pytest.raises(RuntimeError, match="not about memory"):  # any other RuntimeError is not dressed up as one
         stage_main("doc", stage, lambda p, a: (_ for _ in ()).throw(RuntimeError("not about memory")), [])
+
+
+def test_a_diverging_loss_stops_training_naming_the_step(tiny_shards, tmp_path):
+    # before: exit 0, with NaN weights in model.pt and in every run checkpoint after the divergence
+    p = tiny_train_params("models/m", lr=1e6, warmup_steps=0, steps=40, ckpt_every=1, log_every=10, eval_every=40)
+    write_params(tmp_path / "params.yaml", train_random=p)
+    line = error_line(run_module(["pipeline.train", "--stage", "train_random", "--shards", str(tiny_shards)],
+                                 tmp_path), "train_random")
+    m = re.fullmatch(r"error: \[train_random\] loss is (nan|inf) at step (\d+): training diverged; lower "
+                     r"train_random.lr \(now 1000000.0\), or raise train_random.warmup_steps \(now 0\) or lower "
+                     r"train_random.grad_clip \(now 1.0\); no checkpoint of this run holds the diverged weights", line)
+    assert m, line
+    assert not (tmp_path / "models").exists() and not (tmp_path / "dvclive").exists()
+    ckpt = tmp_path / "runs/train_random/last.pt"  # checkpointed every step: the last one is from before the NaN
+    if ckpt.exists():
+        state = load_checkpoint(ckpt)
+        assert state["step"] < int(m.group(2))
+        assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_weights_made_non_finite_by_a_finite_loss_step_stop_training_too():
+    # an inf gradient under a finite loss: clipping scales it by 0, inf * 0 = NaN in the weights
+    from pipeline.train import check_finite
+
+    model = GPT(GPTConfig(grid_h=2, grid_w=2, vocab_size=4, num_classes=0, n_layer=1, n_head=1, d_model=8))
+    p = tiny_train_params("m")
+    check_finite(model, [(4, torch.tensor(1.5)), (5, torch.tensor(1.2))], p, "train_raster", 1)
+    with torch.no_grad():
+        next(model.parameters())[0] = float("nan")
+    with pytest.raises(ValueError, match=r"^weights are not finite after step 5 \(a gradient overflowed\): training "
+                                         r"diverged; lower train_raster.lr \(now 0.003\)"):
+        check_finite(model, [(4, torch.tensor(1.5)), (5, torch.tensor(1.2))], p, "train_raster", 1)
+    with pytest.raises(ValueError, match=r"^loss is inf at step 4: training diverged"):
+        check_finite(model, [(4, torch.tensor(float("inf"))), (5, torch.tensor(float("nan")))], p, "train_raster", 1)
