@@ -166,8 +166,9 @@ def resolve(sections: dict[str, Any], repo: Path) -> tuple[Params, list[str], li
 
 
 def stage_graph(repo: Path) -> dict[str, set[str]]:
-    """{stage: the stages whose outputs it depends on}, from dvc.yaml."""
-    stages = dag_stages(repo / "dvc.yaml")
+    """{stage: the stages whose outputs it depends on}, from dvc.yaml (its ${...} from the validated params, so a
+    section params.yaml leaves out has its defaults, as the stages see it)."""
+    stages = dag_stages(repo / "dvc.yaml", load_params(repo / "params.yaml").model_dump(mode="json"))
     produced = {p.rstrip("/"): s for s, spec in stages.items() for p in declared(spec, "outs", "metrics", "plots")}
 
     def feeds(out: str, dep: str) -> bool:

@@ -11,9 +11,9 @@ import reprlib
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from oar_core.dag import read_params_yaml
 from oar_core.names import NEXT_POSITIONS, ORACLE_SCORES, SAMPLE_ORDERS, TRAIN_ORDERS, LocationRule
 
 MAX_SEED = 2**32 - 1  # numpy's legacy RandomState (torch-fidelity) takes seeds in [0, 2**32); torch in 64 bits
@@ -295,90 +295,12 @@ def _format(err: ValidationError, path: Path) -> str:
                         *problems(err)])
 
 
-class _Refused(yaml.YAMLError):
-    pass
-
-
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, minus anchors and aliases: DVC and the stages must read the same plain values, and an
-    alias nested in aliases ("billion laughs") would expand a few lines into billions of elements."""
-
-    def compose_node(self, parent, index):
-        event = self.peek_event()
-        if event.anchor is not None:
-            mark = "*" if isinstance(event, yaml.AliasEvent) else "&"
-            raise _Refused(f"line {event.start_mark.line + 1}: YAML anchors and aliases ({mark}{event.anchor[:40]}) "
-                           f"are not allowed here; write each value out")
-        return super().compose_node(parent, index)
-
-    def construct_yaml_int(self, node):  # past Python's 4300-digit limit int() fails without saying where
-        try:
-            return super().construct_yaml_int(node)
-        except ValueError:
-            raise _Refused(f"line {node.start_mark.line + 1}: an integer of {len(node.value)} digits is no usable "
-                           f"value") from None
-
-
-_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
-
-
-def _duplicate_keys(node, path: tuple = ()):
-    """(dotted key, the lines it is on) for every key a mapping holds more than once, at any depth."""
-    if isinstance(node, yaml.MappingNode):
-        lines: dict[tuple, list[int]] = {}
-        for k, v in node.value:
-            if isinstance(k, yaml.ScalarNode):
-                lines.setdefault((k.tag, k.value), []).append(k.start_mark.line + 1)
-                yield from _duplicate_keys(v, (*path, k.value))
-        yield from ((".".join((*path, value)), at) for (_, value), at in lines.items() if len(at) > 1)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            yield from _duplicate_keys(v, (*path, str(i)))
-
-
-def _where(e: yaml.YAMLError) -> str:
-    """A YAML error on one line: where, what, and what it was inside (PyYAML's own text spans several lines)."""
-    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
-    if mark is None or problem is None:
-        return f": {' '.join(str(e).split())}"
-    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
-    inside = f" ({context} from line {cmark.line + 1})" if context and cmark else f" ({context})" if context else ""
-    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}{inside}"
-
-
-def read_params_yaml(path: str | Path) -> dict:
-    """params.yaml as plain data, read the strict way every reader here shares (the stages, `oar_core.dag`): a
-    duplicated key, which PyYAML would silently resolve to its last value while DVC refuses the file, and anchors
-    or aliases are refused with their line numbers."""
-    path = Path(path)
-    if not path.exists():
-        raise ParamsError(f"{path}: not found; run from the repository root or pass --params PATH")
-    loader = None
-    try:
-        loader = _Loader(path.read_bytes())  # bytes: PyYAML names a bad encoding or character with its position
-        node = loader.get_single_node()
-        dups = list(_duplicate_keys(node)) if node is not None else []
-        if dups:
-            where = "; ".join(f"{k} (lines {', '.join(map(str, at))})" for k, at in dups)
-            raise ParamsError(f"{path}: duplicate keys, which DVC refuses (PyYAML would silently take the last "
-                              f"value): {where}; keep one of each")
-        raw = loader.construct_document(node) if node is not None else None
-    except _Refused as e:
-        raise ParamsError(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise ParamsError(f"{path}: not valid YAML{_where(e)}") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    raw = raw or {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: top level must be a mapping of stage sections")
-    return raw
-
-
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
-    raw = read_params_yaml(path)
+    try:
+        raw = read_params_yaml(path)
+    except ValueError as e:  # not found, not YAML, a duplicated key, an alias
+        raise ParamsError(str(e)) from None
     try:
         return Params.model_validate(raw)
     except ValidationError as e:

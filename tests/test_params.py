@@ -211,10 +211,13 @@ def test_dag_reads_params_yaml_as_strictly(tmp_path):
 
     (tmp_path / "dvc.yaml").write_text("stages:\n  ingest:\n    cmd: x\n    outs: [${ingest.out_dir}]\n")
     write(tmp_path, "ingest:\n  out_dir: a\n  out_dir: b\n")
-    with pytest.raises(ParamsError, match=r"duplicate keys.*ingest.out_dir \(lines 2, 3\)"):
+    with pytest.raises(ValueError, match=r"duplicate keys.*ingest.out_dir \(lines 2, 3\)"):
         dag_stages(tmp_path / "dvc.yaml")
     # a stage fills ${...} from its validated params (defaults included), not from a second read of the file
     assert dag_stages(tmp_path / "dvc.yaml", {"ingest": {"out_dir": "c"}})["ingest"]["outs"] == ["c"]
+    write(tmp_path, "tokenizer:\n  steps: 5\n")  # read as written, a key left out is named (not KeyError: 'ingest')
+    with pytest.raises(ValueError, match=r"dvc.yaml: \$\{ingest.out_dir\} is not set in params.yaml"):
+        dag_stages(tmp_path / "dvc.yaml")
 
 
 def test_prefect_write_params_round_trips_through_the_strict_reader(tmp_path):
