@@ -66,6 +66,13 @@ def parts(orders_dir: str | Path) -> list[Path]:
     return found
 
 
+def extracted_by(orders_dir: str | Path) -> dict[str, str | None]:
+    """{part name: content hash of the checkpoint that extracted it (storage.file_hash), None if it records none},
+    read from each part's footer."""
+    return {f.name: (h.decode() if (h := (pq.read_schema(f).metadata or {}).get(META_CKPT)) else None)
+            for f in parts(orders_dir)}
+
+
 def read_table(orders_dir: str | Path, columns: list[str] | None = None) -> pl.DataFrame:
     """Every part read whole under its page checksums (a flipped bit is an error, not a plausible number), with a
     `part` column, and no image twice (a duplicated part would count it twice and shift joins)."""

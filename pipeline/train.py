@@ -26,7 +26,7 @@ from oar_core.checkpoint import load_checkpoint, save_checkpoint
 from oar_core.live import log_stage
 from oar_core.model import GPT, GPTConfig, load_gpt, save_gpt
 from oar_core.nll import bits_along_orders, content_nll, policy_bits, policy_nll
-from oar_core.order_table import orders_for_ids
+from oar_core.order_table import extracted_by, orders_for_ids
 from oar_core.orders import sample_orders
 from oar_core.params import TrainParams
 from oar_core.runtime import autocast, pick_device
@@ -151,6 +151,18 @@ def given_order_metrics(model: GPT, tokens_NN, labels_N, order_NN, p: TrainParam
     return out
 
 
+def check_orders_made_by(orders_dir: str, init_from: str, stage: str) -> None:
+    """The orders table must be extracted by the checkpoint this run starts from: the orders are where that model
+    is most sure, and another model's orders (an older any-order run, another init_from) would teach it those."""
+    want = file_hash(init_from)
+    for part, got in extracted_by(orders_dir).items():
+        if got != want:
+            made = f"by checkpoint {got}" if got else "by no recorded checkpoint (not written by extract_orders)"
+            raise ValueError(f"{orders_dir}: orders extracted {made} ({part}), not by {stage}.init_from {init_from} "
+                             f"({want}); rerun `dvc repro extract_orders` with extract_orders.checkpoint: "
+                             f"{init_from}, or point {stage}.init_from at the checkpoint that made them")
+
+
 def check_finite(model: GPT, losses: list[tuple[int, torch.Tensor]], p: TrainParams, stage: str, world: int):
     """Stop at the first step whose loss (on any process) is not finite, or when the weights are: the update has
     made them NaN/inf, and every later step and checkpoint would carry them. One sync per log / eval / checkpoint
@@ -197,6 +209,8 @@ def run_train(p: TrainParams, stage: str, shards: str, runs_dir: str = "runs", l
 
         given_train = orders_for_ids(orders_dir, train_ids, H * W)
         given_test = orders_for_ids(orders_dir, test_ids, H * W, missing_ok=True)
+        if p.init_from:
+            check_orders_made_by(orders_dir, p.init_from, stage)
     train_orders = OrderSource(p, H, W, given_train)
 
     torch.manual_seed(p.seed)

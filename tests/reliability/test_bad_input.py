@@ -513,3 +513,45 @@ def test_weights_made_non_finite_by_a_finite_loss_step_stop_training_too():
         check_finite(model, [(4, torch.tensor(1.5)), (5, torch.tensor(1.2))], p, "train_raster", 1)
     with pytest.raises(ValueError, match=r"^loss is inf at step 4: training diverged"):
         check_finite(model, [(4, torch.tensor(float("inf"))), (5, torch.tensor(float("nan")))], p, "train_raster", 1)
+
+
+def _made_by(folder: Path, ids: list[str], ckpt_hash: str | None) -> Path:
+    """An orders table over `ids` (raster order each) as extract_orders writes it, recording `ckpt_hash`."""
+    from oar_core.order_table import write_part
+
+    folder.mkdir()
+    table = pa.table({"image_id": ids, "permutation": pa.array([list(range(N))] * len(ids), pa.list_(pa.uint16()))})
+    if ckpt_hash is None:  # by hand: no record of what made it
+        pq.write_table(table, folder / "train-000000.parquet")
+    else:
+        write_part(folder / "train-000000.parquet", table, ckpt_hash, "p")
+    return folder
+
+
+def test_finetune_refuses_orders_extracted_by_another_checkpoint(any_order_model, tiny_shards, tmp_path):
+    from oar_core.storage import file_hash
+
+    ckpt = any_order_model[0]
+    other = tmp_path / "other.pt"  # the same architecture, other weights
+    save_gpt(other, GPT(load_gpt(ckpt)[0].cfg))
+    ids = load_tokens(tiny_shards, "train")["ids"]
+    made = _made_by(tmp_path / "orders", ids, file_hash(ckpt))
+    by_hand = _made_by(tmp_path / "by_hand", ids, None)
+    args = ["pipeline.train", "--stage", "finetune", "--shards", str(tiny_shards), "--orders-dir"]
+    for init_from, orders, says in (
+        (other, made, f"by checkpoint {file_hash(ckpt)} (train-000000.parquet), not by finetune.init_from {other} "
+                      f"({file_hash(other)})"),
+        (ckpt, by_hand, "by no recorded checkpoint (not written by extract_orders) (train-000000.parquet), not by "
+                        f"finetune.init_from {ckpt} ({file_hash(ckpt)})")):
+        p = tiny_train_params("models/oar", order="given", init_from=str(init_from), steps=2)
+        write_params(tmp_path / "params.yaml", finetune=p)
+        line = error_line(run_module([*args, str(orders)], tmp_path), "finetune")
+        assert line == (f"error: [finetune] {orders}: orders extracted {says}; rerun `dvc repro extract_orders` with "
+                        f"extract_orders.checkpoint: {init_from}, or point finetune.init_from at the checkpoint that "
+                        f"made them"), line
+        assert not any((tmp_path / d).exists() for d in ("models", "runs", "dvclive"))
+    # the checkpoint that made them: it trains
+    write_params(tmp_path / "params.yaml", finetune=tiny_train_params("models/oar", order="given", steps=2,
+                                                                      init_from=str(ckpt)))
+    r = run_module([*args, str(made)], tmp_path)
+    assert r.returncode == 0 and (tmp_path / "models/oar/model.pt").exists(), r.stderr[-2000:]
