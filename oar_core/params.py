@@ -187,7 +187,7 @@ class SampleParams(Section):
     models: list[SampleModelParams] = Field(DEFAULT_SAMPLE_MODELS, min_length=1)
     # FID needs a feature covariance, KID its subsets and precision/recall k=3 neighbours: below 10 samples the
     # numbers are noise or fail
-    n_per_model: int = Field(500, ge=10)
+    n_per_model: int = Field(500, ge=10, le=1_000_000)
     batch_size: BatchSize = 250
     temperature: float = Field(1.0, ge=1e-4)  # logits / temperature overflows float32 near 0
     top_k: Optional[int] = Field(None, ge=1)
@@ -218,8 +218,8 @@ class EvaluateParams(Section):
     inception_weights: Optional[str] = None  # local torch-fidelity Inception weights; standard FID/IS only if set
     kid_subset_size: int = Field(100, ge=2)
     nll_batch_size: BatchSize = 250
-    nll_orders: int = Field(2, ge=1)  # orders drawn per test image for stochastic samplers' likelihood bounds
-    strip_steps: int = Field(8, ge=2)  # partial canvases in the generation-order strip
+    nll_orders: int = Field(2, ge=1, le=1000)  # orders drawn per test image for stochastic samplers' likelihood bounds
+    strip_steps: int = Field(8, ge=2, le=256)  # partial canvases in the generation-order strip
     seed: Seed = 0
 
 

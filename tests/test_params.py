@@ -132,6 +132,7 @@ def test_random_mix_anneals_linearly_over_the_steps():
     ("evaluate:\n  seed: -1\n", "evaluate.seed: Input should be greater than or equal to 0 (got -1)"),
     ("sample:\n  temperature: 1e-40\n", "sample.temperature: Input should be greater than or equal to 0.0001"),
     ("sample:\n  cfg_scale: 1e30\n", "sample.cfg_scale: Input should be less than or equal to 100"),
+    ("evaluate:\n  strip_steps: 1000000000\n", "evaluate.strip_steps: Input should be less than or equal to 256"),
 ])
 def test_non_finite_and_absurd_values_are_refused_with_their_key(tmp_path, text, says):
     with pytest.raises(ParamsError) as e:
