@@ -6,12 +6,16 @@
 
 Every model gets `steps + finetune_steps` gradient steps of the same batch size:
     raster      raster order throughout
-    any-order   random order for `steps`, then `finetune_steps` more random-order steps
-    oar         random order for `steps`; orders extracted (cost reported); `finetune_steps` on the extracted
-                orders, with a location-policy head learning them (policy_weight) and random_mix
-Samplers reuse those models (sampling is cheap): the OAR model under greedy, annealed-Gumbel and softmax
-location rules, its learned policy, and random order; the any-order model in random, Halton and confidence
-order. Two reference rows bound the table: real images, and the same images through the tokenizer
+    any         random order for `steps`, then `finetune_steps` more random-order steps (any-order continued)
+    rar         random order for `steps`, then `finetune_steps` on raster order: RAR's recipe, the control that
+                separates "a learned order" from "specialising an any-order model to any one order"
+    oar         random order for `steps`; orders extracted by `--score` (cost reported); `finetune_steps` on
+                them, with a location-policy head learning them (policy_weight) and random_mix
+    oar-gt      the same on orders extracted with `gt_prob` (the paper's; it looks at the answer)
+Samplers reuse those models (sampling is cheap): each OAR model under its confidence rule (greedy, annealed
+Gumbel), its learned policy, and random order; the any-order model in random, Halton and confidence order.
+`--samplers` picks rows; only the models they need are trained.
+Two reference rows bound the table: real images, and the same images through the tokenizer
 (reconstructions: the floor no token model can beat).
 
 Metrics live in an *independent* feature space: a CNN trained on all 60k Fashion-MNIST train images (not the
@@ -37,14 +41,16 @@ import yaml
 
 SAMPLERS = [  # name, model, order, location rule
     ("raster", "raster", "raster", {}),
+    ("rar", "rar", "raster", {}),
     ("any-order", "any", "random", {}),
     ("any-order-halton", "any", "halton", {}),
-    ("any-order-confidence", "any", "confidence", {}),
+    ("any-order-gumbel", "any", "confidence", {"temperature": 1.0, "anneal": "linear"}),
     ("oar-greedy", "oar", "confidence", {}),
     ("oar-gumbel", "oar", "confidence", {"temperature": 1.0, "anneal": "linear"}),
-    ("oar-softmax", "oar", "confidence", {"temperature": 1.0}),
     ("oar-policy", "oar", "policy", {"temperature": 1.0}),
     ("oar-random", "oar", "random", {}),
+    ("oar-gt-gumbel", "oar-gt", "confidence", {"temperature": 1.0, "anneal": "linear"}),
+    ("oar-gt-policy", "oar-gt", "policy", {"temperature": 1.0}),
 ]
 REFERENCE = ["real", "reconstruction"]
 COLUMNS = [("fid", "FID", 2), ("kid", "KID", 4), ("precision", "precision", 3), ("recall", "recall", 3),
@@ -67,16 +73,18 @@ def train_section(a, order: str, out_dir: str, steps: int, seed: int, **extra) -
     n_layer, n_head, d_model = SIZES[a.size]
     every = max(1, steps // 4)
     return {"order": order, "out_dir": out_dir, "steps": steps, "seed": seed,
-            "model": {"n_layer": n_layer, "n_head": n_head, "d_model": d_model},
+            "model": {"n_layer": n_layer, "n_head": n_head, "d_model": d_model, "next_position": a.next_position},
             "warmup_steps": min(100, steps // 10), "eval_every": every, "ckpt_every": every, "log_every": every,
             **extra}
 
 
 def params_for(a, seed: int, common: Path) -> dict:
-    """One seed's params.yaml: the pipeline defaults except sizes, seeds and paths."""
+    """One seed's params.yaml: the pipeline defaults except sizes, seeds, paths and the `-S` overrides."""
+    from bench.scale import parse_sets, set_key
+
     S, F = a.steps, a.finetune_steps
     ft = dict(lr=3e-4, min_lr=3e-5, warmup_steps=min(50, F // 10))
-    return {
+    params = {
         "ingest": {"max_train": a.max_train, "max_test": a.max_test, "out_dir": str(common / "data/ingest")},
         "tokenizer": {"steps": a.tokenizer_steps},
         "tokenize": {"out": str(common / "data/shards")},
@@ -91,6 +99,9 @@ def params_for(a, seed: int, common: Path) -> dict:
                    "batch_size": min(a.n_samples, 250), "seed": seed, "cfg_scale": a.cfg_scale},
         "evaluate": {"nll_orders": 2, "seed": seed},
     }
+    for key, value in parse_sets(a.sets).items():
+        set_key(params, key, value)
+    return params
 
 
 class Timer:
@@ -107,14 +118,11 @@ class Timer:
 
 def run_common(a, common: Path, timer: Timer) -> None:
     """Data, tokenizer, shards, the independent feature space and the reference rows, once for all seeds."""
-    import torch
-
     from oar_core.feature_net import classifier_accuracy, save_classifier
-    from oar_core.figures import to_uint8_NHWC
-    from oar_core.image_shards import SPLITS, to_float_BCHW
+    from oar_core.image_shards import SPLITS
     from oar_core.image_sources import ImageFormat, fashion_mnist_split
     from oar_core.params import load_params
-    from oar_core.tokenizer import load_tokenizer
+    from oar_core.tokenizer import load_tokenizer, reconstruct
     from pipeline.feature_net import train_classifier
     from pipeline.ingest import run_ingest
     from pipeline.tokenize import run_tokenize
@@ -144,9 +152,7 @@ def run_common(a, common: Path, timer: Timer) -> None:
                             test_accuracy=classifier_accuracy(clf, x_te, y_te))
             # images no model trained on, and the same images through the tokenizer
             unseen = np.random.default_rng(0).permutation(np.arange(a.max_train, len(x_tr)))[:a.n_samples]
-            tok = load_tokenizer("models/tokenizer.pt")
-            with torch.no_grad():
-                recon = to_uint8_NHWC(tok.decode(tok.encode(to_float_BCHW(x_tr[unseen]))))
+            recon = reconstruct(load_tokenizer("models/tokenizer.pt"), x_tr[unseen])
             np.savez("reference.npz", test=x_te, real=x_tr[unseen], reconstruction=recon)
 
 
@@ -189,31 +195,44 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
     with cwd(root):
         Path("params.yaml").write_text(yaml.safe_dump(params_for(a, seed, common)))
         p = load_params("params.yaml")
-        any_ft = p.finetune.model_copy(update={"order": "random", "random_mix": 0.0,
-                                               "random_mix_end": None, "policy_weight": 0.0,
-                                               "out_dir": "models/random_ft"})
-        jobs = [("train raster", p.train_raster, "train_raster", None),
-                ("train any-order", p.train_random, "train_random", None),
-                ("continue any-order", any_ft, "finetune_random", None)]
+        cont = {"random_mix": 0.0, "random_mix_end": None, "policy_weight": 0.0}
+        any_ft = p.finetune.model_copy(update={"order": "random", "out_dir": "models/random_ft", **cont})
+        rar_ft = p.finetune.model_copy(update={"order": "raster", "out_dir": "models/rar", **cont})
+        gt_ex = p.extract_orders.model_copy(update={"out_dir": "data/orders_gt",
+                                                    "location": LocationRule(score="gt_prob")})
+        gt_ft = p.finetune.model_copy(update={"out_dir": "models/oar_gt"})
+        jobs = {"raster": [("train raster", p.train_raster, "train_raster", None)],
+                "any": [("continue any-order", any_ft, "finetune_random", None)],
+                "rar": [("finetune any-order on raster (RAR)", rar_ft, "finetune_rar", None)],
+                "oar-gt": [("extract gt_prob orders", gt_ex, None, None),
+                           ("finetune OAR on gt_prob orders", gt_ft, "finetune_gt", gt_ex.out_dir)],
+                "oar": []}
         # OAR: `rounds` x (extract orders with the current model, finetune on them), finetune_steps split evenly
         ex_p, ft_p = p.extract_orders, p.finetune.model_copy(update={"steps": p.finetune.steps // a.rounds})
         for r in range(1, a.rounds + 1):
-            jobs += [(f"extract orders (round {r})", ex_p, None, None),
-                     (f"finetune OAR (round {r})", ft_p, f"finetune_r{r}", ex_p.out_dir)]
+            jobs["oar"] += [(f"extract orders (round {r})", ex_p, None, None),
+                            (f"finetune OAR (round {r})", ft_p, f"finetune_r{r}", ex_p.out_dir)]
             ex_p = ex_p.model_copy(update={"checkpoint": f"{ft_p.out_dir}/model.pt",
                                            "out_dir": f"data/orders_r{r + 1}"})
             ft_p = ft_p.model_copy(update={"init_from": f"{ft_p.out_dir}/model.pt",
                                            "out_dir": f"models/oar_r{r + 1}"})
+        samplers = [s for s in SAMPLERS if not a.samplers or s[0] in a.samplers]
+        needed = {key for _, key, _, _ in samplers}
+        todo = [("train any-order", p.train_random, "train_random", None)] if needed - {"raster"} else []
+        for key, steps in jobs.items():
+            todo += steps if key in needed else []
         if a.baselines_from:  # identical baselines of another tag: reuse them (same digest = same params and seed)
             other = Path(a.workdir).parent / a.baselines_from / f"seed_{seed}"
-            for _, tp, stage, _ in jobs[:3]:
+            for _, tp, stage, _ in todo:
                 src = other / tp.out_dir / "model.pt"
-                if not trained(f"{tp.out_dir}/model.pt", tp, shards) and trained(str(src), tp, shards):
+                if stage in ("train_raster", "train_random", "finetune_random", "finetune_rar") and \
+                        not trained(f"{tp.out_dir}/model.pt", tp, shards) and trained(str(src), tp, shards):
                     Path(tp.out_dir).mkdir(parents=True, exist_ok=True)
                     shutil.copy(src, f"{tp.out_dir}/model.pt")
-            if not Path("data/orders").exists() and (other / "data/orders").exists():  # parts are re-checked by hash
-                shutil.copytree(other / "data/orders", "data/orders")
-        for what, tp, stage, orders_dir in jobs:
+            for d in ("data/orders", "data/orders_gt"):  # parts are re-checked by hash
+                if not Path(d).exists() and (other / d).exists():
+                    shutil.copytree(other / d, d)
+        for what, tp, stage, orders_dir in todo:
             if stage is None:
                 with timer(f"seed {seed}: {what}"):
                     ex = run_extract(tp, shards)
@@ -223,14 +242,13 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
                 with timer(f"seed {seed}: {what} ({tp.steps} steps)"):
                     run_train(tp, stage, shards, orders_dir=orders_dir)
         oar = "models/oar/model.pt" if a.rounds == 1 else f"models/oar_r{a.rounds}/model.pt"
-        ckpt = {"raster": "models/raster/model.pt", "any": "models/random_ft/model.pt", "oar": oar}
+        ckpt = {"raster": "models/raster/model.pt", "any": "models/random_ft/model.pt", "rar": "models/rar/model.pt",
+                "oar": oar, "oar-gt": "models/oar_gt/model.pt"}
         device = pick_device()
         tok = load_tokenizer(p.sample.tokenizer, device)
         test_NN, test_labels, _ = load_token_split(shards, "test")
         results = {}
-        for name, key, order, loc in SAMPLERS:
-            if a.samplers and name not in a.samplers:
-                continue
+        for name, key, order, loc in samplers:
             out = Path("results") / f"{name}.json"
             # a result is reused only if made from this very checkpoint, sampler and sampling/eval params
             made_from = {"checkpoint": file_hash(ckpt[key]), "order": order, "location": loc,
@@ -269,7 +287,9 @@ def table(per_seed: dict[int, dict], a, clf_acc, extract: dict) -> str:
     seeds = sorted(per_seed)
     n_layer, _, d_model = SIZES[a.size]
     lines = [f"Fashion-MNIST, {a.max_train} train / {a.max_test} test images, {n_layer}-layer d={d_model} models, "
-             f"seeds {seeds}, {a.steps}+{a.finetune_steps} steps per model (batch 64), orders by {a.score}, "
+             f"next_position {a.next_position}, seeds {seeds}, {a.steps}+{a.finetune_steps} steps per model "
+             f"(batch 64), "
+             f"oar orders by {a.score} (oar-gt: gt_prob), "
              f"finetune random_mix {a.random_mix}->{a.random_mix_end}, policy_weight {a.policy_weight}, "
              f"{a.rounds} extract+finetune round(s), "
              f"cfg_scale {a.cfg_scale}, {a.n_samples} samples per model. Feature space: CNN trained on all 60k "
@@ -286,18 +306,17 @@ def table(per_seed: dict[int, dict], a, clf_acc, extract: dict) -> str:
         lines += ["", "Order extraction (OAR's extra compute, on top of the equal gradient steps): " + ", ".join(
             f"seed {s}: " + " + ".join(f"{e['images']} images at {e['images_per_s']} img/s" for e in ex)
             for s, ex in sorted(extract.items()))]
-    policy = [json.loads(sorted(f for f in (Path(a.workdir) / f"seed_{s}/dvclive").glob("finetune*/metrics.json")
-                                if "random" not in f.parent.name)[-1].read_text()) for s in seeds
-              if (Path(a.workdir) / f"seed_{s}/dvclive").is_dir()]
-    policy = [m for m in policy if "policy_top1_agreement" in m]
-    if policy:
-        N = 49  # the 7x7 grid of the default tokenizer
-        chance = sum(1 / (N - t) for t in range(N - 1)) / (N - 1)
-        lines += ["", f"OAR's location policy on held-out extracted orders: top-1 agreement "
-                      f"{cell([m['policy_top1_agreement'] for m in policy], 3)} (uniform guess {chance:.3f}); "
-                      f"location {cell([m['policy_location_bits_per_token'] for m in policy], 3)} bits/token, content "
-                      f"{cell([m['policy_content_bits_per_token'] for m in policy], 3)} bits/token along those orders "
-                      "(their sum is a valid bound; the content part alone is the oracle diagnostic)."]
+    N = 49  # the 7x7 grid of the default tokenizer
+    chance = sum(1 / (N - t) for t in range(N - 1)) / (N - 1)
+    for model, stage in [("oar", f"finetune_r{a.rounds}"), ("oar-gt", "finetune_gt")]:
+        files = [Path(a.workdir) / f"seed_{s}/dvclive/{stage}/metrics.json" for s in seeds]
+        policy = [m for m in (json.loads(f.read_text()) for f in files if f.exists()) if "policy_top1_agreement" in m]
+        if policy:
+            lines += ["", f"{model}'s location policy on its held-out extracted orders: top-1 agreement "
+                          f"{cell([m['policy_top1_agreement'] for m in policy], 3)} (uniform guess {chance:.3f}); "
+                          f"location {cell([m['policy_location_bits_per_token'] for m in policy], 3)} bits/token, "
+                          f"content {cell([m['policy_content_bits_per_token'] for m in policy], 3)} bits/token along "
+                          "those orders (their sum is a valid bound; the content part alone is the oracle diagnostic)."]
     how = {r.get("nll_how") for s in seeds for r in per_seed[s].values() if r.get("nll_how")}
     lines += ["", "NLL: " + "; ".join(sorted(how))]
     return "\n".join(lines) + "\n"
@@ -315,12 +334,18 @@ def main(argv=None):
     ap.add_argument("--tokenizer-steps", type=int, default=500)
     ap.add_argument("--classifier-steps", type=int, default=1500)
     ap.add_argument("--size", choices=sorted(SIZES), default="default", help="model size (layers, heads, width)")
-    ap.add_argument("--score", default="gt_prob", choices=["gt_prob", "max_prob", "margin", "neg_entropy"])
+    ap.add_argument("--score", default="max_prob", choices=["gt_prob", "max_prob", "margin", "neg_entropy"],
+                    help="the oar model's extraction score (the oar-gt model always uses gt_prob)")
+    ap.add_argument("--next-position", default="relative", choices=["relative", "absolute", "both"],
+                    help="model.next_position of every model")
     ap.add_argument("--random-mix", type=float, default=0.2, help="finetune.random_mix")
     ap.add_argument("--random-mix-end", type=float, default=None, help="finetune.random_mix_end (annealing)")
     ap.add_argument("--policy-weight", type=float, default=1.0, help="finetune.policy_weight")
     ap.add_argument("--cfg-scale", type=float, default=2.5)
     ap.add_argument("--rounds", type=int, default=1, help="extract+finetune rounds (finetune steps split evenly)")
+    ap.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a params key, e.g. -S tokenizer.codebook_size=1024 (repeatable; a tokenizer "
+                         "change needs its own --workdir, which holds the shared data and tokenizer)")
     ap.add_argument("--workdir", default="/tmp/oar-bench-quality")
     ap.add_argument("--tag", default="default", help="results go to <workdir>/<tag> and bench/quality_<tag>.md")
     ap.add_argument("--table-only", action="store_true", help="only aggregate the results already on disk")

@@ -5,6 +5,8 @@ import math
 
 from oar_core.storage import write_bytes_atomic
 
+REFERENCES = ["real_reference", "reconstruction"]  # evaluate's rows that are not models
+
 
 def _fmt(v, digits=3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -19,7 +21,7 @@ def metrics_table(metrics: dict, models: list[str], space: str) -> str:
             "| NLL: how | oracle order bits/token (diagnostic, not a likelihood) |\n"
             "|---|---|---|---|---|---|---|---|---|")
     rows = []
-    for m in models + ["real_reference"]:
+    for m in models + REFERENCES:
         d = metrics.get(m, {})
         if not d:
             continue
@@ -31,23 +33,48 @@ def metrics_table(metrics: dict, models: list[str], space: str) -> str:
     return "\n".join([head] + rows)
 
 
+def at_the_floor(metrics: dict, models: list[str], space: str = "indomain") -> list[str]:
+    """Models whose KID is within two standard deviations (of the difference) of the tokenizer's reconstructions:
+    there the metric cannot tell them from the floor, so it cannot rank them either."""
+    floor = metrics.get("reconstruction", {})
+    if f"kid_{space}" not in floor:
+        return []
+    out = []
+    for m in models:
+        d = metrics.get(m, {})
+        if f"kid_{space}" in d:
+            spread = math.hypot(d.get(f"kid_{space}_std", 0.0), floor.get(f"kid_{space}_std", 0.0))
+            if abs(d[f"kid_{space}"] - floor[f"kid_{space}"]) <= 2 * spread:
+                out.append(m)
+    return out
+
+
 def write_report(path, metrics: dict, labels: dict, models: list[str], figures: dict) -> None:
     """`figures`: {"grids": {model: rel}, "strips": {model: rel}, "heat_samples": {model: rel},
     "heat_extracted": rel|None, "curves": rel|None}; paths relative to the report's folder."""
     lines = ["# OAR evaluation report", ""]
     lines += ["## Metrics", "",
               f"Feature space: **{labels['feature_space']['indomain']}**. Not comparable with published "
-              "(Inception) FID numbers; compare models with each other and with `real_reference` (real train "
-              "images vs the same test images: the floor any model can reach at this sample size). Precision / recall: "
+              "(Inception) FID numbers; compare models with each other and with the two reference rows: "
+              "`real_reference` (real train images vs the same test images: what real data scores "
+              "at this sample size) and `reconstruction` (the same images through the tokenizer: the floor no token "
+              "model can beat). Precision / recall: "
               "k-NN fidelity and diversity (torch-fidelity `prc`, same features). NLL: held-out bits/token of each "
               "model as it samples (its order and location rule, teacher-forced), an exact value or an upper bound "
               "on -log2 p(x); the oracle-order column scores along orders extracted by looking at the answer and is "
               "not a likelihood.", "",
               metrics_table({m: {**metrics.get(m, {}), "nll_order_label": labels.get(m, {}).get("nll_order", "–")}
-                             for m in models + ["real_reference"]}, models, "indomain"), ""]
+                             for m in models + REFERENCES}, models, "indomain"), ""]
+    floor = metrics.get("reconstruction", {})
+    if "fid_indomain" in floor:
+        level = at_the_floor(metrics, models)
+        lines += [f"Tokenizer floor: reconstructions score FID {floor['fid_indomain']:.2f}. " + (
+            f"Within the floor's spread (KID within 2 std): {', '.join(level)}; the metric cannot rank these models "
+            "against each other: compare their NLL instead." if level else
+            "No model is within the floor's spread (KID within 2 std)."), ""]
     lines += [f"Standard Inception metrics: **{labels['feature_space']['inception']}**", ""]
     if any("fid_inception" in metrics.get(m, {}) for m in models):
-        lines += [metrics_table({m: metrics.get(m, {}) for m in models + ["real_reference"]}, models, "inception"), ""]
+        lines += [metrics_table({m: metrics.get(m, {}) for m in models + REFERENCES}, models, "inception"), ""]
     lines += ["## Samples", "", "One column per class. Strips: one sample being generated in its order "
               "(gray = not generated yet).", "",
               "| model | samples | generation order (partial canvases) |", "|---|---|---|"]

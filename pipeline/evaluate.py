@@ -1,5 +1,6 @@
 """Stage `evaluate`: FID/KID/IS/precision/recall (feature_net's space always; Inception with local weights) +
-held-out NLL per model, then pictures and reports/report.md. Metrics: dvclive/evaluate/<model>/metrics.json;
+held-out NLL per model, beside two reference rows (real images; the same images through the tokenizer, the floor),
+then pictures and reports/report.md. Metrics: dvclive/evaluate/<model>/metrics.json;
 labels: reports/metrics_labels.json."""
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from oar_core.params import EvaluateParams
 from oar_core.runtime import pick_device
 from oar_core.storage import read_json, write_json
 from oar_core.token_shards import load_token_split
-from oar_core.tokenizer import load_tokenizer
+from oar_core.tokenizer import load_tokenizer, reconstruct
 from pipeline._stage import stage_main
 
 
@@ -92,10 +93,13 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
         "inception": f"Inception-v3 (torch-fidelity {INCEPTION_NAME}, weights {p.inception_weights})"
         if inception is not None else "skipped: no local Inception weights (set evaluate.inception_weights)"}}
 
-    # reference: real train images (as many as one model's samples) vs the same test set
+    # references: real train images (as many as one model's samples) vs the same test set, and the same images
+    # through the tokenizer: the floor no token model can beat (it models the tokens of exactly such images)
     n_ref = max(len(v) for v in gen.values())
     ref_idx = np.random.default_rng(p.seed).permutation(manifest["counts"]["train"])[:n_ref]
-    sets = {**{name: gen[name] for name, _ in models}, "real_reference": take(ingest_dir, "train", ref_idx)}
+    tok = load_tokenizer(tokenizer_path)
+    real = take(ingest_dir, "train", ref_idx)
+    sets = {**{name: gen[name] for name, _ in models}, "real_reference": real, "reconstruction": reconstruct(tok, real)}
     with temp_cache_dir() as cache:
         weights = inception_weights_file(inception, cache, p.inception_weights) if inception is not None else None
         for name, images in tqdm(sets.items(), desc="fidelity", unit="model", disable=not progress):
@@ -128,8 +132,6 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
                             checkpoint=meta["checkpoint"])
 
     # pictures + report
-
-    tok = load_tokenizer(tokenizer_path)
     class_names = manifest.get("class_names")
     fig = out / "figures"
     figures = {"grids": {}, "strips": {}, "heat_samples": {}, "heat_extracted": None, "curves": None}

@@ -100,9 +100,9 @@ def test_evaluate_writes_metrics_per_model_with_feature_space(pipeline_dir, fmni
     from oar_core.live import read_per_key
 
     metrics = read_per_key(tmp_path / "dvclive/evaluate")  # DVCLive's folders: <model>/metrics.json, a row each
-    assert sorted(metrics) == sorted(MODELS + ["real_reference", "feature_net"])
+    assert sorted(metrics) == sorted(MODELS + ["real_reference", "reconstruction", "feature_net"])
     labels = json.loads((tmp_path / "reports" / "metrics_labels.json").read_text())
-    for m in MODELS + ["real_reference"]:
+    for m in MODELS + ["real_reference", "reconstruction"]:
         for key in ("fid_indomain", "kid_indomain", "kid_indomain_std", "is_indomain", "is_indomain_std",
                     "precision_indomain", "recall_indomain"):
             assert isinstance(metrics[m][key], float) and math.isfinite(metrics[m][key]), (m, key)
@@ -114,12 +114,15 @@ def test_evaluate_writes_metrics_per_model_with_feature_space(pipeline_dir, fmni
     assert labels["oar"]["nll_order"] == "confidence order, exact: its greedy location rule, teacher-forced"
     assert "oracle_order_bits_per_token" not in metrics["oar"]  # no extracted orders given: no diagnostic
     assert metrics["real_reference"]["fid_indomain"] < metrics["raster"]["fid_indomain"]
+    # the tiny tokenizer loses detail: its reconstructions of the very same images score worse than they do
+    assert metrics["real_reference"]["fid_indomain"] < metrics["reconstruction"]["fid_indomain"]
     # metrics JSON holds only numbers (DVC-friendly); the strings live in metrics_labels.json
     flat = [v for d in metrics.values() for v in d.values()]
     assert all(isinstance(v, (int, float)) for v in flat)
     assert "skipped: no local Inception weights" in labels["feature_space"]["inception"]
     report = (tmp_path / "reports" / "report.md").read_text()
     assert "skipped: no local Inception weights (set evaluate.inception_weights)" in report
+    assert "| reconstruction |" in report and "Tokenizer floor: reconstructions score FID" in report
     for m in MODELS:
         assert (tmp_path / "reports" / "figures" / f"grid_{m}.png").exists()
         assert (tmp_path / "reports" / "figures" / f"strip_{m}.png").exists()
@@ -225,3 +228,13 @@ def test_samples_are_scored_from_disk_lazily_with_the_same_numbers(pipeline_dir,
     a, b = (fidelity_metrics(x, test_NHWC, INDOMAIN_NAME, str(classifier[0]), kid_subset_size=20)
             for x in (lazy, eager))
     assert a == b
+
+
+def test_at_the_floor_names_only_models_within_the_reconstructions_kid_spread():
+    from oar_core.report import at_the_floor
+
+    metrics = {"reconstruction": {"kid_indomain": 0.10, "kid_indomain_std": 0.01},
+               "near": {"kid_indomain": 0.12, "kid_indomain_std": 0.01},   # 0.02 apart, 2 std = 0.028
+               "far": {"kid_indomain": 0.20, "kid_indomain_std": 0.01}}
+    assert at_the_floor(metrics, ["near", "far"]) == ["near"]
+    assert at_the_floor({"near": metrics["near"]}, ["near"]) == []  # no reconstruction row: no claim
