@@ -119,10 +119,11 @@ class Timer:
 def run_common(a, common: Path, timer: Timer) -> None:
     """Data, tokenizer, shards, the independent feature space and the reference rows, once for all seeds."""
     from oar_core.feature_net import classifier_accuracy, save_classifier
+    from oar_core.fidelity import reconstruct
     from oar_core.image_shards import SPLITS
     from oar_core.image_sources import ImageFormat, fashion_mnist_split
     from oar_core.params import load_params
-    from oar_core.tokenizer import load_tokenizer, reconstruct
+    from oar_core.tokenizer import load_tokenizer
     from pipeline.feature_net import train_classifier
     from pipeline.ingest import run_ingest
     from pipeline.tokenize import run_tokenize

@@ -25,6 +25,8 @@ from torch.utils.data import Dataset
 
 from oar_core.checkpoint import file_kind, load_pickle_weights_only, one_line
 from oar_core.feature_net import INDOMAIN_NAME, load_classifier
+from oar_core.figures import to_uint8_NHWC
+from oar_core.image_shards import to_float_BCHW
 from oar_core.storage import read_bytes, temp_dir
 
 INCEPTION_NAME = "inception-v3-compat"
@@ -233,3 +235,12 @@ def temp_cache_dir() -> tempfile.TemporaryDirectory:
     """A per-run torch-fidelity cache (never $TORCH_HOME): real features computed once, reused per model; the caches
     killed runs leaked are removed."""
     return temp_dir("oar-fidelity")
+
+
+@torch.no_grad()
+def reconstruct(tokenizer, images_NHWC, batch_size: int = 500):
+    """uint8 images through the tokenizer and back: the floor no token model can beat (same format out)."""
+    device = next(tokenizer.parameters()).device
+    return np.concatenate([to_uint8_NHWC(tokenizer.decode(tokenizer.encode(to_float_BCHW(images_NHWC[i:i + batch_size],
+                                                                                         device))).float())
+                           for i in range(0, len(images_NHWC), batch_size)])

@@ -174,3 +174,20 @@ def save_heatmaps(heat: dict, path, title: str = "mean generation step", class_n
     fig.colorbar(im, ax=list(axes), fraction=0.02, pad=0.01, label="mean step")
     fig.suptitle(title, fontsize=9, y=1.04)
     _save_fig(fig, path)
+
+
+def save_calibration(per_model: dict[str, dict], path) -> None:
+    """Mean confidence (dashed) and accuracy (solid) per generation step along each model's own greedy orders
+    (oar_core.calibration): where the dashed line is above the solid one, the model is sure where it is not."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.4))
+    for i, (name, cal) in enumerate(per_model.items()):
+        steps = range(1, len(cal["accuracy_per_step"]) + 1)
+        ax.plot(steps, cal["accuracy_per_step"], color=f"C{i}", label=f"{name}: accuracy {cal['accuracy']:.3f}")
+        ax.plot(steps, cal["confidence_per_step"], color=f"C{i}", ls="--",
+                label=f"{name}: confidence {cal['confidence']:.3f}")
+    ax.set(title="greedy own-order calibration", xlabel="generation step", ylabel="mean over held-out images",
+           ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _save_fig(fig, path)

@@ -219,6 +219,7 @@ class EvaluateParams(Section):
     kid_subset_size: int = Field(100, ge=2)
     nll_batch_size: BatchSize = 250
     nll_orders: int = Field(2, ge=1, le=1000)  # orders drawn per test image for stochastic samplers' likelihood bounds
+    calibration_images: int = Field(500, ge=1, le=1_000_000)  # held-out images for the greedy-order calibration
     strip_steps: int = Field(8, ge=2, le=256)  # partial canvases in the generation-order strip
     seed: Seed = 0
 

@@ -50,7 +50,7 @@ def at_the_floor(metrics: dict, models: list[str], space: str = "indomain") -> l
 
 
 def write_report(path, metrics: dict, labels: dict, models: list[str], figures: dict) -> None:
-    """`figures`: {"grids": {model: rel}, "strips": {model: rel}, "heat_samples": {model: rel},
+    """`figures`: {"grids": {model: rel}, "strips": {model: rel}, "heat_samples": {model: rel}, "calibration": rel|None,
     "heat_extracted": rel|None, "curves": rel|None}; paths relative to the report's folder."""
     lines = ["# OAR evaluation report", ""]
     lines += ["## Metrics", "",
@@ -88,6 +88,12 @@ def write_report(path, metrics: dict, labels: dict, models: list[str], figures: 
                   f"![extracted orders]({figures['heat_extracted']})"]
     for m, rel in figures["heat_samples"].items():
         lines += ["", f"Sampling orders of `{m}`:", "", f"![{m} orders]({rel})"]
+    if figures.get("calibration"):
+        lines += ["", "## Confidence along the model's own greedy orders", "",
+                  "Teacher-forced on held-out images, always at the most confident unfilled position: mean top "
+                  "probability (dashed) vs how often that top token is the true one (solid). Orders extracted with "
+                  "`gt_prob` look at the answer and teach a model to be sure where it is not; this is where it shows.",
+                  "", f"![calibration]({figures['calibration']})"]
     if figures.get("curves"):
         lines += ["", "## Training curves", "", f"![training curves]({figures['curves']})"]
     lines.append("")

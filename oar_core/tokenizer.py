@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -194,14 +193,3 @@ def load_tokenizer(path, device: torch.device | str = "cpu") -> VQTokenizer | vq
                          f"re-export it with save_tokenizer or retrain (unset tokenizer.checkpoint)") from None
     return model.to(device).eval()
 
-
-@torch.no_grad()
-def reconstruct(tokenizer, images_NHWC, batch_size: int = 500):
-    """uint8 images through the tokenizer and back: the floor no token model can beat (same format out)."""
-    from oar_core.figures import to_uint8_NHWC
-    from oar_core.image_shards import to_float_BCHW
-
-    device = next(tokenizer.parameters()).device
-    return np.concatenate([to_uint8_NHWC(tokenizer.decode(tokenizer.encode(to_float_BCHW(images_NHWC[i:i + batch_size],
-                                                                                         device))).float())
-                           for i in range(0, len(images_NHWC), batch_size)])

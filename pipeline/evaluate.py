@@ -11,6 +11,7 @@ import polars as pl
 from tqdm import tqdm
 
 from oar_core import report
+from oar_core.calibration import greedy_calibration
 from oar_core.feature_net import INDOMAIN_NAME, load_classifier
 from oar_core.fidelity import (
     INCEPTION_NAME,
@@ -19,10 +20,12 @@ from oar_core.fidelity import (
     in_space,
     inception_weights_file,
     read_inception_weights,
+    reconstruct,
     temp_cache_dir,
 )
 from oar_core.figures import (
     grid_from_folder,
+    save_calibration,
     save_heatmaps,
     save_png,
     save_strips,
@@ -41,7 +44,7 @@ from oar_core.params import EvaluateParams
 from oar_core.runtime import pick_device
 from oar_core.storage import read_json, write_json
 from oar_core.token_shards import load_token_split
-from oar_core.tokenizer import load_tokenizer, reconstruct
+from oar_core.tokenizer import load_tokenizer
 from pipeline._stage import stage_main
 
 
@@ -120,6 +123,7 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
     if has_orders:
 
         oracle_NN = orders_for_ids(orders_dir, test_ids, test_NN.shape[1], missing_ok=True)
+    calibrated, calibration = {}, {}  # per checkpoint: its models share one model and so one calibration
     for name, meta in models:
         model, _ = load_gpt(meta["checkpoint"], device)
         bits, label = sampler_nll(model, meta, test_NN, test_tok_labels, n_orders=p.nll_orders,
@@ -130,6 +134,14 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
                                                                        p.nll_batch_size, device)
         labels[name].update(nll_order=label, sample_order=meta["order"], location=meta.get("location"),
                             checkpoint=meta["checkpoint"])
+        if meta["order"] != "raster":  # a model that chooses where to go: is its confidence along its orders true?
+            n = min(len(test_NN), p.calibration_images)
+            if meta["checkpoint"] not in calibrated:
+                calibrated[meta["checkpoint"]] = greedy_calibration(model, test_NN[:n], test_tok_labels[:n],
+                                                                    p.nll_batch_size, device)
+            cal = calibrated[meta["checkpoint"]]
+            metrics[name].update(greedy_confidence=cal["confidence"], greedy_accuracy=cal["accuracy"])
+            calibration.setdefault(meta["checkpoint"], (name, cal))
 
     # pictures + report
     class_names = manifest.get("class_names")
@@ -153,6 +165,9 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
     curves = ["train_raster", "train_random", "finetune", "finetune_random"]  # the last one: bench.quality's
     if save_training_curves(plots_dir, curves, fig / "training_curves.png"):
         figures["curves"] = "figures/training_curves.png"
+    if calibration:
+        save_calibration(dict(calibration.values()), fig / "calibration.png")
+        figures["calibration"] = "figures/calibration.png"
     names = [n for n, _ in models]
     report.write_report(out / "report.md", metrics, labels, names, figures)
     write_json(out / "metrics_labels.json", labels)

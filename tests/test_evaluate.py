@@ -123,6 +123,10 @@ def test_evaluate_writes_metrics_per_model_with_feature_space(pipeline_dir, fmni
     report = (tmp_path / "reports" / "report.md").read_text()
     assert "skipped: no local Inception weights (set evaluate.inception_weights)" in report
     assert "| reconstruction |" in report and "Tokenizer floor: reconstructions score FID" in report
+    for m in MODELS:  # confidence along its own greedy orders, for every model that chooses where to go
+        has = {"greedy_confidence", "greedy_accuracy"} <= set(metrics[m])
+        assert has == (labels[m]["sample_order"] != "raster"), m
+    assert (tmp_path / "reports" / "figures" / "calibration.png").exists() and "![calibration]" in report
     for m in MODELS:
         assert (tmp_path / "reports" / "figures" / f"grid_{m}.png").exists()
         assert (tmp_path / "reports" / "figures" / f"strip_{m}.png").exists()

@@ -208,3 +208,23 @@ def test_torchrun_ranks_write_the_same_table_as_one_process(any_order_model, tin
         assert sorted(written) == ([3] if name == "one" else [1, 2])  # the ranks split the work, not repeat it
     one, two = ({f.name: f.read_bytes() for f in sorted((tmp_path / d / "orders").iterdir())} for d in ("one", "two"))
     assert len(one) == 3 and one == two
+
+
+def test_greedy_calibration_equals_the_teacher_forced_forward_along_the_orders_it_found(any_order_model, tiny_shards):
+    """Confidence and accuracy from the decode loop vs one plain forward along the same (max_prob) orders."""
+    from oar_core.calibration import greedy_calibration
+
+    model, _ = load_gpt(any_order_model[0])
+    d = load_tokens(tiny_shards, "test")
+    tokens = torch.from_numpy(d["tokens"][:16].astype(np.int64)).flatten(1)
+    labels = torch.from_numpy(d["labels"][:16])
+    cal = greedy_calibration(model, tokens, labels, batch_size=8)
+    order = extract_batch(model, tokens, labels, LocationRule(score="max_prob"))["order"]
+    with torch.no_grad():
+        logits_BNV, targets_BN = model(tokens, order, labels)
+    prob_BNV = logits_BNV.float().softmax(-1)
+    conf_BN, correct_BN = prob_BNV.amax(-1), (prob_BNV.argmax(-1) == targets_BN).float()
+    assert cal["confidence"] == pytest.approx(conf_BN.mean().item(), abs=1e-5)
+    assert cal["accuracy"] == pytest.approx(correct_BN.mean().item(), abs=1e-6)
+    assert cal["accuracy_per_step"] == pytest.approx(correct_BN.mean(0).tolist(), abs=1e-6)
+    assert 0.05 < cal["accuracy"] < 1.0  # a trained model: neither chance (1/64) nor perfect
