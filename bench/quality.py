@@ -48,13 +48,14 @@ SAMPLERS = [  # name, model, order, location rule
     ("oar-greedy", "oar", "confidence", {}),
     ("oar-gumbel", "oar", "confidence", {"temperature": 1.0, "anneal": "linear"}),
     ("oar-policy", "oar", "policy", {"temperature": 1.0}),
+    ("oar-policy-t0.5", "oar", "policy", {"temperature": 0.5}),
     ("oar-random", "oar", "random", {}),
     ("oar-gt-gumbel", "oar-gt", "confidence", {"temperature": 1.0, "anneal": "linear"}),
     ("oar-gt-policy", "oar-gt", "policy", {"temperature": 1.0}),
 ]
 REFERENCE = ["real", "reconstruction"]
 COLUMNS = [("fid", "FID", 2), ("kid", "KID", 4), ("precision", "precision", 3), ("recall", "recall", 3),
-           ("nll_bits_per_token", "NLL bits/token (valid)", 3)]
+           ("nll_bits_per_token", "NLL bits/token (valid)", 3), ("location_bits_per_step", "location bits/step", 2)]
 SIZES = {"tiny": (2, 2, 64), "small": (2, 4, 96), "default": (4, 4, 128)}
 
 
@@ -267,7 +268,7 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
                 m = evaluate_images(res["images"], ref["test"], common, seed, cache)
                 meta = {"order": order, "location": spec.location.model_dump()}
                 with torch.no_grad():
-                    m["nll_bits_per_token"], m["nll_how"] = sampler_nll(
+                    m["nll_bits_per_token"], m["nll_how"], m["location_bits_per_step"] = sampler_nll(
                         model, meta, test_NN, test_labels, n_orders=p.evaluate.nll_orders,
                         batch_size=p.evaluate.nll_batch_size, seed=p.evaluate.seed, device=device)
                 m["images_per_s"], m["made_from"] = round(len(res["images"]) / sec, 1), made_from
@@ -300,7 +301,7 @@ def table(per_seed: dict[int, dict], a, clf_acc, extract: dict) -> str:
         rows = [per_seed[s][name] for s in seeds if name in per_seed[s]]
         if not rows:
             continue
-        cells = [cell([r[k] for r in rows if k in r], d) for k, _, d in COLUMNS]
+        cells = [cell([r[k] for r in rows if r.get(k) is not None], d) for k, _, d in COLUMNS]
         ips = cell([r["images_per_s"] for r in rows if "images_per_s" in r], 0)
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {ips} |")
     if any(extract.values()):

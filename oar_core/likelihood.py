@@ -35,12 +35,22 @@ def is_deterministic(order: str, location: LocationRule | None) -> bool:
     return True
 
 
-@torch.no_grad()
 def sampler_bits(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, order: str,
                  location: LocationRule | None = None, n_orders: int = 2, batch_size: int = 250, seed: int = 0,
                  device="cpu") -> float:
     """Mean held-out bits/token of the sampler (order + location rule): exact for deterministic rules, else the
     mean over `n_orders` orders drawn per image from the sampler's own rule."""
+    return sampler_bits_and_location(model, tokens_NN, labels_N, order, location, n_orders, batch_size, seed,
+                                     device)[0]
+
+
+@torch.no_grad()
+def sampler_bits_and_location(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, order: str,
+                              location: LocationRule | None = None, n_orders: int = 2, batch_size: int = 250,
+                              seed: int = 0, device="cpu") -> tuple[float, float | None]:
+    """`sampler_bits`, and for a location rule or policy the mean bits per step of its location choices along the
+    same drawn orders (-log2 q of each choice: an estimate of the rule's entropy per step on real prefixes; 0 for a
+    greedy rule, log2 of the unfilled count for a uniform one). None for fixed and random orders."""
     if location is not None and location.score == "gt_prob":
         raise ValueError("the gt_prob score looks at the answer: a sampler cannot use it, and scoring under it is "
                          "not a likelihood (use bits_along_orders for that diagnostic)")
@@ -48,28 +58,32 @@ def sampler_bits(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, or
     H, W = model.cfg.grid_h, model.cfg.grid_w
     draws = 1 if is_deterministic(order, location) else n_orders
     g = torch.Generator().manual_seed(seed)
-    total = 0.0
+    total, loc_total = 0.0, 0.0
     for _ in range(draws):
         for _, tok_BN, lab_B in in_batches(tokens_NN, labels_N, batch_size, device):
             with autocast(device):
                 if order in ADAPTIVE_ORDERS:
                     out = teacher_forced(model, tok_BN, lab_B, order=order, location=location, generator=g)
                     bits_B = -out["logp"].sum(1) / tok_BN.shape[1] / LN2
+                    loc_total += float(-out["logq"].sum() / tok_BN.shape[1] / LN2)
                 else:
                     bits_B = order_bits(model, tok_BN, lab_B, sample_orders(order, len(tok_BN), H, W, g).to(device))
             total += float(bits_B.sum())
-    return total / (draws * len(tokens_NN))
+    n = draws * len(tokens_NN)
+    return total / n, (loc_total / n if order in ADAPTIVE_ORDERS else None)
 
 
 def sampler_nll(model, meta: dict, test_NN, test_labels, *, n_orders: int, batch_size: int, seed: int,
-                device) -> tuple[float, str]:
-    """Held-out bits/token of the model as it samples (its order and location rule): a valid likelihood bound."""
+                device) -> tuple[float, str, float | None]:
+    """Held-out bits/token of the model as it samples (its order and location rule): a valid likelihood bound; how
+    it was obtained; and the location rule's bits per step (sampler_bits_and_location)."""
     order = meta["order"]
     rule = LocationRule(**meta["location"]) if meta.get("location") else None
-    bits = sampler_bits(model, test_NN, test_labels, order, rule, n_orders, batch_size, seed, device)
+    bits, loc = sampler_bits_and_location(model, test_NN, test_labels, order, rule, n_orders, batch_size, seed,
+                                          device)
     if order in ADAPTIVE_ORDERS:
         how = ("exact: its greedy location rule, teacher-forced" if is_deterministic(order, rule) else
                f"bound: mean over {n_orders} orders drawn from its own location rule, teacher-forced")
     else:
         how = "exact" if is_deterministic(order, rule) else f"bound: mean over {n_orders} random orders"
-    return bits, f"{order} order, {how}"
+    return bits, f"{order} order, {how}", loc

@@ -126,9 +126,11 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
     calibrated, calibration = {}, {}  # per checkpoint: its models share one model and so one calibration
     for name, meta in models:
         model, _ = load_gpt(meta["checkpoint"], device)
-        bits, label = sampler_nll(model, meta, test_NN, test_tok_labels, n_orders=p.nll_orders,
-                                  batch_size=p.nll_batch_size, seed=p.seed, device=device)
+        bits, label, loc = sampler_nll(model, meta, test_NN, test_tok_labels, n_orders=p.nll_orders,
+                                       batch_size=p.nll_batch_size, seed=p.seed, device=device)
         metrics[name]["nll_bits_per_token"] = bits
+        if loc is not None:  # how random the location choices are (near log2 of the unfilled count = random)
+            metrics[name]["location_bits_per_step"] = loc
         if oracle_NN is not None and meta["order"] in ADAPTIVE_ORDERS:
             metrics[name]["oracle_order_bits_per_token"] = bits_along_orders(model, test_NN, test_tok_labels, oracle_NN,
                                                                        p.nll_batch_size, device)

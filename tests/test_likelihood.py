@@ -84,3 +84,17 @@ def test_location_rule_distribution():
     g = torch.Generator().manual_seed(0)
     picks = {int(pick(LocationRule(), 0, 10, score, generator=g)[0]) for _ in range(40)}
     assert picks == {2, 3}
+
+
+def test_location_bits_per_step_are_zero_for_greedy_and_near_uniform_for_a_hot_rule(noise_fit):
+    from oar_core.likelihood import sampler_bits_and_location
+
+    model, test, labels = noise_fit
+    uniform = sum(math.log2(N - t) for t in range(N)) / N  # a uniform choice among the unfilled positions
+    _, greedy = sampler_bits_and_location(model, test[:16], labels[:16], "confidence", LocationRule())
+    _, hot = sampler_bits_and_location(model, test[:16], labels[:16], "confidence", LocationRule(temperature=100.0))
+    _, cool = sampler_bits_and_location(model, test[:16], labels[:16], "confidence", LocationRule(temperature=0.05))
+    assert greedy == 0.0
+    assert uniform - 0.1 < hot < uniform + 1e-3
+    assert cool < hot - 0.5  # a lower temperature concentrates the choices
+    assert sampler_bits_and_location(model, test[:4], labels[:4], "random")[1] is None
