@@ -68,3 +68,13 @@ def test_every_stage_that_logs_follows_its_outputs(tmp_path, monkeypatch):
         assert own_roots("tokenizer", trial) == pipeline  # fixed outputs (models/tokenizer.pt): always the pipeline's
     monkeypatch.chdir(tmp_path)  # no dvc.yaml here: nothing is tracked, the usual layout
     assert own_roots("train_random", {**base, "train_random": {**base["train_random"], "out_dir": "y"}}) == pipeline
+
+
+def test_a_sampled_model_cannot_take_the_trials_metrics_folder_name(tmp_path):
+    import pytest
+
+    from oar_core.params import ParamsError, load_params
+
+    (tmp_path / "params.yaml").write_text("sample:\n  models:\n  - {name: dvclive, checkpoint: m.pt, order: raster}\n")
+    with pytest.raises(ParamsError, match="plain folder names other than 'dvclive'"):
+        load_params(tmp_path / "params.yaml")
