@@ -59,15 +59,17 @@ def test_every_stage_that_logs_follows_its_outputs(tmp_path, monkeypatch):
     repo = _repo(tmp_path / "repo")
     monkeypatch.chdir(repo)
     base = Params().model_dump(mode="json")
+    (repo / "copy.yaml").write_text((repo / "params.yaml").read_text())
     pipeline = (Path("dvclive"), Path("runs"))
-    for stage, key in (("train_raster", "out_dir"), ("train_random", "out_dir"), ("finetune", "out_dir"),
-                       ("sample", "out_dir"), ("evaluate", "out_dir")):
-        assert own_roots(stage, base) == pipeline, stage
-        trial = {**base, stage: {**base[stage], key: "elsewhere/x"}}
-        assert own_roots(stage, trial) == (Path("elsewhere/x/dvclive"), Path("elsewhere/x/runs")), stage
-        assert own_roots("tokenizer", trial) == pipeline  # fixed outputs (models/tokenizer.pt): always the pipeline's
+    for stage in ("train_raster", "train_random", "finetune", "sample", "evaluate"):
+        trial = Params(**{**base, stage: {**base[stage], "out_dir": "elsewhere/x"}})
+        assert own_roots(stage, Params(), "copy.yaml") == pipeline, stage  # the same outputs: the pipeline's run
+        assert own_roots(stage, trial, "probe.yaml") == (Path("elsewhere/x/dvclive"), Path("elsewhere/x/runs")), stage
+        assert own_roots(stage, trial, "params.yaml") == pipeline  # params.yaml itself: what `dvc repro` runs
+        assert own_roots("tokenizer", trial, "probe.yaml") == pipeline  # fixed outputs (models/tokenizer.pt)
     monkeypatch.chdir(tmp_path)  # no dvc.yaml here: nothing is tracked, the usual layout
-    assert own_roots("train_random", {**base, "train_random": {**base["train_random"], "out_dir": "y"}}) == pipeline
+    trial = Params(**{**base, "train_random": {**base["train_random"], "out_dir": "y"}})
+    assert own_roots("train_random", trial, "probe.yaml") == pipeline
 
 
 def test_a_sampled_model_cannot_take_the_trials_metrics_folder_name(tmp_path):
