@@ -199,8 +199,11 @@ class SampleParams(Section):
     @model_validator(mode="after")
     def _unique_names(self):
         names = [m.name for m in self.models]
-        if len(set(names)) != len(names) or any(not n or "/" in n or n.startswith(".") for n in names):
-            raise ValueError(f"sample.models names must be unique plain folder names, got {quote(names)}")
+        # dvclive: where a trial run keeps its metrics inside sample.out_dir (pipeline/_stage.py own_roots)
+        if len(set(names)) != len(names) or any(not n or "/" in n or n.startswith(".") or n == "dvclive"
+                                                for n in names):
+            raise ValueError(f"sample.models names must be unique plain folder names other than 'dvclive', got "
+                             f"{quote(names)}")
         return self
 
 

@@ -27,6 +27,25 @@ def sweep_temps(stage: str, params: dict, dag: str = "dvc.yaml") -> None:
             remove_stale_temps(folder)
 
 
+def own_roots(stage: str, params: Params, params_file: str = "params.yaml", dag: str = "dvc.yaml") -> tuple[Path, Path]:
+    """(DVCLive root, run-state root) of a run of `stage` with `params`: the repository's `dvclive/` and `runs/` for
+    the pipeline's run (the params.yaml beside dvc.yaml, or params whose outputs for this stage are the ones that
+    file makes dvc.yaml declare); a trial naming other outputs (`--params probe.yaml` with out_dir: models/probe)
+    keeps both inside its own output, `<out>/dvclive/` and `<out>/runs/`, and so never touches the pipeline's tracked
+    metrics or its resume state."""
+    pipeline, repo_params = (Path("dvclive"), Path("runs")), Path(dag).parent / "params.yaml"
+    if not Path(dag).exists() or not repo_params.exists() or Path(params_file).resolve() == repo_params.resolve():
+        return pipeline
+    mine = declared(dag_stages(dag, params.model_dump(mode="json")).get(stage) or {}, "outs")
+    try:
+        theirs = declared(dag_stages(dag, load_params(repo_params).model_dump(mode="json")).get(stage) or {}, "outs")
+    except ValueError:  # the repository's params.yaml does not validate: this run is not the pipeline's
+        theirs = None
+    if not mine or mine == theirs:
+        return pipeline
+    return Path(mine[0]) / "dvclive", Path(mine[0]) / "runs"
+
+
 def die_with_dvc() -> None:
     """Under `dvc repro` (which sets DVC_STAGE), ask the kernel to end this stage (SIGTERM) when the dvc process dies:
     a dvc killed alone must not leave its stage running as an orphan that goes on writing outputs nobody records."""
@@ -84,6 +103,7 @@ def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args
     try:
         params = load_params(args.params)
         sweep_temps(name, params.model_dump(mode="json"))
+        args.live_root, args.runs_root = own_roots(name, params, args.params)
         for key, path in upstream_paths(params).items():  # an --option given on the command line wins
             if getattr(args, key, False) is None:
                 setattr(args, key, path)

@@ -63,7 +63,8 @@ def model_folders(samples_dir) -> list[tuple[str, dict]]:
     if not root.is_dir():
         raise ValueError(f"{root}: samples folder not found; run `dvc repro sample` (or python -m pipeline.sample) "
                          "before evaluating")
-    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders = sorted(d for d in root.iterdir()  # dvclive/: a trial's metrics (pipeline/_stage.py own_roots)
+                     if d.is_dir() and not d.name.startswith(".") and d.name != "dvclive")
     if not folders:
         raise ValueError(f"{root}: no model sub-folders; run `dvc repro sample` (or python -m pipeline.sample)")
     found = [(d.name, load_sample_meta(d)) for d in folders]
@@ -187,13 +188,15 @@ def _args(ap):
     ap.add_argument("--orders-dir", help="default: from params.yaml")
     ap.add_argument("--tokenizer", default="models/tokenizer.pt")
     ap.add_argument("--plots-dir", default="dvclive", help="DVCLive folders of the training stages (their curves)")
-    ap.add_argument("--metrics", default="dvclive/evaluate", help="DVCLive folder: <it>/<model>/metrics.json")
+    ap.add_argument("--metrics", help="DVCLive folder: <it>/<model>/metrics.json; default: dvclive/evaluate (a "
+                                      "trial's: <evaluate.out_dir>/dvclive/evaluate)")
     ap.add_argument("--feature-net", default="models/feature_net.pt")
 
 
 def main(argv=None):
     return stage_main(__doc__, "evaluate", lambda p, a: run_evaluate(
-        p, a.samples, a.ingest_dir, a.shards, a.orders_dir, a.tokenizer, a.plots_dir, a.metrics, a.feature_net),
+        p, a.samples, a.ingest_dir, a.shards, a.orders_dir, a.tokenizer, a.plots_dir,
+        a.metrics or a.live_root / "evaluate", a.feature_net),
         argv, _args)
 
 

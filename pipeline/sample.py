@@ -122,7 +122,7 @@ def tidy_samples_dir(out_dir: Path, names: list[str]) -> list[str]:
     in sample.models, so evaluate sees exactly the models listed. Returns what was removed."""
     gone = []
     for f in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
-        if f.name.startswith(".") or (f.is_dir() and f.name not in names):
+        if f.name.startswith(".") or (f.is_dir() and f.name not in (*names, "dvclive")):  # a trial's metrics
             remove_path(f)
             gone.append(f.name)
     return gone
@@ -164,8 +164,9 @@ def run_sample(p: SampleParams, live_dir: str = "dvclive/sample", progress: bool
 
 
 def main(argv=None):
-    return stage_main(__doc__, "sample", lambda p, a: run_sample(p, a.live_dir), argv,
-                      lambda ap: ap.add_argument("--live-dir", default="dvclive/sample"))
+    return stage_main(__doc__, "sample", lambda p, a: run_sample(p, a.live_dir or a.live_root / "sample"), argv,
+                      lambda ap: ap.add_argument("--live-dir", help="default: dvclive/sample (a trial's: "
+                                                                    "<sample.out_dir>/dvclive/sample)"))
 
 
 if __name__ == "__main__":

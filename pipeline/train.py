@@ -306,8 +306,8 @@ def run_train(p: TrainParams, stage: str, shards: str, runs_dir: str = "runs", l
 
 
 def main(argv=None):
-    return stage_main(__doc__, None, lambda p, a: run_train(p, a.stage, a.shards, orders_dir=a.orders_dir), argv,
-                      _args)
+    return stage_main(__doc__, None, lambda p, a: run_train(p, a.stage, a.shards, a.runs_root, a.live_root,
+                                                             orders_dir=a.orders_dir), argv, _args)
 
 
 def _args(ap):
