@@ -18,7 +18,7 @@ prefix. The first of those rows is the next input of the chain and is kept in th
 k - 1 tokens (each pointing at the next one's position) are forwarded causally in front of the next step's forward
 (`CachedForward` adds what the cache lacks of the prefix), so the prefix is never re-encoded. At one token per step
 this is today's decode, bit for bit.
-`pick_token(t, pos_B, logits_BV)` chooses the content: sampled for generation, the ground truth for
+`pick_token(t, pos_Bk, logits_BkV)` chooses the contents: sampled for generation, the ground truth for
 teacher forcing. Classifier-free guidance follows LlamaGen / RandAR / MAR: uncond + s * (cond - uncond),
 s = 1 is no guidance, optionally ramped linearly from 1 to s over the steps.
 """
@@ -38,7 +38,8 @@ from oar_core.names import ADAPTIVE_ORDERS, ORACLE_SCORES, SAMPLE_ORDERS, STEP_S
 from oar_core.orders import sample_orders
 
 CANDIDATE_CHUNK_MB = 256.0  # the params' default (ExtractParams, SampleParams)
-PickToken = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]  # (step, pos_B, logits_BV) -> token_B
+# (first token's step, pos_Bk, logits_BkV) -> token_Bk: the contents of a step's k positions
+PickToken = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def unfilled_positions(filled_BN: torch.Tensor) -> torch.Tensor:
@@ -152,15 +153,8 @@ class _Steps:
         from the chosen positions' own forward) and log q given the earlier ones."""
         rule = self.location
         bonus = filled_neighbours(self.filled_BN, cand_BC, self.H, self.W) if rule.locality else None
-        chosen = []
-        for i in range(k):
-            choice_B, self.out["logq"][:, t + i] = pick(rule, t + i, self.N, score_BC, bonus, self.generator)
-            self.out["scores"][:, t + i] = score_BC[self.rows, choice_B]
-            chosen.append(choice_B)
-            if i + 1 < k:
-                score_BC = score_BC.clone()
-                score_BC[self.rows, choice_B] = float("-inf")
-        choice_Bk = torch.stack(chosen, 1)
+        choice_Bk, self.out["logq"][:, t: t + k] = pick(rule, t, self.N, score_BC, bonus, self.generator, k)
+        self.out["scores"][:, t: t + k] = torch.gather(score_BC, 1, choice_Bk)
         return torch.gather(cand_BC, 1, choice_Bk)
 
 
@@ -221,7 +215,6 @@ def decode(model: GPT, labels_B: torch.Tensor, pick_token: PickToken, *, order: 
     sizes = step_sizes(N - K, steps, schedule)
     if progress:
         sizes = tqdm(sizes, desc="decode", unit="step", leave=False)
-    rows = ctx.rows
     chunk = candidate_chunk(candidate_chunk_mb, labels_R.shape[0], model.cfg.vocab_size)
     t = K  # tokens placed so far
     for k in sizes:
@@ -240,13 +233,11 @@ def decode(model: GPT, labels_B: torch.Tensor, pick_token: PickToken, *, order: 
         if order == "confidence":  # the step scores from this same-shaped forward: none depends on the chunk size
             out["scores"][:, t: t + k] = ctx.score(t, logits_RkV, cand_BC)
         guided_BkV = ctx.guide(logits_RkV, t)
-        for i in range(k):  # sampled independently given the prefix
-            pos_B, logits_BV = cand_BC[:, i], guided_BkV[:, i]
-            token_B = pick_token(t + i, pos_B, logits_BV)
-            out["logp"][:, t + i] = torch.gather(F.log_softmax(logits_BV, -1), 1, token_B[:, None])[:, 0]
-            tokens_BN[rows, pos_B] = token_B
-            filled_BN[rows, pos_B] = True
-            order_BN[:, t + i] = pos_B
+        token_Bk = pick_token(t, cand_BC, guided_BkV)  # sampled independently given the prefix
+        out["logp"][:, t: t + k] = torch.gather(F.log_softmax(guided_BkV, -1), 2, token_Bk[..., None])[..., 0]
+        tokens_BN.scatter_(1, cand_BC, token_Bk)
+        filled_BN.scatter_(1, cand_BC, True)
+        order_BN[:, t: t + k] = cand_BC
         t += k
     return out
 
@@ -270,8 +261,8 @@ def generate(model: GPT, labels_B: torch.Tensor, *, order: str = "confidence", t
                   order=order, generator=generator, **decode_kw)
 
 
-def _sampled(t: int, pos_B, logits_BV, *, temperature: float, top_k: int | None, generator) -> torch.Tensor:
-    return sample_token(logits_BV, temperature, top_k, generator)
+def _sampled(t: int, pos_Bk, logits_BkV, *, temperature: float, top_k: int | None, generator) -> torch.Tensor:
+    return sample_token(logits_BkV.flatten(0, 1), temperature, top_k, generator).view(pos_Bk.shape)
 
 
 def teacher_forced(model: GPT, tokens_BN: torch.Tensor, labels_B: torch.Tensor, *, order: str,
@@ -282,5 +273,5 @@ def teacher_forced(model: GPT, tokens_BN: torch.Tensor, labels_B: torch.Tensor, 
                   gt_tokens_BN=tokens_BN if oracle else None, **decode_kw)
 
 
-def _true_token(t: int, pos_B, logits_BV, *, tokens_BN) -> torch.Tensor:
-    return tokens_BN[torch.arange(len(pos_B), device=pos_B.device), pos_B]
+def _true_token(t: int, pos_Bk, logits_BkV, *, tokens_BN) -> torch.Tensor:
+    return torch.gather(tokens_BN, 1, pos_Bk)

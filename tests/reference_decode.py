@@ -69,7 +69,8 @@ def sequential_decode(model: GPT, labels_B: torch.Tensor, pick_token, *, order: 
                       cfg_scale: float = 1.0, cfg_schedule: str = "constant",
                       generator: torch.Generator | None = None, candidate_chunk_mb: float = CANDIDATE_CHUNK_MB,
                       forward=CachedForward) -> dict[str, torch.Tensor]:
-    """`oar_core.decode.decode` as it was before parallel decoding (one token per step), kept verbatim."""
+    """`oar_core.decode.decode` as it was before parallel decoding (one token per step), kept verbatim but for
+    pick_token's (B, k) shapes."""
     if order not in SAMPLE_ORDERS:
         raise ValueError(f"unknown order {order!r}; use one of {', '.join(SAMPLE_ORDERS)}")
     if order == "policy" and not model.cfg.policy:
@@ -125,7 +126,7 @@ def sequential_decode(model: GPT, labels_B: torch.Tensor, pick_token, *, order: 
         if order == "confidence":  # the step score from this same-shaped forward: no score depends on the chunk size
             out["scores"][:, t] = steps.score(t, logits_R1V, cand_BC)[:, 0]
         pos_B, logits_BV = cand_BC[:, 0], steps.guide(logits_R1V, t)[:, 0]
-        token_B = pick_token(t, pos_B, logits_BV)
+        token_B = pick_token(t, pos_B[:, None], logits_BV[:, None])[:, 0]  # pick_token takes (B, k) since
         out["logp"][:, t] = torch.gather(F.log_softmax(logits_BV, -1), 1, token_B[:, None])[:, 0]
         tokens_BN[rows, pos_B] = token_B
         filled_BN[rows, pos_B] = True
