@@ -92,7 +92,7 @@ def _pick_k(rule, t, N, score_BC, bonus_BC, generator, k):
         choice_Bk = torch.multinomial(logq_BC.exp().cpu(), k, generator=generator).to(score_BC.device)
         lq_Bk = torch.gather(logq_BC, 1, choice_Bk).double()
         taken_Bk = torch.cumsum(lq_Bk.exp(), 1) - lq_Bk.exp()
-        return choice_Bk, (lq_Bk - torch.log1p(-taken_Bk.clamp(max=1 - 1e-12))).float()
+        return choice_Bk, (lq_Bk - torch.log1p(-taken_Bk.clamp(max=1 - 1e-12))).clamp(max=0).float()
     # greedy or top-k: the rule applied k times, each chosen candidate out of the running
     rows, score_BC, chosen, logq = torch.arange(score_BC.shape[0], device=score_BC.device), score_BC.clone(), [], []
     for _ in range(k):

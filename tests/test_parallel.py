@@ -140,3 +140,22 @@ def test_parallel_likelihood_is_the_parallel_samplers(model):
 def test_steps_beyond_the_grid_are_refused(model):
     with pytest.raises(ValueError, match="steps must be between 1 and the grid's 16 tokens"):
         generate(model, torch.tensor([0]), order="raster", steps=17)
+
+
+@pytest.mark.parametrize("rule", [LocationRule(temperature=0.7), LocationRule(temperature=1.0, top_k=4),
+                                  LocationRule()], ids=["tempered", "top-k", "greedy"])
+def test_k_positions_are_drawn_without_replacement_with_their_sequential_log_q(rule):
+    """Each chosen position's log q is the rule's log-probability of it among the candidates left after the earlier
+    ones: what drawing them one at a time would give."""
+    from oar_core.location import log_q, pick
+
+    score_BC = torch.randn(3, 10, generator=torch.Generator().manual_seed(0))
+    choice_Bk, logq_Bk = pick(rule, 2, 16, score_BC, None, torch.Generator().manual_seed(1), k=5)
+    assert all(len(set(row.tolist())) == 5 for row in choice_Bk)
+    left = score_BC.clone()
+    for i in range(5):
+        want = log_q(rule, 2, 16, left).gather(1, choice_Bk[:, i:i + 1])[:, 0]
+        assert torch.allclose(logq_Bk[:, i], want, atol=1e-5), i
+        left = left.scatter(1, choice_Bk[:, i:i + 1], float("-inf"))
+    if rule.temperature == 0:
+        assert torch.equal(choice_Bk, score_BC.topk(5, 1).indices)
