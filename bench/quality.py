@@ -87,7 +87,7 @@ def params_for(a, seed: int, common: Path) -> dict:
     ft = dict(lr=3e-4, min_lr=3e-5, warmup_steps=min(50, F // 10))
     params = {
         "ingest": {"max_train": a.max_train, "max_test": a.max_test, "out_dir": str(common / "data/ingest")},
-        "tokenizer": {"steps": a.tokenizer_steps},
+        "tokenizer": {"steps": a.tokenizer_steps, "grid": getattr(a, "grid", 7)},  # bench.parallel sets the grid
         "tokenize": {"out": str(common / "data/shards")},
         "train_raster": train_section(a, "raster", "models/raster", S + F, seed),
         "train_random": train_section(a, "random", "models/random", S, seed),

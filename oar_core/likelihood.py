@@ -14,6 +14,9 @@ An order picked by looking at the target (extraction's `gt_prob`) and not paid f
 diagnostic (`bits_along_orders` along extracted orders): on i.i.d. uniform tokens it goes below the entropy,
 which no likelihood can.
 Content log-probs are the model's conditional ones at temperature 1, without guidance or top-k.
+A parallel sampler (`steps` < N: several tokens per forward) samples the tokens of a step independently given the
+prefix before it, so its likelihood is not the sequential one: the same bounds hold with every token conditioned on
+the prefix before its step, which is what the teacher-forced parallel decode computes (for fixed orders: exact).
 """
 from __future__ import annotations
 
@@ -37,17 +40,18 @@ def is_deterministic(order: str, location: LocationRule | None) -> bool:
 
 def sampler_bits(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, order: str,
                  location: LocationRule | None = None, n_orders: int = 2, batch_size: int = 250, seed: int = 0,
-                 device="cpu") -> float:
-    """Mean held-out bits/token of the sampler (order + location rule): exact for deterministic rules, else the
-    mean over `n_orders` orders drawn per image from the sampler's own rule."""
+                 device="cpu", steps: int | None = None, schedule: str = "constant") -> float:
+    """Mean held-out bits/token of the sampler (order + location rule, and its parallel `steps`/`schedule`): exact
+    for deterministic rules, else the mean over `n_orders` orders drawn per image from the sampler's own rule."""
     return sampler_bits_and_location(model, tokens_NN, labels_N, order, location, n_orders, batch_size, seed,
-                                     device)[0]
+                                     device, steps, schedule)[0]
 
 
 @torch.no_grad()
 def sampler_bits_and_location(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, order: str,
                               location: LocationRule | None = None, n_orders: int = 2, batch_size: int = 250,
-                              seed: int = 0, device="cpu") -> tuple[float, float | None]:
+                              seed: int = 0, device="cpu", steps: int | None = None,
+                              schedule: str = "constant") -> tuple[float, float | None]:
     """`sampler_bits`, and for a location rule or policy the mean bits per step of its location choices along the
     same drawn orders (-log2 q of each choice: an estimate of the rule's entropy per step on real prefixes; 0 for a
     greedy rule, log2 of the unfilled count for a uniform one). None for fixed and random orders."""
@@ -62,8 +66,9 @@ def sampler_bits_and_location(model: GPT, tokens_NN: torch.Tensor, labels_N: tor
     for _ in range(draws):
         for _, tok_BN, lab_B in in_batches(tokens_NN, labels_N, batch_size, device):
             with autocast(device):
-                if order in ADAPTIVE_ORDERS:
-                    out = teacher_forced(model, tok_BN, lab_B, order=order, location=location, generator=g)
+                if order in ADAPTIVE_ORDERS or steps is not None:
+                    out = teacher_forced(model, tok_BN, lab_B, order=order, location=location, generator=g,
+                                         steps=steps, schedule=schedule)
                     bits_B = -out["logp"].sum(1) / tok_BN.shape[1] / LN2
                     loc_total += float(-out["logq"].sum() / tok_BN.shape[1] / LN2)
                 else:
@@ -75,15 +80,22 @@ def sampler_bits_and_location(model: GPT, tokens_NN: torch.Tensor, labels_N: tor
 
 def sampler_nll(model, meta: dict, test_NN, test_labels, *, n_orders: int, batch_size: int, seed: int,
                 device) -> tuple[float, str, float | None]:
-    """Held-out bits/token of the model as it samples (its order and location rule): a valid likelihood bound; how
-    it was obtained; and the location rule's bits per step (sampler_bits_and_location)."""
+    """Held-out bits/token of the model as it samples (its order, location rule and parallel steps): a valid
+    likelihood bound of that sampler (for a parallel one, not the model's sequential NLL); how it was obtained; and
+    the location rule's bits per step (sampler_bits_and_location)."""
     order = meta["order"]
     rule = LocationRule(**meta["location"]) if meta.get("location") else None
+    steps, schedule = meta.get("steps"), meta.get("schedule") or "constant"
+    if steps is not None and steps >= model.cfg.n_tokens:
+        steps = None  # one token per step: the sequential sampler
     bits, loc = sampler_bits_and_location(model, test_NN, test_labels, order, rule, n_orders, batch_size, seed,
-                                          device)
+                                          device, steps, schedule)
     if order in ADAPTIVE_ORDERS:
         how = ("exact: its greedy location rule, teacher-forced" if is_deterministic(order, rule) else
                f"bound: mean over {n_orders} orders drawn from its own location rule, teacher-forced")
     else:
         how = "exact" if is_deterministic(order, rule) else f"bound: mean over {n_orders} random orders"
+    if steps is not None:
+        how += (f"; of the parallel sampler ({steps} steps, {schedule}; tokens of a step conditioned on the prefix "
+                f"before it), not the model's sequential NLL")
     return bits, f"{order} order, {how}", loc

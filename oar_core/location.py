@@ -69,9 +69,35 @@ def log_q(rule: LocationRule, t: int, N: int, score_BC: torch.Tensor,
 
 
 def pick(rule: LocationRule, t: int, N: int, score_BC: torch.Tensor, bonus_BC: torch.Tensor | None = None,
-         generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(choice_B, log q(choice)_B). Greedy ties are broken uniformly at random, not by raster index."""
+         generator: torch.Generator | None = None, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(choice_B, log q(choice)_B). Greedy ties are broken uniformly at random, not by raster index.
+    With k: (choice_Bk, log q_Bk), k candidates drawn one after another without replacement, each log q given the
+    earlier ones (a parallel step's positions; greedy: the k best)."""
+    if k is not None:
+        return _pick_k(rule, t, N, score_BC, bonus_BC, generator, k)
     logq_BC = log_q(rule, t, N, score_BC, bonus_BC)
     probs = logq_BC.exp()
     choice_B = torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(score_BC.device)
     return choice_B, torch.gather(logq_BC, 1, choice_B[:, None])[:, 0]
+
+
+def _pick_k(rule, t, N, score_BC, bonus_BC, generator, k):
+    if k == 1:  # exactly the one-token draw
+        choice_B, logq_B = pick(rule, t, N, score_BC, bonus_BC, generator)
+        return choice_B[:, None], logq_B[:, None]
+    if rule.top_k is None and tau(rule, t, N) > 0:
+        # one multinomial draw without replacement is the sequential one (Plackett-Luce): log q of the i-th choice is
+        # its probability renormalised over the candidates not chosen before it
+        logq_BC = log_q(rule, t, N, score_BC, bonus_BC)
+        choice_Bk = torch.multinomial(logq_BC.exp().cpu(), k, generator=generator).to(score_BC.device)
+        lq_Bk = torch.gather(logq_BC, 1, choice_Bk).double()
+        taken_Bk = torch.cumsum(lq_Bk.exp(), 1) - lq_Bk.exp()
+        return choice_Bk, (lq_Bk - torch.log1p(-taken_Bk.clamp(max=1 - 1e-12))).clamp(max=0).float()
+    # greedy or top-k: the rule applied k times, each chosen candidate out of the running
+    rows, score_BC, chosen, logq = torch.arange(score_BC.shape[0], device=score_BC.device), score_BC.clone(), [], []
+    for _ in range(k):
+        choice_B, logq_B = pick(rule, t, N, score_BC, bonus_BC, generator)
+        score_BC[rows, choice_B] = float("-inf")
+        chosen.append(choice_B)
+        logq.append(logq_B)
+    return torch.stack(chosen, 1), torch.stack(logq, 1)

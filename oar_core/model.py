@@ -46,29 +46,37 @@ class KVCache:
     """Per-layer keys/values of the decoded inputs in N slots: `length` committed inputs (slots [0, length)) whose
     next positions are fixed, then the rows of the latest forward (slots [length, length + T)). `append` declares
     those rows before the forward and so what they attend to: a causal continuation of the prefix (prefill), or
-    `candidates`, alternatives for the next input that each see the prefix and themselves only; `commit` makes
-    them part of the prefix (of candidates, the single one of the last forward). Nothing else moves `length`.
-    N slots suffice: each candidate is an unfilled position, so length + C <= N."""
+    `candidates`, alternatives for the next input that each see the prefix and themselves only, optionally after
+    `chain` causal rows (the inputs of tokens committed together in a parallel step: seen by the candidates, and
+    committed by the forward that writes them, `settle_chain`); `commit` makes the rows part of the prefix (of
+    candidates, the single one of the last forward, or its first with `first`). Nothing else moves `length`.
+    N slots suffice: each candidate is an unfilled position, so length + chain + C <= N."""
 
     def __init__(self, n_layer: int, batch: int, max_len: int):
         self.batch, self.max_len = batch, max_len
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0
-        self.rows, self.candidates = 0, False  # the rows after `length` that the next forward writes
+        self.rows, self.candidates, self.chain = 0, False, 0  # the rows after `length` that the next forward writes
         self.mask_TS: torch.Tensor | None = None  # what those rows see; built by the first layer that writes
 
-    def append(self, rows: int, candidates: bool = False) -> None:
-        """The next forward writes `rows` inputs after the committed prefix, replacing the last uncommitted ones."""
+    def append(self, rows: int, candidates: bool = False, chain: int = 0) -> None:
+        """The next forward writes `rows` inputs after the committed prefix, replacing the last uncommitted ones;
+        with `candidates`, the first `chain` of them are causal rows of the prefix, the rest candidates."""
         if self.length + rows > self.max_len:
             raise ValueError(f"KV cache overflow: {self.length + rows} > {self.max_len}")
-        self.rows, self.candidates, self.mask_TS = rows, candidates, None
+        self.rows, self.candidates, self.chain, self.mask_TS = rows, candidates, chain, None
 
-    def commit(self) -> None:
-        """The rows of the last forward join the prefix: a prefill's all, or the one chosen candidate."""
-        if self.candidates and self.rows != 1:
+    def settle_chain(self) -> None:
+        """After the forward: its chain rows join the prefix; its candidates stay the uncommitted rows."""
+        self.length, self.rows, self.chain = self.length + self.chain, self.rows - self.chain, 0
+
+    def commit(self, first: bool = False) -> None:
+        """The rows of the last forward join the prefix: a prefill's all, or the one chosen candidate (with `first`,
+        the first of several: the next input of a parallel step's chain, which saw the prefix and itself only)."""
+        if self.candidates and self.rows != 1 and not (first and self.rows > 1):
             raise ValueError(f"commit keeps one candidate; the last forward wrote {self.rows}")
-        self.length += self.rows
+        self.length += 1 if self.candidates else self.rows
         self.rows = 0
 
     def write(self, layer: int, k_BhTd: torch.Tensor, v_BhTd: torch.Tensor):
@@ -89,6 +97,12 @@ class KVCache:
     def mask(self, device) -> torch.Tensor:
         """(rows, length + rows): what each appended row attends to."""
         L, T = self.length, self.rows
+        if self.candidates and self.chain:  # chain rows: causal; candidates: the prefix, the chain and themselves
+            c, m = self.chain, T - self.chain
+            ones = torch.ones(T, L + T, dtype=torch.bool, device=device)
+            chain_rows = torch.cat([ones[:c, :L + c].tril(L), ~ones[:c, :m]], dim=1)
+            return torch.cat([chain_rows, torch.cat([ones[c:, :L + c], torch.eye(m, dtype=torch.bool,
+                                                                                 device=device)], 1)], 0)
         if self.candidates:  # the prefix and itself
             return torch.cat([torch.ones(T, L, dtype=torch.bool, device=device),
                               torch.eye(T, dtype=torch.bool, device=device)], dim=1)
@@ -248,23 +262,37 @@ class GPT(nn.Module):
         self.trunk(x_BTD, cache)
         cache.commit()
 
-    def candidate_logits(self, cache: KVCache, labels_B, last_tok_B, last_pos_B, cand_BC) -> torch.Tensor:
+    def candidate_logits(self, cache: KVCache, labels_B, last_tok_B, last_pos_B, cand_BC,
+                         chain_BcD: torch.Tensor | None = None) -> torch.Tensor:
         """Logits at the candidate next positions cand_BC in one forward (decode passes a chunk of them at a time,
-        or the one it chose); `last_tok_B is None` at the first step."""
+        or the ones it chose); `last_tok_B is None` at the first step. `chain_BcD`: inputs not yet in the cache
+        that precede the candidates (a parallel step's tokens after its first), forwarded and committed here."""
         if last_tok_B is None:
             x_BCD = self.embed_start(labels_B, cand_BC)
         else:
             C = cand_BC.shape[1]
             x_BCD = self.embed_tokens(last_tok_B[:, None].expand(-1, C), last_pos_B[:, None].expand(-1, C), cand_BC)
-        cache.append(cand_BC.shape[1], candidates=True)
-        return self.run(x_BCD, cache)
+        return self._after_chain(cache, x_BCD, chain_BcD, self.run)
 
-    def policy_logits(self, cache: KVCache, labels_B, last_tok_B, last_pos_B) -> torch.Tensor:
-        """(B, N) policy logits for the next position from the cached prefix; `last_tok_B is None` at the start."""
+    def policy_logits(self, cache: KVCache, labels_B, last_tok_B, last_pos_B,
+                      chain_BcD: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, N) policy logits for the next position from the cached prefix; `last_tok_B is None` at the start.
+        The query row is never committed: the next forward replaces it."""
         x_B1D = self.embed_query(labels_B, None if last_tok_B is None else last_tok_B[:, None],
                                  None if last_pos_B is None else last_pos_B[:, None])
-        cache.append(1, candidates=True)  # a query row: never committed, the next forward replaces it
-        return self.policy_head(self.trunk(x_B1D, cache))[:, 0]
+        return self.policy_head(self._after_chain(cache, x_B1D, chain_BcD, self.trunk))[:, 0]
+
+    def _after_chain(self, cache: KVCache, x_BCD, chain_BcD, net) -> torch.Tensor:
+        """Candidate (or query) rows after the chain rows in one forward; the chain is committed, its outputs
+        (nothing reads them) dropped."""
+        if chain_BcD is None or chain_BcD.shape[1] == 0:
+            cache.append(x_BCD.shape[1], candidates=True)
+            return net(x_BCD, cache)
+        c = chain_BcD.shape[1]
+        cache.append(c + x_BCD.shape[1], candidates=True, chain=c)
+        out = net(torch.cat([chain_BcD, x_BCD], dim=1), cache)
+        cache.settle_chain()
+        return out[:, c:]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -14,6 +14,11 @@ ADAPTIVE_ORDERS = ("confidence", "policy")  # the location is chosen per image, 
 TRAIN_ORDERS = (*FIXED_ORDERS, "random", "given")  # given: each image's extracted order (finetune)
 SAMPLE_ORDERS = (*FIXED_ORDERS, "random", *ADAPTIVE_ORDERS)
 
+# how many tokens each step of a parallel decode places (oar_core.decode.step_sizes): the fraction of the grid filled
+# after step s of S is r = s/S (constant: the same number per step), r^2 (linear: the number per step grows
+# linearly), 1 - cos(pi/2 r) (MaskGIT's cosine) or 1 - arccos(r) / (pi/2) (arccos, ARPG's): few early, many late
+STEP_SCHEDULES = ("constant", "linear", "cosine", "arccos")
+
 # how an input tells the model where the next token goes (oar_core.model): the (dy, dx) offset from this token (the
 # paper's), the next position itself, or both
 NEXT_POSITIONS = ("relative", "absolute", "both")

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from oar_core.dag import read_params_yaml
-from oar_core.names import NEXT_POSITIONS, ORACLE_SCORES, SAMPLE_ORDERS, TRAIN_ORDERS, LocationRule
+from oar_core.names import NEXT_POSITIONS, ORACLE_SCORES, SAMPLE_ORDERS, STEP_SCHEDULES, TRAIN_ORDERS, LocationRule
 
 MAX_SEED = 2**32 - 1  # numpy's legacy RandomState (torch-fidelity) takes seeds in [0, 2**32); torch in 64 bits
 MAX_BATCH = 65536  # images per batch or forward: a generous ceiling (the defaults use 64-500)
@@ -161,6 +161,9 @@ class SampleModelParams(Section):
     checkpoint: str
     order: Literal[SAMPLE_ORDERS]
     location: LocationRule = LocationRule()
+    # parallel decoding: that many forwards for the whole grid (null: one token per step), tokens per step by schedule
+    steps: Optional[int] = Field(None, ge=1, le=MAX_BATCH)
+    schedule: Literal[STEP_SCHEDULES] = "constant"
 
     @field_validator("location")
     @classmethod

@@ -1,6 +1,7 @@
 """Stage `sample`: generate class-balanced images from every model, in its order, and keep the orders.
 
-Per model (params `sample.models`: name, checkpoint, order) it writes under `<out_dir>/<name>/`:
+Per model (params `sample.models`: name, checkpoint, order, location rule, parallel steps) it writes under
+`<out_dir>/<name>/`:
     00000.png ...           the decoded images (uint8, the ingest size and channels)
     orders.parquet          index, label, file, order list<uint16> (position per step), scores list<float32>,
                             tokens list<uint16> (raster layout; lets the report redraw partial canvases)
@@ -58,7 +59,7 @@ def draw_batches(model: GPT, tokenizer, spec: SampleModelParams, p: SampleParams
             res = generate(model, labels_B, order=spec.order, temperature=p.temperature, top_k=p.top_k,
                            cfg_scale=p.cfg_scale, cfg_schedule=p.cfg_schedule,
                            location=LocationRule(**spec.location.model_dump()), generator=g, progress=progress,
-                           candidate_chunk_mb=p.candidate_chunk_mb)
+                           candidate_chunk_mb=p.candidate_chunk_mb, steps=spec.steps, schedule=spec.schedule)
         images_BHWC = to_uint8_NHWC(tokenizer.decode(res["tokens"].view(-1, H, W)).float())
         yield b, labels_B.cpu().numpy(), {k: res[k].float().cpu().numpy() if k == "scores" else res[k].cpu().numpy()
                                            for k in ("tokens", "order", "scores")}, images_BHWC
@@ -146,9 +147,13 @@ def run_sample(p: SampleParams, live_dir: str = "dvclive/sample", progress: bool
             raise ValueError(f"{spec.checkpoint}: model grid {model.cfg.grid_h}/vocab {model.cfg.vocab_size} does not "
                              f"match the tokenizer {p.tokenizer} (grid {tokenizer.grid}/codebook "
                              f"{tokenizer.codebook_size}); retrain the model on this tokenizer's shards")
+        if spec.steps is not None and spec.steps > model.cfg.n_tokens:
+            raise ValueError(f"sample.models {spec.name}: steps {spec.steps} is more than the model's "
+                             f"{model.cfg.n_tokens} tokens; use at most {model.cfg.n_tokens} (or null: one per step)")
         t0 = time.time()
         meta = {"name": spec.name, "checkpoint": spec.checkpoint, "checkpoint_hash": file_hash(spec.checkpoint),
-                "order": spec.order, "location": spec.location.model_dump(mode="json"),
+                "order": spec.order, "location": spec.location.model_dump(mode="json"), "steps": spec.steps,
+                "schedule": spec.schedule,
                 "trained_order": ckpt.get("order"), "num_classes": model.cfg.num_classes,
                 "params": p.model_dump(mode="json")}
         draw_model_samples(model, tokenizer, spec, p, device, meta, rank, world, progress)

@@ -242,3 +242,33 @@ def test_at_the_floor_names_only_models_within_the_reconstructions_kid_spread():
                "far": {"kid_indomain": 0.20, "kid_indomain_std": 0.01}}
     assert at_the_floor(metrics, ["near", "far"]) == ["near"]
     assert at_the_floor({"near": metrics["near"]}, ["near"]) == []  # no reconstruction row: no claim
+
+
+def test_sample_decodes_in_parallel_steps_and_labels_its_likelihood(pipeline_dir, tmp_path):
+    """`steps`/`schedule` of a sample.models entry reach the decode and meta.json; the NLL evaluate reports for it is
+    the parallel sampler's bound, labelled as not the model's sequential NLL; too many steps is one clear error."""
+    import pyarrow.parquet as pq
+
+    from oar_core.likelihood import sampler_nll
+    from oar_core.model import load_gpt
+    from oar_core.token_shards import load_token_split
+
+    root, sp = pipeline_dir
+    spec = sp.models[0].model_copy(update={"name": "raster-7", "steps": 7, "schedule": "cosine"})
+    run_sample(sp.model_copy(update={"out_dir": str(tmp_path / "s"), "models": [spec], "n_per_model": 10}),
+               live_dir=str(tmp_path / "m"), progress=False)
+    meta = json.loads((tmp_path / "s/raster-7/meta.json").read_text())
+    assert (meta["steps"], meta["schedule"]) == (7, "cosine")
+    assert all(list(o) == list(range(49)) for o in pq.read_table(tmp_path / "s/raster-7/orders.parquet")["order"]
+               .to_pylist())
+    model, _ = load_gpt(meta["checkpoint"])
+    test_NN, test_labels, _ = load_token_split(root / "shards", "test")
+    kw = dict(n_orders=1, batch_size=64, seed=0, device="cpu")
+    par, label, _ = sampler_nll(model, meta, test_NN[:64], test_labels[:64], **kw)
+    seq, seq_label, _ = sampler_nll(model, {**meta, "steps": None}, test_NN[:64], test_labels[:64], **kw)
+    assert "parallel sampler (7 steps, cosine" in label and "not the model's sequential NLL" in label
+    assert "parallel" not in seq_label and par != pytest.approx(seq, abs=1e-4)
+    with pytest.raises(ValueError, match="sample.models raster-50: steps 50 is more than the model's 49 tokens"):
+        run_sample(sp.model_copy(update={"out_dir": str(tmp_path / "t"), "n_per_model": 10,
+                                         "models": [spec.model_copy(update={"name": "raster-50", "steps": 50})]}),
+                   live_dir=str(tmp_path / "m"), progress=False)
