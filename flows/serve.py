@@ -9,7 +9,8 @@ Deployments (`<flow>/<deployment>`, as the UI lists them and `prefect deployment
     tokenize/images-to-token-shards              train_raster/train-raster-baseline
     train_random/train-any-order-model           extract_orders/extract-generation-orders
     finetune/finetune-on-orders                  sample/generate-samples
-    feature_net/train-feature-network            evaluate/compute-metrics
+    complete/complete-test-images                feature_net/train-feature-network
+    evaluate/compute-metrics
 
 Runs start from the UI ("Run" -> custom run shows the typed parameter form) or
 `prefect deployment run 'train_random/train-any-order-model'`. A run's parameters need only the keys to change:
@@ -35,6 +36,7 @@ DEPLOYMENTS = {
     "extract_orders": "extract-generation-orders",
     "finetune": "finetune-on-orders",
     "sample": "generate-samples",
+    "complete": "complete-test-images",
     "feature_net": "train-feature-network",
     "evaluate": "compute-metrics",
 }

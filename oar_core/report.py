@@ -31,9 +31,11 @@ def metrics_table(metrics: dict, models: list[str], space: str) -> str:
     return "\n".join([head] + rows)
 
 
-def write_report(path, metrics: dict, labels: dict, models: list[str], figures: dict) -> None:
+def write_report(path, metrics: dict, labels: dict, models: list[str], figures: dict,
+                 sections: list[str] = ()) -> None:
     """`figures`: {"grids": {model: rel}, "strips": {model: rel}, "heat_samples": {model: rel},
-    "heat_extracted": rel|None, "curves": rel|None}; paths relative to the report's folder."""
+    "heat_extracted": rel|None, "curves": rel|None}; paths relative to the report's folder. `sections`: more
+    markdown lines, appended (the completions')."""
     lines = ["# OAR evaluation report", ""]
     lines += ["## Metrics", "",
               f"Feature space: **{labels['feature_space']['indomain']}**. Not comparable with published "
@@ -63,5 +65,6 @@ def write_report(path, metrics: dict, labels: dict, models: list[str], figures: 
         lines += ["", f"Sampling orders of `{m}`:", "", f"![{m} orders]({rel})"]
     if figures.get("curves"):
         lines += ["", "## Training curves", "", f"![training curves]({figures['curves']})"]
+    lines += ["", *sections] if sections else []
     lines.append("")
     write_bytes_atomic(path, "\n".join(lines).encode())
