@@ -37,6 +37,7 @@ from ruamel.yaml import YAML
 
 from oar_core.dag import dag_stages, declared
 from oar_core.params import (
+    CompleteParams,
     EvaluateParams,
     ExtractParams,
     FeatureNetParams,
@@ -321,6 +322,7 @@ STAGES = [
                                       "in one process."),
     ("finetune", TrainParams, "Finetune the any-order model on the extracted orders (finetune.out_dir)."),
     ("sample", SampleParams, "Generate images from each checkpoint."),
+    ("complete", CompleteParams, "Every sampled model completes the same test images under fixed masks."),
     ("feature_net", FeatureNetParams, "Train evaluate's in-domain feature network on the ingested data."),
     ("evaluate", EvaluateParams, "Metrics, plots and grids for the samples."),
 ]

@@ -9,7 +9,8 @@ Deployments (`<flow>/<deployment>`, as the UI lists them and `prefect deployment
     tokenize/images-to-token-shards              train_raster/train-raster-baseline
     train_random/train-any-order-model           extract_orders/extract-generation-orders
     finetune/finetune-on-orders                  sample/generate-samples
-    feature_net/train-feature-network            evaluate/compute-metrics
+    complete/complete-test-images                feature_net/train-feature-network
+    evaluate/compute-metrics                     edit-images/edit-folder (pipeline.edit on a folder)
 
 Runs start from the UI ("Run" -> custom run shows the typed parameter form) or
 `prefect deployment run 'train_random/train-any-order-model'`. A run's parameters need only the keys to change:
@@ -21,6 +22,7 @@ from __future__ import annotations
 from prefect import serve
 from prefect.deployments.runner import EntrypointType
 
+from flows.edit import edit_images
 from flows.pipeline import ALL_FLOWS
 
 # the UI lists deployments by these names: they say what a run does, and scripts address them, so keep them stable
@@ -35,15 +37,18 @@ DEPLOYMENTS = {
     "extract_orders": "extract-generation-orders",
     "finetune": "finetune-on-orders",
     "sample": "generate-samples",
+    "complete": "complete-test-images",
     "feature_net": "train-feature-network",
     "evaluate": "compute-metrics",
+    "edit-images": "edit-folder",  # not a stage: the edit command on a folder (flows/edit.py)
 }
+SERVED = [*ALL_FLOWS, edit_images]
 
 
 def deployments():
     # module entrypoints: the served runs import `flows.pipeline` from the installed package, whatever the cwd
     return [f.to_deployment(name=DEPLOYMENTS[f.name], tags=["oar"], description=f.description,
-                            entrypoint_type=EntrypointType.MODULE_PATH) for f in ALL_FLOWS]
+                            entrypoint_type=EntrypointType.MODULE_PATH) for f in SERVED]
 
 
 def main() -> None:

@@ -210,6 +210,56 @@ class SampleParams(Section):
         return self
 
 
+class CompletionMask(Section):
+    """One fixed mask of the `complete` stage: a box in fractions of the image (x0, y0, x1, y1), the region to
+    generate (`outpaint`: the region kept), or `random`: that fraction of each image's tokens generated."""
+    name: str
+    box: Optional[tuple[float, float, float, float]] = None
+    mode: Literal["inpaint", "outpaint"] = "inpaint"
+    random: Optional[float] = Field(None, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_region(self):
+        if (self.box is None) == (self.random is None):
+            raise ValueError(f"mask {self.name!r}: give box [x0, y0, x1, y1] (fractions of the image) or random "
+                             f"(a fraction of the tokens), one of them")
+        if self.box is not None:
+            x0, y0, x1, y1 = self.box
+            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                raise ValueError(f"mask {self.name!r}: box {list(self.box)} needs 0 <= x0 < x1 <= 1 and "
+                                 f"0 <= y0 < y1 <= 1")
+        if self.random is not None and self.mode == "outpaint":
+            raise ValueError(f"mask {self.name!r}: random masks are inpaint only")
+        return self
+
+
+DEFAULT_MASKS = [
+    CompletionMask(name="centre", box=(0.25, 0.25, 0.75, 0.75)),
+    CompletionMask(name="bottom_half", box=(0, 0.5, 1, 1)),  # raster sees all it needs: the known half comes first
+    CompletionMask(name="top_half", box=(0, 0, 1, 0.5)),  # the known half comes after: raster cannot see it
+    CompletionMask(name="left_half", box=(0, 0, 0.5, 1)),
+    CompletionMask(name="outpaint_top_left", box=(0, 0, 0.5, 0.5), mode="outpaint"),
+    CompletionMask(name="random_half", random=0.5),
+]
+
+
+class CompleteParams(Section):
+    """Completions measured: every `sample.models` entry completes the same held-out test images under each mask
+    (with sample's temperature / top-k, no class given; evaluate scores them)."""
+    out_dir: str = "completions"
+    n_images: int = Field(200, ge=10, le=10000)  # the first test images (class-mixed)
+    batch_size: BatchSize = 200
+    masks: list[CompletionMask] = Field(DEFAULT_MASKS, min_length=1)
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [m.name for m in self.masks]
+        if len(set(names)) != len(names) or any(not n or "/" in n or n.startswith(".") for n in names):
+            raise ValueError(f"complete.masks names must be unique plain folder names, got {quote(names)}")
+        return self
+
+
 class FeatureNetParams(Section):
     """The in-domain feature network evaluate measures in: a small CNN trained on the ingest train labels."""
     checkpoint: Optional[str] = None  # adopt this feature-network checkpoint instead of training one
@@ -242,6 +292,7 @@ class Params(Section):
         random_mix=0.2, policy_weight=1.0, steps=400, lr=3e-4, min_lr=3e-5, warmup_steps=50,
     )
     sample: SampleParams = SampleParams()
+    complete: CompleteParams = CompleteParams()
     feature_net: FeatureNetParams = FeatureNetParams()
     evaluate: EvaluateParams = EvaluateParams()
 
@@ -318,7 +369,8 @@ def upstream_paths(params: Params) -> dict[str, str]:
     """Where each stage finds what an earlier stage wrote: read from that stage's own output key, so a user who
     moves an output changes it once (dvc.yaml interpolates the same keys)."""
     return {"ingest_dir": params.ingest.out_dir, "shards": params.tokenize.out,
-            "orders_dir": params.extract_orders.out_dir, "samples": params.sample.out_dir}
+            "orders_dir": params.extract_orders.out_dir, "samples": params.sample.out_dir,
+            "completions": params.complete.out_dir}
 
 
 def load_section(name: str, path: str | Path = "params.yaml") -> Section:

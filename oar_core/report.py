@@ -49,9 +49,11 @@ def at_the_floor(metrics: dict, models: list[str], space: str = "indomain") -> l
     return out
 
 
-def write_report(path, metrics: dict, labels: dict, models: list[str], figures: dict) -> None:
+def write_report(path, metrics: dict, labels: dict, models: list[str], figures: dict,
+                 sections: list[str] = ()) -> None:
     """`figures`: {"grids": {model: rel}, "strips": {model: rel}, "heat_samples": {model: rel}, "calibration": rel|None,
-    "heat_extracted": rel|None, "curves": rel|None}; paths relative to the report's folder."""
+    "heat_extracted": rel|None, "curves": rel|None}; paths relative to the report's folder. `sections`: more
+    markdown lines, appended (the completions')."""
     lines = ["# OAR evaluation report", ""]
     lines += ["## Metrics", "",
               f"Feature space: **{labels['feature_space']['indomain']}**. Not comparable with published "
@@ -96,5 +98,6 @@ def write_report(path, metrics: dict, labels: dict, models: list[str], figures: 
                   "", f"![calibration]({figures['calibration']})"]
     if figures.get("curves"):
         lines += ["", "## Training curves", "", f"![training curves]({figures['curves']})"]
+    lines += ["", *sections] if sections else []
     lines.append("")
     write_bytes_atomic(path, "\n".join(lines).encode())

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from oar_core import report
 from oar_core.calibration import greedy_calibration
+from oar_core.completion_report import completion_metrics
 from oar_core.feature_net import INDOMAIN_NAME, load_classifier
 from oar_core.fidelity import (
     INCEPTION_NAME,
@@ -75,7 +76,7 @@ def model_folders(samples_dir) -> list[tuple[str, dict]]:
 
 def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: str, orders_dir: str | None,
                  tokenizer_path="models/tokenizer.pt", plots_dir="dvclive", metrics_dir="dvclive/evaluate",
-                 feature_net="models/feature_net.pt", progress: bool = True) -> dict:
+                 feature_net="models/feature_net.pt", progress: bool = True, completions: str | None = None) -> dict:
     out = Path(p.out_dir)
     # first, before anything slow: read once and safely (torch-fidelity itself would unpickle it with no limits)
     inception = read_inception_weights(p.inception_weights) if p.inception_weights else None
@@ -165,6 +166,10 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
         save_heatmaps(extracted_heatmaps(orders_dir), fig / "heat_extracted.png",
                              "extracted training orders: mean step", class_names)
         figures["heat_extracted"] = "figures/heat_extracted.png"
+    # the complete stage's completions: per model and mask, rows `complete_<model>` of their own
+    comp_metrics, comp_lines = completion_metrics(completions, test_NHWC, clf, clf_path, p.kid_subset_size, p.seed,
+                                                  fig) if completions else ({}, [])
+    metrics.update(comp_metrics)
     curves = ["train_raster", "train_random", "finetune", "finetune_random"]  # the last one: bench.quality's
     if save_training_curves(plots_dir, curves, fig / "training_curves.png"):
         figures["curves"] = "figures/training_curves.png"
@@ -172,7 +177,7 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
         save_calibration(dict(calibration.values()), fig / "calibration.png")
         figures["calibration"] = "figures/calibration.png"
     names = [n for n, _ in models]
-    report.write_report(out / "report.md", metrics, labels, names, figures)
+    report.write_report(out / "report.md", metrics, labels, names, figures, comp_lines)
     write_json(out / "metrics_labels.json", labels)
     # one DVCLive folder per model (<metrics_dir>/<model>/metrics.json): `dvc metrics show` prints a row each
     log_per_key(metrics_dir, metrics)
@@ -191,12 +196,13 @@ def _args(ap):
     ap.add_argument("--metrics", help="DVCLive folder: <it>/<model>/metrics.json; default: dvclive/evaluate (a "
                                       "trial's: <evaluate.out_dir>/dvclive/evaluate)")
     ap.add_argument("--feature-net", default="models/feature_net.pt")
+    ap.add_argument("--completions", help="the complete stage's folder (default: from params.yaml)")
 
 
 def main(argv=None):
     return stage_main(__doc__, "evaluate", lambda p, a: run_evaluate(
         p, a.samples, a.ingest_dir, a.shards, a.orders_dir, a.tokenizer, a.plots_dir,
-        a.metrics or a.live_root / "evaluate", a.feature_net),
+        a.metrics or a.live_root / "evaluate", a.feature_net, completions=a.completions),
         argv, _args)
 
 

@@ -11,7 +11,7 @@ from oar_core.live import read_per_key, read_summary
 from tests.test_flows import ROOT, TINY, TINY_TRAIN, dvc, ran_stages, sh
 
 ALL_STAGES = ["ingest", "tokenizer", "tokenize", "train_raster", "train_random", "extract_orders", "finetune",
-              "sample", "feature_net", "evaluate"]
+              "sample", "complete", "feature_net", "evaluate"]
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +34,8 @@ def full_repo_files(repo: Path) -> Path:
     params["sample"].update(n_per_model=20, batch_size=20)
     params["feature_net"].update(steps=20)
     params["evaluate"].update(kid_subset_size=10, strip_steps=3)
+    params["complete"].update(n_images=10, masks=[m for m in params["complete"]["masks"]
+                                                  if m["name"] in ("bottom_half", "random_half")])
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], repo)
     dvc(repo, "init", "-q")
@@ -57,6 +59,9 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_a_change_touches
     report = (full_repo / "reports/report.md").read_text()
     assert "figures/training_curves.png" in report  # the curves DVCLive logged reach the report
     assert "skipped: no local Inception weights" in report
+    for model in names:  # completions: a row per model, a metric per mask
+        assert 0 <= metrics[f"complete_{model}"]["random_half_accuracy"] <= 1
+    assert "## Completions" in report and "![completions bottom_half](figures/complete_bottom_half.png)" in report
     assert all((full_repo / "reports" / line.split("](")[1].split(")")[0]).exists()
                for line in report.splitlines() if "](figures/" in line)  # every picture the report shows exists
 
@@ -65,14 +70,14 @@ def test_dvc_repro_runs_every_stage_then_nothing_then_only_what_a_change_touches
     params = yaml.safe_load((full_repo / "params.yaml").read_text())
     params["sample"]["temperature"] = 0.9
     (full_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert ran_stages(dvc(full_repo, "repro").stdout) == ["sample", "evaluate"]
+    assert ran_stages(dvc(full_repo, "repro").stdout) == ["sample", "complete", "evaluate"]
 
 
 # (file, a line inside the function edited, what runs that code): what `dvc status` must call stale afterwards
 EDITS = [
     ("oar_core/image_sources.py", "def decode_image(", ["ingest"]),  # an ingest-only function
     ("pipeline/tokenizer.py", "def train_tokenizer(", ["tokenizer"]),  # the tokenizer's training loop
-    ("oar_core/location.py", "def log_q(", ["extract_orders", "sample", "evaluate"]),  # a location rule
+    ("oar_core/location.py", "def log_q(", ["extract_orders", "sample", "complete", "evaluate"]),  # a location rule
     ("oar_core/report.py", "def write_report(", ["evaluate"]),  # the report
 ]
 

@@ -192,7 +192,7 @@ def test_deployments_are_named_for_what_they_run_and_keep_the_typed_form():
     from flows.serve import deployments
 
     names = {d.flow_name: d.name for d in deployments()}
-    assert set(names) == {f.name for f in ALL_FLOWS}
+    assert set(names) == {f.name for f in ALL_FLOWS} | {"edit-images"}
     assert len(set(names.values())) == len(names) and "local" not in names.values()
     assert names["train_random"] == "train-any-order-model" and names["oar-pipeline"] == "all-stages"
     form = parameter_schema(finetune).model_dump()["properties"]["params"]
@@ -444,3 +444,51 @@ def test_served_deployment_runs_when_triggered_through_the_api(in_repo, prefect_
     assert "from params.yaml as it is now: ingest.max_train, ingest.max_test" in messages
     assert load_params(in_repo / "params.yaml").ingest == ingest
     assert time.time() - t0 < 60
+
+
+def test_edit_flow_command_line_carries_every_set_option():
+    from flows.edit import edit_command
+    from oar_core.names import LocationRule
+
+    cmd = edit_command("in", "/o", "edit", "1,2,3,4", None, "Dress", 4, "policy", LocationRule(temperature=0.5), 0.9,
+                       None, 2.0, "linear", 3, "m.pt", "t.pt")
+    assert cmd[1:4] == ["-m", "pipeline.edit", "in"]
+    pairs = dict(zip(cmd[4::2], cmd[5::2]))
+    assert pairs["--box"] == "1,2,3,4" and pairs["--class"] == "Dress" and pairs["--order"] == "policy"
+    assert pairs["--location-temperature"] == "0.5" and "--mask" not in pairs and "--top-k" not in pairs
+    assert pairs["--cfg-schedule"] == "linear" and pairs["--seed"] == "3" and pairs["--n"] == "4"
+
+
+@pytest.mark.slow  # two edit subprocesses: ~100 s measured while other jobs shared the 2 cores
+def test_edit_flow_runs_the_edit_command_on_a_folder_with_typed_parameters(any_order_model, tiny_shards, fmnist_small,
+                                                                          prefect_api, tmp_path, monkeypatch, caplog):
+    """The edit-images deployment's flow: typed parameters (a bad one refused with its name), the command's lines in
+    the run log, and the outputs in the folder the log names."""
+    import logging
+
+    from PIL import Image
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.edit import edit_images
+    from oar_core.image_shards import load_split
+
+    form = parameter_schema(edit_images).model_dump()["properties"]
+    assert form["mode"]["enum"] == ["inpaint", "outpaint", "edit"] and form["n"]["type"] == "integer"
+    assert form["location"]["default"] == {"score": "max_prob", "temperature": 1.0, "anneal": "linear", "top_k": None,
+                                           "locality": 0.0, "logits": "cond"}
+    images, _, _ = load_split(fmnist_small, "test")
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        Image.fromarray(images[i, ..., 0]).save(tmp_path / "in" / f"shoe{i}.png")
+    monkeypatch.setenv("OAR_REPO", str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    kw = dict(folder="in", box="0,14,28,28", n=2, model=str(any_order_model[0]),
+              tokenizer=str(tiny_shards.parent / "tokenizer.pt"))
+    with caplog.at_level(logging.INFO):
+        result = edit_images(**kw)
+    out = Path(result["out"])
+    assert out.parent == tmp_path / "edits" and result["images"] == ["shoe0", "shoe1"]
+    assert (out / "shoe1" / "sheet.png").exists() and (out / "shoe0" / "variation_01.png").exists()
+    assert f"outputs: {out}" in caplog.text and "2 variations (28 of 49 tokens generated)" in caplog.text
+    with pytest.raises(Exception, match="unknown class"):  # the command's own line fails the run
+        edit_images(**kw, mode="edit", class_name="Hat")
