@@ -11,12 +11,12 @@ A failing stage fails its task and the flow run with the stage's last error line
 cache of the last good run untouched, so `dvc checkout` restores those artifacts.
 
 The repository is the current directory, or $OAR_REPO. A run's parameters set only the keys they name: every
-key they leave out (a UI form field left empty or not a number, which the form drops; a key missing from
-`--param`) keeps the value params.yaml has when the run starts, never a class default, and the run log lists
-which keys came from where. A value of the wrong type is refused by the Prefect API before a run exists; what
-its schema cannot check (e.g. d_model divisible by n_head) fails the run with one line naming the key. Parameter
-forms are prefilled from params.yaml as read when this module is imported (a served deployment: when
-`python -m flows.serve` started).
+key they leave out (a UI form field left empty, which the form does not send; a key missing from `--param`) keeps
+the value params.yaml has when the run starts, never a class default, and the run log lists which keys came from
+where. The forms (flows/forms.py) prefill nothing for that reason: a form prefilled when `flows.serve` started
+would send those values back and undo the runs since. A value of the wrong type is refused by the Prefect API
+before a run exists; what its schema cannot check (e.g. d_model divisible by n_head) fails the run with one line
+naming the key.
 """
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ from typing import Annotated, Any, Literal
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from pydantic import Field, SkipValidation, ValidationError
+from pydantic import Field, ValidationError
 from ruamel.yaml import YAML
 
+from flows.forms import KEEP, form_param, params_form, section_form, yaml_comments
 from oar_core.dag import dag_stages, declared
 from oar_core.params import (
     EvaluateParams,
@@ -64,18 +65,13 @@ def repo_dir() -> Path:
     return Path(os.environ.get("OAR_REPO", ".")).resolve()
 
 
-def _defaults() -> Params:
-    path = repo_dir() / "params.yaml"
-    return load_params(path) if path.exists() else Params()
+def _docs() -> dict[tuple, str]:
+    """Help text of the form fields: the comments of this code's params.yaml, then of the repository's."""
+    return {**yaml_comments(Path(__file__).resolve().parents[1] / "params.yaml"),
+            **yaml_comments(repo_dir() / "params.yaml")}
 
 
-DEFAULTS = _defaults()  # only to prefill the forms: runs read params.yaml when they start
-
-
-def _form(section: Section) -> Section:
-    """`section`'s values with no key marked as set: they prefill the UI form, yet a run that passes nothing sets
-    no key and so takes all of them from params.yaml as it is then."""
-    return type(section).model_construct(_fields_set=set(), **dict(section))
+DOCS = _docs()
 
 
 # ---------------------------------------------------------------- params.yaml
@@ -128,6 +124,8 @@ def write_params(repo: Path, sections: dict[str, Section]) -> dict[str, tuple]:
 
 def _set_keys(params: Any) -> Any:
     # a Section built in Python sets the keys it was built with (or read from a file), not its class defaults
+    if params is None:  # a form left empty, a flow called without parameters
+        return {}
     if isinstance(params, Section):
         return params.model_dump(mode="json", exclude_unset=True)
     return {k: _set_keys(v) for k, v in params.items()} if isinstance(params, dict) else params
@@ -296,9 +294,11 @@ def is_current(stage: str, repo: str) -> bool:
 # ---------------------------------------------------------------- flows
 
 
-# Flow parameters are `SkipValidation[<Section>]`: the form is still built from the Section's schema, but Prefect hands
-# the run's mapping through as it is instead of filling the keys it lacks with class defaults; apply_params lays it
-# over params.yaml when the run starts and validates the result.
+# A flow's `params` is shown as its section's form (flows/forms.py: no defaults) and handed through as given, never
+# filled with class defaults; apply_params lays it over params.yaml when the run starts and validates the result.
+
+
+PUSH_DOC = "dvc push afterwards when a DVC remote is configured"
 
 
 def run_stage(stage: str, params: Any, push: bool) -> dict:
@@ -327,15 +327,17 @@ STAGES = [
 
 
 def _stage_flow(stage: str, section: type[Section], doc: str):
-    def run(params=_form(getattr(DEFAULTS, stage)), push: bool = True) -> dict:
+    def run(params=None, push: bool = True) -> dict:
         return run_stage(stage, params, push)
 
     run.__name__ = run.__qualname__ = stage
-    run.__doc__ = doc
-    run.__annotations__ = {"params": SkipValidation[section], "push": bool, "return": dict}
-    return flow(name=stage)(run)
+    run.__doc__ = f"{doc}\n\nArgs:\n    params: {KEEP}\n    push: {PUSH_DOC}\n"  # the form's help for each parameter
+    run.__annotations__ = {"params": form_param(section_form(stage, section, DOCS, doc)), "push": bool,
+                           "return": dict}
+    return flow(name=stage, description=doc)(run)
 
 
+WHAT = {stage: doc for stage, _, doc in STAGES}
 STAGE_FLOWS = {stage: _stage_flow(stage, section, doc) for stage, section, doc in STAGES}
 globals().update(STAGE_FLOWS)
 
@@ -379,7 +381,8 @@ def extract_orders_workers(num_workers: int, repo: str) -> list[dict]:
 
 
 @flow(name="extract_orders_fanout")
-def extract_orders_fanout(params: SkipValidation[ExtractParams] = _form(DEFAULTS.extract_orders),
+def extract_orders_fanout(params: form_param(section_form("extract_orders", ExtractParams, DOCS,
+                                                          WHAT["extract_orders"])) = None,
                           num_workers: Annotated[int, Field(ge=1)] = 2, runner: FanoutRunner = "threads",
                           dask_address: str | None = None, dask_workers: Annotated[int, Field(ge=1)] | None = None,
                           push: bool = True) -> dict:
@@ -413,9 +416,16 @@ def extract_orders_fanout(params: SkipValidation[ExtractParams] = _form(DEFAULTS
 
 
 @flow(name="oar-pipeline")
-def oar_pipeline(params: SkipValidation[Params] = _form(DEFAULTS), extract_workers: int = 1, push: bool = True) -> dict:
+def oar_pipeline(params: form_param(params_form(DOCS, WHAT)) = None, extract_workers: int = 1,
+                 push: bool = True) -> dict:
     """The whole DAG: each stage of dvc.yaml in dependency order (`dvc repro <stage>`, so up-to-date stages
-    are skipped); extract_orders fans out over `extract_workers` when that is more than 1."""
+    are skipped); extract_orders fans out over `extract_workers` when that is more than 1.
+
+    Args:
+        params: params.yaml, one group per stage; empty fields keep params.yaml's values when the run starts
+        extract_workers: parallel extract_orders workers (threads); 1 = the plain stage
+        push: dvc push afterwards when a DVC remote is configured
+    """
     repo = str(repo_dir())
     stages = stage_order(Path(repo))
     changed = apply_params({**dict.fromkeys(Params.model_fields, {}), **_set_keys(params)}, repo)

@@ -185,19 +185,64 @@ def test_last_error_prefers_the_stage_message():
     assert last_error(tb).startswith("ZeroDivisionError: division by zero [ERROR:")
 
 
-def test_deployments_are_named_for_what_they_run_and_keep_the_typed_form():
-    from prefect.utilities.callables import parameter_schema
+def schema_defaults(node):
+    """What the UI's form prefills (and so submits untouched): every `default` in a parameter schema."""
+    if isinstance(node, dict):
+        return {k: v for k, v in node.items() if k == "default"} | {
+            k: d for k, v in node.get("properties", {}).items() if (d := schema_defaults(v))} | (
+            {"items": schema_defaults(node["items"])} if isinstance(node.get("items"), dict)
+            and schema_defaults(node["items"]) else {})
+    return {}
 
-    from flows.pipeline import ALL_FLOWS, DEFAULTS, finetune
+
+def form_leaves(node: dict, path=()):
+    """(dotted key, schema) of every field a form shows."""
+    if "properties" in node:
+        for k, v in node["properties"].items():
+            yield from form_leaves(v, (*path, k))
+    else:
+        yield ".".join(path), node
+        if isinstance(node.get("items"), dict) and "properties" in node["items"]:
+            yield from form_leaves(node["items"], (*path, "[]"))
+
+
+def test_deployments_are_named_for_what_they_run_and_have_typed_documented_empty_forms():
     from flows.serve import deployments
 
-    names = {d.flow_name: d.name for d in deployments()}
-    assert set(names) == {f.name for f in ALL_FLOWS}
+    deps = deployments()
+    names = {d.flow_name: d.name for d in deps}
     assert len(set(names.values())) == len(names) and "local" not in names.values()
     assert names["train_random"] == "train-any-order-model" and names["oar-pipeline"] == "all-stages"
-    form = parameter_schema(finetune).model_dump()["properties"]["params"]
-    assert form["properties"]["steps"]["type"] == "integer"  # typed fields ...
-    assert form["default"] == DEFAULTS.finetune.model_dump(mode="json")  # ... prefilled from params.yaml
+    for d in deps:
+        schema = d._parameter_openapi_schema.model_dump()
+        params = schema["properties"]["params"]
+        assert schema_defaults(params) == {}, d.flow_name  # nothing prefilled: untouched fields are not sent
+        for key, field in form_leaves(schema):
+            assert field.get("description"), f"{d.flow_name}: {key} has no help text"
+            assert "null" not in json.dumps(field.get("anyOf", "")), f"{d.flow_name}: {key} offers a None toggle"
+        assert "Args:" not in d.description, d.description  # the parameters are documented on the form
+    form = next(d for d in deps if d.flow_name == "finetune")._parameter_openapi_schema.properties["params"]
+    assert form["properties"]["steps"] == {"type": "integer", "minimum": 1, "title": "steps",
+                                           "description": "optimizer steps"}  # typed, bounded, from params.yaml
+    evaluate = next(d for d in deps if d.flow_name == "evaluate")._parameter_openapi_schema.properties["params"]
+    assert evaluate["properties"]["inception_weights"]["type"] == "string"  # an optional path: a text field
+    whole = next(d for d in deps if d.flow_name == "oar-pipeline")._parameter_openapi_schema.properties["params"]
+    groups = whole["properties"]  # one group per stage section, described
+    assert list(groups)[:3] == ["ingest", "tokenizer", "tokenize"] and "Train (or adopt) the VQ tokenizer" in groups[
+        "tokenizer"]["description"]
+
+
+def test_help_text_is_params_yaml_comment_beside_the_key(tmp_path):
+    from flows.forms import section_form, yaml_comments
+    from oar_core.params import EvaluateParams
+
+    (tmp_path / "params.yaml").write_text("evaluate:\n  strip_steps: 8   # canvases per strip\n"
+                                          "                   # drawn left to right\n  # about seed\n  seed: 0\n")
+    docs = yaml_comments(tmp_path / "params.yaml")
+    assert docs == {("evaluate", "strip_steps"): "canvases per strip drawn left to right"}
+    form = section_form("evaluate", EvaluateParams, docs, "What it does.")
+    assert form["properties"]["strip_steps"]["description"] == "canvases per strip drawn left to right"
+    assert "description" not in form["properties"]["seed"]  # a comment above a key is not read as its help
 
 
 def test_fanout_task_runner_choice():
@@ -258,14 +303,13 @@ def test_a_moved_output_folder_takes_effect_downstream(tiny_repo, tmp_path):
 
 
 def test_stage_flow_reruns_only_that_stage_and_pushes(in_repo, prefect_api, s3):
-    from flows.pipeline import DEFAULTS, train_raster
+    from flows.pipeline import train_raster
     from oar_core.params import load_params
 
     dvc(in_repo, "remote", "add", "-d", "s3remote", "s3://oar-test/flows-dvcstore")
     dvc(in_repo, "remote", "modify", "s3remote", "endpointurl", s3)
     try:
         params = load_params(in_repo / "params.yaml").train_raster.model_copy(update={"steps": 12})
-        assert params != DEFAULTS.train_raster
         result = train_raster(params=params, push=True)
         assert result == {"stage": "train_raster", "params_changed": ["train_raster.steps"], "ran": ["train_raster"],
                           "pushed": True}
