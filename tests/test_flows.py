@@ -488,3 +488,61 @@ def test_served_deployment_runs_when_triggered_through_the_api(in_repo, prefect_
     assert "from params.yaml as it is now: ingest.max_train, ingest.max_test" in messages
     assert load_params(in_repo / "params.yaml").ingest == ingest
     assert time.time() - t0 < 60
+
+
+def test_consecutive_form_runs_compose_in_process(stub_repo, prefect_api):
+    """The fast form of the test below: two flow runs with what the form submits (its prefill + one change)."""
+    from flows.pipeline import finetune
+    from flows.serve import deployments
+    from oar_core.params import load_params
+
+    deployment = next(d for d in deployments() if d.flow_name == "finetune")
+    assert deployment.parameters == {}  # the server adds nothing to what the form sends
+    prefilled = deployment._parameter_openapi_schema.properties["params"].get("default") or {}
+    before = load_params(stub_repo / "params.yaml").finetune
+    assert finetune(params={**prefilled, "lr": before.lr * 2}, push=False)["params_changed"] == ["finetune.lr"]
+    assert finetune(params={**prefilled, "steps": before.steps + 1}, push=False)["params_changed"] == [
+        "finetune.steps"]
+    assert load_params(stub_repo / "params.yaml").finetune == before.model_copy(
+        update={"lr": before.lr * 2, "steps": before.steps + 1})
+
+
+@pytest.mark.slow  # two served runs, each a subprocess: about a minute
+def test_consecutive_custom_runs_from_the_ui_compose(stub_repo, prefect_api):
+    """Two custom runs of a served deployment, one after the other, each submitting what its form holds: what the form
+    prefills plus the one field the user changed. The second run keeps the first's change (a form prefilled when
+    `flows.serve` started sent the old lr back: `finetune.lr: 0.0006 -> 0.0003`), and a hand edit made between the
+    runs survives too."""
+    import asyncio
+
+    from prefect.deployments import run_deployment
+    from prefect.runner import Runner
+
+    from flows.serve import deployments
+    from oar_core.params import load_params
+
+    deployment = next(d for d in deployments() if d.flow_name == "finetune")
+    prefilled = deployment._parameter_openapi_schema.properties["params"].get("default") or {}
+    before = load_params(stub_repo / "params.yaml").finetune
+
+    async def custom_run(runner, change: dict):
+        flow_run = await run_deployment(f"finetune/{deployment.name}", parameters={"params": {**prefilled, **change}},
+                                        timeout=0)
+        await runner.start(run_once=True)
+        from prefect import get_client
+
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run.id)).state
+
+    async def two_runs():
+        runner = Runner(limit=1, query_seconds=1)
+        await runner.add_deployment(deployment)
+        first = await custom_run(runner, {"lr": before.lr * 2})
+        set_params(stub_repo, "finetune", eval_batches=before.eval_batches + 1)  # a hand edit in between
+        second = await custom_run(runner, {"steps": before.steps + 1})
+        return first, second
+
+    first, second = asyncio.run(two_runs())
+    assert first.is_completed() and second.is_completed(), (first, second)
+    assert load_params(stub_repo / "params.yaml").finetune == before.model_copy(
+        update={"lr": before.lr * 2, "steps": before.steps + 1, "eval_batches": before.eval_batches + 1})
