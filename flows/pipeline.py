@@ -35,6 +35,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import Field, ValidationError
 from ruamel.yaml import YAML
 
+from flows.artifacts import PUBLISHERS
 from flows.forms import KEEP, form_param, params_form, section_form, yaml_comments
 from oar_core.dag import dag_stages, declared
 from oar_core.params import (
@@ -255,6 +256,17 @@ def repro(targets: list[str], repo: str) -> list[str]:
     return [m.group(1) for ln in stream(dvc("repro", *targets), Path(repo)) if (m := RAN.match(ln))]
 
 
+@task(cache_policy=NO_CACHE, task_run_name="results of {stage}")
+def publish(stage: str, repo: str) -> None:
+    """The stage's results as artifacts of this run (flows/artifacts.py); a failure here only warns."""
+    if stage not in PUBLISHERS:
+        return
+    try:
+        PUBLISHERS[stage](Path(repo), load_params(Path(repo) / "params.yaml"))
+    except Exception as e:  # the stage's outputs are recorded already: results it cannot show fail nothing
+        get_run_logger().warning("no artifact for %s: %s: %s", stage, type(e).__name__, e)
+
+
 @task(cache_policy=NO_CACHE, task_run_name="dvc push")
 def push_if_remote(repo: str) -> bool:
     remotes = subprocess.run(dvc("remote", "list"), cwd=repo, env=_env(), capture_output=True, text=True, check=True)
@@ -305,6 +317,7 @@ def run_stage(stage: str, params: Any, push: bool) -> dict:
     repo = str(repo_dir())
     changed = apply_params({stage: params}, repo)
     ran = repro([stage], repo)
+    publish(stage, repo)
     pushed = push_if_remote(repo) if push else False
     return {"stage": stage, "params_changed": sorted(changed), "ran": ran, "pushed": pushed}
 
@@ -410,6 +423,7 @@ def extract_orders_fanout(params: form_param(section_form("extract_orders", Extr
     else:
         workers = extract_orders_workers.with_options(task_runner=task_runner)(num_workers, repo)
         ran += repro(["extract_orders"], repo)
+    publish("extract_orders", repo)
     pushed = push_if_remote(repo) if push else False
     return {"stage": "extract_orders", "params_changed": sorted(changed), "ran": ran, "pushed": pushed,
             "num_workers": num_workers, "runner": runner, "workers": workers}
@@ -436,6 +450,7 @@ def oar_pipeline(params: form_param(params_form(DOCS, WHAT)) = None, extract_wor
             ran += extract_orders_fanout({}, num_workers=extract_workers, push=False)["ran"]
         else:
             ran += repro([stage], repo)
+            publish(stage, repo)
     pushed = push_if_remote(repo) if push else False
     return {"stages": stages, "params_changed": sorted(changed), "ran": ran, "pushed": pushed}
 

@@ -302,6 +302,62 @@ def test_a_moved_output_folder_takes_effect_downstream(tiny_repo, tmp_path):
 # ---------------------------------------------------------------- flows against the test server
 
 
+def artifacts(key: str) -> list:
+    """The artifacts stored under `key`, newest first."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                               sort=ArtifactSort.CREATED_DESC)
+
+    return asyncio.run(read())
+
+
+def test_evaluate_results_are_published_as_artifacts(tmp_path, prefect_api):
+    """A run of evaluate shows its metrics table (a row per model, then the real-image floor) and the report's
+    headline with its sample grids inline and where the files are."""
+    from PIL import Image
+    from prefect import flow
+
+    from flows.artifacts import publish_evaluate
+    from oar_core.params import Params
+
+    labels = {"feature_space": {"indomain": "in-domain classifier", "inception": "skipped: no local weights"},
+              "raster": {"sample_order": "raster", "nll_order": "raster order, exact"},
+              "oar": {"sample_order": "confidence", "nll_order": "confidence order, bound"},
+              "real_reference": {"feature_space": "in-domain classifier"}}
+    (tmp_path / "reports/figures").mkdir(parents=True)
+    (tmp_path / "reports/metrics_labels.json").write_text(json.dumps(labels))
+    Image.new("L", (8, 8)).save(tmp_path / "reports/figures/grid_oar.png")
+    for name, m in {"raster": {"fid_indomain": 1.5, "precision_indomain": 0.8, "recall_indomain": 0.5,
+                               "nll_bits_per_token": 4.2},
+                    "oar": {"fid_indomain": 1.25, "precision_indomain": 0.9, "recall_indomain": 0.4,
+                            "nll_bits_per_token": 4.3},
+                    "real_reference": {"fid_indomain": 0.25, "precision_indomain": 0.9, "recall_indomain": 0.9},
+                    "feature_net": {"test_accuracy": 0.9}}.items():
+        (tmp_path / "dvclive/evaluate" / name).mkdir(parents=True)
+        (tmp_path / "dvclive/evaluate" / name / "metrics.json").write_text(json.dumps(m))
+
+    @flow
+    def evaluate_run():
+        publish_evaluate(tmp_path, Params())
+
+    evaluate_run()
+    table = json.loads(artifacts("evaluate-metrics")[0].data)
+    assert [(r["model"], r["kind"], r["FID"]) for r in table] == [
+        ("raster", "model", 1.5), ("oar", "model", 1.25), ("real_reference", "floor: real vs real", 0.25)]
+    assert table[0]["valid NLL (bits/token)"] == 4.2 and table[0]["NLL: how"] == "raster order, exact"
+    report = artifacts("evaluate-report")[0].data
+    assert "Lowest FID: **oar** (1.250; the real-image floor is 0.250)" in report
+    assert f"`{(tmp_path / 'reports/report.md').resolve()}`" in report
+    assert "![oar](data:image/png;base64," in report and "grid_raster.png` (not written)" in report
+
+
 def test_stage_flow_reruns_only_that_stage_and_pushes(in_repo, prefect_api, s3):
     from flows.pipeline import train_raster
     from oar_core.params import load_params
@@ -375,6 +431,8 @@ def test_pipeline_flow_fans_out_extraction_and_reruns_downstream_only(in_repo, p
     assert parts == ["test-000000.parquet", "train-000000.parquet", "train-000001.parquet"]
     hashes = scan(in_repo / "data/orders").select("params_hash").unique().collect()["params_hash"].to_list()
     assert hashes == [params.extract_orders.digest()]  # every part written by the workers, under the new params
+    summary = json.loads(artifacts("extracted-orders")[0].data)  # the extraction's summary, on the run's page
+    assert [(r["split"], r["images"]) for r in summary] == [("test", 64), ("train", 256)]
 
 
 @pytest.mark.slow  # two Dask clusters: `pytest -m slow`
