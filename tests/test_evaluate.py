@@ -50,6 +50,17 @@ def test_indomain_extractor_separates_real_from_noise(fmnist_small, classifier):
     assert real["precision"] > 0.5 and real["recall"] > 0.5 and fake["recall"] < 0.1, (real, fake)
 
 
+def test_inception_score_spread_is_reported_only_when_there_are_splits(fmnist_small, classifier):
+    """torch-fidelity splits IS over groups of 50 here: at 50 samples one split, whose std is 0.00 by construction
+    (the report showed `± 0.00` in every row); no spread is reported then, a real one from 100 samples on."""
+    train_NHWC, _, _ = load_split(fmnist_small, "train")
+    test_NHWC, _, _ = load_split(fmnist_small, "test")
+    few = fidelity_metrics(train_NHWC[:50], test_NHWC, INDOMAIN_NAME, str(classifier[0]), kid_subset_size=20)
+    more = fidelity_metrics(train_NHWC[:100], test_NHWC, INDOMAIN_NAME, str(classifier[0]), kid_subset_size=20)
+    assert "is_std" not in few and few["is"] > 1
+    assert more["is_std"] > 0
+
+
 @pytest.fixture(scope="module")
 def pipeline_dir(fmnist_small, tmp_path_factory):
     """Tokenizer, shards, model checkpoints and samples of four tiny untrained models."""
