@@ -128,7 +128,7 @@ def publish_ingest(repo: Path, params: Params) -> None:
              f"Skipped: {report.get('n_skipped', 0)} file(s)"
              + (f" ({', '.join(f'{k}: {n}' for k, n in report['by_kind'].items())})" if report.get("by_kind") else "")
              + f"; details in `{out / 'report.json'}`."]
-    changed = report.get("converted", {})
+    changed = report.get("changed", {})
     if changed:
         lines += ["", "Changed on the way in: " + ", ".join(f"{k}: {n}" for k, n in changed.items()) + "."]
     create_markdown_artifact("\n".join(lines), key="ingest", description="What ingest kept, skipped and changed")
