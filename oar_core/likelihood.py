@@ -18,6 +18,7 @@ Content log-probs are the model's conditional ones at temperature 1, without gui
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from oar_core.decode import teacher_forced
 from oar_core.model import GPT
@@ -38,9 +39,9 @@ def is_deterministic(order: str, location: LocationRule | None) -> bool:
 @torch.no_grad()
 def sampler_bits(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, order: str,
                  location: LocationRule | None = None, n_orders: int = 2, batch_size: int = 250, seed: int = 0,
-                 device="cpu") -> float:
+                 device="cpu", progress: str | None = None) -> float:
     """Mean held-out bits/token of the sampler (order + location rule): exact for deterministic rules, else the
-    mean over `n_orders` orders drawn per image from the sampler's own rule."""
+    mean over `n_orders` orders drawn per image from the sampler's own rule. `progress`: a bar's label."""
     if location is not None and location.score == "gt_prob":
         raise ValueError("the gt_prob score looks at the answer: a sampler cannot use it, and scoring under it is "
                          "not a likelihood (use bits_along_orders for that diagnostic)")
@@ -49,8 +50,11 @@ def sampler_bits(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, or
     draws = 1 if is_deterministic(order, location) else n_orders
     g = torch.Generator().manual_seed(seed)
     total = 0.0
+    bar = tqdm(total=draws * -(-len(tokens_NN) // batch_size), desc=progress, unit="batch", disable=progress is None,
+               mininterval=5)  # a line every few seconds in a log (flows stream it into the Prefect run)
     for _ in range(draws):
         for _, tok_BN, lab_B in in_batches(tokens_NN, labels_N, batch_size, device):
+            bar.update()
             with autocast(device):
                 if order in ADAPTIVE_ORDERS:
                     out = teacher_forced(model, tok_BN, lab_B, order=order, location=location, generator=g)
@@ -58,15 +62,16 @@ def sampler_bits(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, or
                 else:
                     bits_B = order_bits(model, tok_BN, lab_B, sample_orders(order, len(tok_BN), H, W, g).to(device))
             total += float(bits_B.sum())
+    bar.close()
     return total / (draws * len(tokens_NN))
 
 
 def sampler_nll(model, meta: dict, test_NN, test_labels, *, n_orders: int, batch_size: int, seed: int,
-                device) -> tuple[float, str]:
+                device, progress: str | None = None) -> tuple[float, str]:
     """Held-out bits/token of the model as it samples (its order and location rule): a valid likelihood bound."""
     order = meta["order"]
     rule = LocationRule(**meta["location"]) if meta.get("location") else None
-    bits = sampler_bits(model, test_NN, test_labels, order, rule, n_orders, batch_size, seed, device)
+    bits = sampler_bits(model, test_NN, test_labels, order, rule, n_orders, batch_size, seed, device, progress)
     if order in ADAPTIVE_ORDERS:
         how = ("exact: its greedy location rule, teacher-forced" if is_deterministic(order, rule) else
                f"bound: mean over {n_orders} orders drawn from its own location rule, teacher-forced")

@@ -3,13 +3,14 @@ held-out NLL per model, then pictures and reports/report.md. Metrics: dvclive/ev
 labels: reports/metrics_labels.json."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from oar_core import report
+from oar_core import report, result_cache
 from oar_core.feature_net import INDOMAIN_NAME, load_classifier
 from oar_core.fidelity import (
     INCEPTION_NAME,
@@ -38,7 +39,7 @@ from oar_core.order_queries import extracted_heatmaps
 from oar_core.order_table import orders_for_ids
 from oar_core.params import EvaluateParams
 from oar_core.runtime import pick_device
-from oar_core.storage import read_json, write_json
+from oar_core.storage import file_hash, read_json, write_json
 from oar_core.token_shards import load_token_split
 from oar_core.tokenizer import load_tokenizer
 from pipeline._stage import stage_main
@@ -96,16 +97,30 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
     n_ref = max(len(v) for v in gen.values())
     ref_idx = np.random.default_rng(p.seed).permutation(manifest["counts"]["train"])[:n_ref]
     sets = {**{name: gen[name] for name, _ in models}, "real_reference": take(ingest_dir, "train", ref_idx)}
+    # slow results are kept by a hash of what they read (oar_core/result_cache.py): a rerun for another reason
+    # (evaluate.strip_steps: the strips) takes them back
+    results, code = result_cache.default_dir("evaluate"), result_cache.code_digest("oar_core", "pipeline")
+    real_key = {"test": result_cache.digest([test_NHWC.tobytes()]), "clf": file_hash(clf_path), "code": code,
+                "inception": file_hash(p.inception_weights) if inception is not None else None,
+                "kid_subset_size": p.kid_subset_size, "seed": p.seed}
     with temp_cache_dir() as cache:
         weights = inception_weights_file(inception, cache, p.inception_weights) if inception is not None else None
-        for name, images in tqdm(sets.items(), desc="fidelity", unit="model", disable=not progress):
-            m = fidelity_metrics(images, test_NHWC, INDOMAIN_NAME, clf_path, p.kid_subset_size, p.seed,
-                                 cache_dir=cache, real_cache_name="real-test")
-            metrics[name] = in_space(m, "indomain")
+
+        def fidelity(images) -> dict:
+            m = in_space(fidelity_metrics(images, test_NHWC, INDOMAIN_NAME, clf_path, p.kid_subset_size, p.seed,
+                                          cache_dir=cache, real_cache_name="real-test"), "indomain")
             if weights:
-                m = fidelity_metrics(images, test_NHWC, INCEPTION_NAME, weights, p.kid_subset_size, p.seed,
-                                     cache_dir=cache, real_cache_name="real-test")
-                metrics[name].update(in_space(m, "inception"))
+                m.update(in_space(fidelity_metrics(images, test_NHWC, INCEPTION_NAME, weights, p.kid_subset_size,
+                                                   p.seed, cache_dir=cache, real_cache_name="real-test"), "inception"))
+            return m
+
+        for name, images in tqdm(sets.items(), desc="fidelity", unit="model", disable=not progress):
+            these = (result_cache.files_digest(images.files) if hasattr(images, "files") else
+                     result_cache.digest([np.asarray(images).tobytes()]))
+            metrics[name], hit = result_cache.cached(results, {**real_key, "images": these},
+                                                     lambda images=images: fidelity(images))
+            if hit:
+                print(f"fidelity {name}: unchanged inputs, kept from an earlier run", file=sys.stderr, flush=True)
             labels[name] = {"feature_space": space}
 
     # held-out NLL, each model as it samples; the extracted ("oracle") orders only as a labelled diagnostic
@@ -117,9 +132,16 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
 
         oracle_NN = orders_for_ids(orders_dir, test_ids, test_NN.shape[1], missing_ok=True)
     for name, meta in models:
+        nll_key = {"checkpoint": file_hash(meta["checkpoint"]), "order": meta["order"], "code": code,
+                   "location": meta.get("location"), "n_orders": p.nll_orders, "batch_size": p.nll_batch_size,
+                   "seed": p.seed, "test": result_cache.digest([test_NN.numpy().tobytes(), test_tok_labels.numpy()
+                                                                .tobytes()])}
         model, _ = load_gpt(meta["checkpoint"], device)
-        bits, label = sampler_nll(model, meta, test_NN, test_tok_labels, n_orders=p.nll_orders,
-                                  batch_size=p.nll_batch_size, seed=p.seed, device=device)
+        (bits, label), hit = result_cache.cached(results, nll_key, lambda: sampler_nll(
+            model, meta, test_NN, test_tok_labels, n_orders=p.nll_orders, batch_size=p.nll_batch_size, seed=p.seed,
+            device=device, progress=f"likelihood {name}" if progress else None))
+        if hit:
+            print(f"likelihood {name}: unchanged inputs, kept from an earlier run", file=sys.stderr, flush=True)
         metrics[name]["nll_bits_per_token"] = bits
         if oracle_NN is not None and meta["order"] in ADAPTIVE_ORDERS:
             metrics[name]["oracle_order_bits_per_token"] = bits_along_orders(model, test_NN, test_tok_labels, oracle_NN,

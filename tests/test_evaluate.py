@@ -137,6 +137,38 @@ def test_evaluate_writes_metrics_per_model_with_feature_space(pipeline_dir, fmni
     assert (tmp_path / "reports" / "figures" / "heat_oar.png").exists()
 
 
+@pytest.mark.slow  # three evaluate runs: about 45 s
+def test_a_rerun_for_strip_steps_recomputes_no_metric(pipeline_dir, fmnist_small, classifier, tmp_path, monkeypatch,
+                                                      capsys):
+    """In a DVC repository evaluate keeps its slow results by a hash of their inputs: a rerun that only changed
+    strip_steps redraws the strips and takes the metrics and likelihoods back, the same numbers; a changed input
+    (here nll_orders) recomputes what reads it."""
+    import pipeline.evaluate as evaluate
+    from oar_core.live import read_per_key
+
+    root, _ = pipeline_dir
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    def run(**kw):
+        run_evaluate(EvaluateParams(out_dir="reports", kid_subset_size=20, **kw), str(root / "samples"),
+                     str(fmnist_small), str(root / "shards"), None, str(root / "tokenizer.pt"), "dvclive",
+                     "dvclive/evaluate", classifier[0], progress=False)
+        return read_per_key("dvclive/evaluate")
+
+    first = run(strip_steps=8)
+    strip = (tmp_path / "reports/figures/strip_oar.png").read_bytes()
+    calls = []
+    real_nll = evaluate.sampler_nll
+    monkeypatch.setattr(evaluate, "fidelity_metrics", lambda *a, **k: calls.append("fidelity") or 1 / 0)
+    monkeypatch.setattr(evaluate, "sampler_nll", lambda *a, **k: calls.append("nll") or real_nll(*a, **k))
+    assert run(strip_steps=4) == first and calls == []  # nothing recomputed
+    assert (tmp_path / "reports/figures/strip_oar.png").read_bytes() != strip  # the strips are redrawn
+    assert "likelihood oar: unchanged inputs, kept from an earlier run" in capsys.readouterr().err
+    again = run(strip_steps=4, nll_orders=3)  # the likelihood bounds of stochastic samplers read nll_orders
+    assert calls == ["nll"] * len(MODELS) and again["raster"] == first["raster"]
+
+
 def _evaluate(root, fmnist_small, samples, tmp_path, classifier):
     p = EvaluateParams(out_dir=str(tmp_path / "r"), kid_subset_size=20)
     run_evaluate(p, str(samples), str(fmnist_small), str(root / "shards"), None, str(root / "tokenizer.pt"),
