@@ -134,5 +134,22 @@ def publish_ingest(repo: Path, params: Params) -> None:
     create_markdown_artifact("\n".join(lines), key="ingest", description="What ingest kept, skipped and changed")
 
 
+def announce_params(ours: list[str], changes: dict[str, tuple], sections) -> None:
+    """On the run's page: which keys the run gave and what it changed in params.yaml. The form sends nothing for a
+    field left empty, or for a number field holding text (the browser empties it): such a key is not among those
+    the run gave, which this makes visible instead of silent."""
+    lines = ["# Parameters of this run", ""]
+    if ours:
+        lines += ["| key given by this run | params.yaml before | now |", "|---|---|---|"]
+        lines += [f"| `{k}` | {changes[k][0]!r} | {changes[k][1]!r} |" if k in changes else
+                  f"| `{k}` | (the same) | (unchanged) |" for k in ours]
+    else:
+        lines.append("**This run gave no key**: it ran on params.yaml as it is.")
+    lines += ["", f"Every other key of {', '.join(f'`{s}`' for s in sections)} kept params.yaml's value. A form field "
+              "left empty is not sent, and neither is a number field holding something that is not a number (the "
+              "browser empties it): if a value you typed is missing above, it was not sent."]
+    create_markdown_artifact("\n".join(lines), key="run-parameters", description="What this run changed")
+
+
 PUBLISHERS = {"evaluate": publish_evaluate, "sample": publish_sample, "extract_orders": publish_extract,
               "ingest": publish_ingest}

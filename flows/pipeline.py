@@ -35,7 +35,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from pydantic import Field, ValidationError
 from ruamel.yaml import YAML
 
-from flows.artifacts import PUBLISHERS
+from flows.artifacts import PUBLISHERS, announce_params
 from flows.forms import KEEP, form_param, params_form, section_form, yaml_comments
 from oar_core.dag import dag_stages, declared
 from oar_core.params import (
@@ -125,8 +125,6 @@ def write_params(repo: Path, sections: dict[str, Section]) -> dict[str, tuple]:
 
 def _set_keys(params: Any) -> Any:
     # a Section built in Python sets the keys it was built with (or read from a file), not its class defaults
-    if params is None:  # a form left empty, a flow called without parameters
-        return {}
     if isinstance(params, Section):
         return params.model_dump(mode="json", exclude_unset=True)
     return {k: _set_keys(v) for k, v in params.items()} if isinstance(params, dict) else params
@@ -153,7 +151,7 @@ def resolve(sections: dict[str, Any], repo: Path) -> tuple[Params, list[str], li
     keys}) laid over its section, validated whole. Returns it and the dotted keys of those sections that came
     from the run and from the file; invalid values raise ParamsError, one line naming each bad key."""
     current = load_params(repo / "params.yaml").model_dump(mode="json")
-    given = _set_keys(sections)
+    given = _set_keys({n: {} if v is None else v for n, v in sections.items()})  # None: a form left empty
     merged, ours, theirs = _overlay({n: current.get(n, {}) for n in given}, given)
     try:
         return Params.model_validate({**current, **merged}), ours, theirs
@@ -241,6 +239,7 @@ def apply_params(sections: dict[str, Any], repo: str) -> dict[str, tuple]:
         log.info("params.yaml: %s: %r -> %r", key, old, new)
     if not changes:
         log.info("params.yaml already has these values for %s", ", ".join(sections))
+    announce_params(ours, changes, sections)
     return changes
 
 
@@ -442,7 +441,7 @@ def oar_pipeline(params: form_param(params_form(DOCS, WHAT)) = None, extract_wor
     """
     repo = str(repo_dir())
     stages = stage_order(Path(repo))
-    changed = apply_params({**dict.fromkeys(Params.model_fields, {}), **_set_keys(params)}, repo)
+    changed = apply_params({**dict.fromkeys(Params.model_fields, {}), **_set_keys(params or {})}, repo)
     ran: list[str] = []
     for stage in stages:
         if stage == "extract_orders" and extract_workers > 1:

@@ -563,6 +563,10 @@ def test_consecutive_form_runs_compose_in_process(stub_repo, prefect_api):
         "finetune.steps"]
     assert load_params(stub_repo / "params.yaml").finetune == before.model_copy(
         update={"lr": before.lr * 2, "steps": before.steps + 1})
+    shown = artifacts("run-parameters")[0].data  # the run's page says which keys it gave
+    assert f"| `finetune.steps` | {before.steps} | {before.steps + 1} |" in shown and "finetune.lr" not in shown
+    finetune(params={**prefilled}, push=False)  # `abc` in the only field changed: the form sent nothing
+    assert "**This run gave no key**" in artifacts("run-parameters")[0].data
 
 
 @pytest.mark.slow  # two served runs, each a subprocess: about a minute
@@ -604,3 +608,45 @@ def test_consecutive_custom_runs_from_the_ui_compose(stub_repo, prefect_api):
     assert first.is_completed() and second.is_completed(), (first, second)
     assert load_params(stub_repo / "params.yaml").finetune == before.model_copy(
         update={"lr": before.lr * 2, "steps": before.steps + 1, "eval_batches": before.eval_batches + 1})
+
+
+@pytest.mark.slow  # a real `prefect server start`: 20-60 s
+def test_readme_prefect_commands_work_pasted_as_written(tmp_path):
+    """The README's first Prefect block, run as written (on a free port): `flows.serve` started right after the
+    server waits for it with one line instead of failing with a connection traceback, then serves."""
+    import re
+    import signal
+    import socket
+
+    section = (ROOT / "README.md").read_text().split("## Prefect", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    assert "prefect server start" in block and "python -m flows.serve" in block
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(["bash", "-c", block.replace("4200", str(port))], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.time() + 240
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if "Your deployments are being served" in line or time.time() > deadline:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the block's own processes: the server and flows.serve
+        proc.wait(30)
+    out = "\n".join(lines)
+    assert f"waiting for the Prefect server at http://127.0.0.1:{port}/api ..." in out, out
+    assert "Your deployments are being served" in out and "Traceback" not in out, out
+
+
+def test_serve_gives_up_with_one_line_when_no_server_answers(capsys):
+    from flows.serve import wait_for_api
+
+    with pytest.raises(SystemExit) as e:
+        wait_for_api("http://127.0.0.1:9/api", 1, 0.2)
+    assert capsys.readouterr().out == "waiting for the Prefect server at http://127.0.0.1:9/api ...\n"
+    assert str(e.value).startswith("error: no Prefect server answered at http://127.0.0.1:9/api within 1 s")
+    assert "\n" not in str(e.value)
