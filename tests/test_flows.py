@@ -548,6 +548,39 @@ def test_served_deployment_runs_when_triggered_through_the_api(in_repo, prefect_
     assert time.time() - t0 < 60
 
 
+def test_sample_and_ingest_results_are_published_as_artifacts(tmp_path, prefect_api):
+    from PIL import Image
+    from prefect import flow
+
+    from flows.artifacts import publish_ingest, publish_sample
+    from oar_core.params import Params
+
+    params = Params()
+    first = params.sample.models[0].name
+    (tmp_path / "samples" / first).mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "samples" / first / "grid.png")
+    (tmp_path / "samples" / first / "meta.json").write_text(json.dumps({"n": 50}))
+    (tmp_path / "data/ingest").mkdir(parents=True)
+    (tmp_path / "data/ingest/manifest.json").write_text(json.dumps(
+        {"source": "/imgs", "counts": {"train": 5, "test": 2}, "image_size": 28, "channels": 1, "num_classes": 1}))
+    (tmp_path / "data/ingest/report.json").write_text(json.dumps(
+        {"n_skipped": 1, "by_kind": {"truncated": 1}, "changed": {"converted RGBA to L (alpha dropped)": 1}}))
+
+    @flow
+    def results():
+        publish_sample(tmp_path, params)
+        publish_ingest(tmp_path, params)
+
+    results()
+    samples = artifacts("samples")[0].data
+    assert f"## {first}" in samples and "50 images" in samples
+    assert f"![{first} samples](data:image/png;base64," in samples
+    assert f"`{(tmp_path / 'samples' / params.sample.models[1].name).resolve()}/grid.png` (not written)" in samples
+    ingest = artifacts("ingest")[0].data
+    assert "train 5, test 2 images" in ingest and "Skipped: 1 file(s) (truncated: 1)" in ingest
+    assert "Changed on the way in: converted RGBA to L (alpha dropped): 1." in ingest
+
+
 def test_consecutive_form_runs_compose_in_process(stub_repo, prefect_api):
     """The fast form of the test below: two flow runs with what the form submits (its prefill + one change)."""
     from flows.pipeline import finetune
