@@ -4,12 +4,13 @@
 DVC reruns a stage whole and empties its outputs first, so the cache lives beside them, in the repository's
 `.dvc/tmp/` (DVC's own scratch folder: not versioned, never pushed). A key names the inputs' content (file
 hashes, array bytes), the params that matter, and the source of the code that computes the result: an edit to
-any of it is a miss. Outside a DVC repository nothing is cached.
+any of it is a miss. Only a stage run by DVC (which sets $DVC_ROOT) caches; run by hand, it computes everything.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -19,8 +20,9 @@ CODE_ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_dir(stage: str) -> Path | None:
-    """`.dvc/tmp/results/<stage>` of the DVC repository in the working directory, or None outside one."""
-    return Path(".dvc/tmp/results") / stage if Path(".dvc").is_dir() else None
+    """`.dvc/tmp/results/<stage>` of the repository DVC runs the stage in, or None when DVC does not run it."""
+    root = os.environ.get("DVC_ROOT")
+    return Path(root) / ".dvc" / "tmp" / "results" / stage if root and (Path(root) / ".dvc").is_dir() else None
 
 
 def digest(parts: Iterable[bytes]) -> str:
