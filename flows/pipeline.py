@@ -127,7 +127,8 @@ def _set_keys(params: Any) -> Any:
     # a Section built in Python sets the keys it was built with (or read from a file), not its class defaults
     if isinstance(params, Section):
         return params.model_dump(mode="json", exclude_unset=True)
-    return {k: _set_keys(v) for k, v in params.items()} if isinstance(params, dict) else params
+    # "" is what a text field typed in and cleared again may send: no key's value, so it is left out like an empty one
+    return {k: _set_keys(v) for k, v in params.items() if v != ""} if isinstance(params, dict) else params
 
 
 def _overlay(current: dict, given: dict, prefix: str = "") -> tuple[dict, list[str], list[str]]:
