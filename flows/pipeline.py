@@ -11,12 +11,12 @@ A failing stage fails its task and the flow run with the stage's last error line
 cache of the last good run untouched, so `dvc checkout` restores those artifacts.
 
 The repository is the current directory, or $OAR_REPO. A run's parameters set only the keys they name: every
-key they leave out (a UI form field left empty or not a number, which the form drops; a key missing from
-`--param`) keeps the value params.yaml has when the run starts, never a class default, and the run log lists
-which keys came from where. A value of the wrong type is refused by the Prefect API before a run exists; what
-its schema cannot check (e.g. d_model divisible by n_head) fails the run with one line naming the key. Parameter
-forms are prefilled from params.yaml as read when this module is imported (a served deployment: when
-`python -m flows.serve` started).
+key they leave out (a UI form field left empty, which the form does not send; a key missing from `--param`) keeps
+the value params.yaml has when the run starts, never a class default, and the run log lists which keys came from
+where. The forms (flows/forms.py) prefill nothing for that reason: a form prefilled when `flows.serve` started
+would send those values back and undo the runs since. A value of the wrong type is refused by the Prefect API
+before a run exists; what its schema cannot check (e.g. d_model divisible by n_head) fails the run with one line
+naming the key.
 """
 from __future__ import annotations
 
@@ -32,9 +32,11 @@ from typing import Annotated, Any, Literal
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
-from pydantic import Field, SkipValidation, ValidationError
+from pydantic import Field, ValidationError
 from ruamel.yaml import YAML
 
+from flows.artifacts import PUBLISHERS, announce_params
+from flows.forms import KEEP, form_param, params_form, section_form, yaml_comments
 from oar_core.dag import dag_stages, declared
 from oar_core.params import (
     CompleteParams,
@@ -65,18 +67,13 @@ def repo_dir() -> Path:
     return Path(os.environ.get("OAR_REPO", ".")).resolve()
 
 
-def _defaults() -> Params:
-    path = repo_dir() / "params.yaml"
-    return load_params(path) if path.exists() else Params()
+def _docs() -> dict[tuple, str]:
+    """Help text of the form fields: the comments of this code's params.yaml, then of the repository's."""
+    return {**yaml_comments(Path(__file__).resolve().parents[1] / "params.yaml"),
+            **yaml_comments(repo_dir() / "params.yaml")}
 
 
-DEFAULTS = _defaults()  # only to prefill the forms: runs read params.yaml when they start
-
-
-def _form(section: Section) -> Section:
-    """`section`'s values with no key marked as set: they prefill the UI form, yet a run that passes nothing sets
-    no key and so takes all of them from params.yaml as it is then."""
-    return type(section).model_construct(_fields_set=set(), **dict(section))
+DOCS = _docs()
 
 
 # ---------------------------------------------------------------- params.yaml
@@ -131,7 +128,8 @@ def _set_keys(params: Any) -> Any:
     # a Section built in Python sets the keys it was built with (or read from a file), not its class defaults
     if isinstance(params, Section):
         return params.model_dump(mode="json", exclude_unset=True)
-    return {k: _set_keys(v) for k, v in params.items()} if isinstance(params, dict) else params
+    # "" is what a text field typed in and cleared again may send: no key's value, so it is left out like an empty one
+    return {k: _set_keys(v) for k, v in params.items() if v != ""} if isinstance(params, dict) else params
 
 
 def _overlay(current: dict, given: dict, prefix: str = "") -> tuple[dict, list[str], list[str]]:
@@ -155,7 +153,7 @@ def resolve(sections: dict[str, Any], repo: Path) -> tuple[Params, list[str], li
     keys}) laid over its section, validated whole. Returns it and the dotted keys of those sections that came
     from the run and from the file; invalid values raise ParamsError, one line naming each bad key."""
     current = load_params(repo / "params.yaml").model_dump(mode="json")
-    given = _set_keys(sections)
+    given = _set_keys({n: {} if v is None else v for n, v in sections.items()})  # None: a form left empty
     merged, ours, theirs = _overlay({n: current.get(n, {}) for n in given}, given)
     try:
         return Params.model_validate({**current, **merged}), ours, theirs
@@ -243,6 +241,7 @@ def apply_params(sections: dict[str, Any], repo: str) -> dict[str, tuple]:
         log.info("params.yaml: %s: %r -> %r", key, old, new)
     if not changes:
         log.info("params.yaml already has these values for %s", ", ".join(sections))
+    announce_params(ours, changes, sections)
     return changes
 
 
@@ -256,6 +255,17 @@ def _repro_name() -> str:
 def repro(targets: list[str], repo: str) -> list[str]:
     """`dvc repro` the targets (and whatever upstream is stale); returns the stages that actually ran."""
     return [m.group(1) for ln in stream(dvc("repro", *targets), Path(repo)) if (m := RAN.match(ln))]
+
+
+@task(cache_policy=NO_CACHE, task_run_name="results of {stage}")
+def publish(stage: str, repo: str) -> None:
+    """The stage's results as artifacts of this run (flows/artifacts.py); a failure here only warns."""
+    if stage not in PUBLISHERS:
+        return
+    try:
+        PUBLISHERS[stage](Path(repo), load_params(Path(repo) / "params.yaml"))
+    except Exception as e:  # the stage's outputs are recorded already: results it cannot show fail nothing
+        get_run_logger().warning("no artifact for %s: %s: %s", stage, type(e).__name__, e)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="dvc push")
@@ -297,15 +307,18 @@ def is_current(stage: str, repo: str) -> bool:
 # ---------------------------------------------------------------- flows
 
 
-# Flow parameters are `SkipValidation[<Section>]`: the form is still built from the Section's schema, but Prefect hands
-# the run's mapping through as it is instead of filling the keys it lacks with class defaults; apply_params lays it
-# over params.yaml when the run starts and validates the result.
+# A flow's `params` is shown as its section's form (flows/forms.py: no defaults) and handed through as given, never
+# filled with class defaults; apply_params lays it over params.yaml when the run starts and validates the result.
+
+
+PUSH_DOC = "dvc push afterwards when a DVC remote is configured"
 
 
 def run_stage(stage: str, params: Any, push: bool) -> dict:
     repo = str(repo_dir())
     changed = apply_params({stage: params}, repo)
     ran = repro([stage], repo)
+    publish(stage, repo)
     pushed = push_if_remote(repo) if push else False
     return {"stage": stage, "params_changed": sorted(changed), "ran": ran, "pushed": pushed}
 
@@ -329,15 +342,17 @@ STAGES = [
 
 
 def _stage_flow(stage: str, section: type[Section], doc: str):
-    def run(params=_form(getattr(DEFAULTS, stage)), push: bool = True) -> dict:
+    def run(params=None, push: bool = True) -> dict:
         return run_stage(stage, params, push)
 
     run.__name__ = run.__qualname__ = stage
-    run.__doc__ = doc
-    run.__annotations__ = {"params": SkipValidation[section], "push": bool, "return": dict}
-    return flow(name=stage)(run)
+    run.__doc__ = f"{doc}\n\nArgs:\n    params: {KEEP}\n    push: {PUSH_DOC}\n"  # the form's help for each parameter
+    run.__annotations__ = {"params": form_param(section_form(stage, section, DOCS, doc)), "push": bool,
+                           "return": dict}
+    return flow(name=stage, description=doc)(run)
 
 
+WHAT = {stage: doc for stage, _, doc in STAGES}
 STAGE_FLOWS = {stage: _stage_flow(stage, section, doc) for stage, section, doc in STAGES}
 globals().update(STAGE_FLOWS)
 
@@ -381,7 +396,8 @@ def extract_orders_workers(num_workers: int, repo: str) -> list[dict]:
 
 
 @flow(name="extract_orders_fanout")
-def extract_orders_fanout(params: SkipValidation[ExtractParams] = _form(DEFAULTS.extract_orders),
+def extract_orders_fanout(params: form_param(section_form("extract_orders", ExtractParams, DOCS,
+                                                          WHAT["extract_orders"])) = None,
                           num_workers: Annotated[int, Field(ge=1)] = 2, runner: FanoutRunner = "threads",
                           dask_address: str | None = None, dask_workers: Annotated[int, Field(ge=1)] | None = None,
                           push: bool = True) -> dict:
@@ -409,18 +425,26 @@ def extract_orders_fanout(params: SkipValidation[ExtractParams] = _form(DEFAULTS
     else:
         workers = extract_orders_workers.with_options(task_runner=task_runner)(num_workers, repo)
         ran += repro(["extract_orders"], repo)
+    publish("extract_orders", repo)
     pushed = push_if_remote(repo) if push else False
     return {"stage": "extract_orders", "params_changed": sorted(changed), "ran": ran, "pushed": pushed,
             "num_workers": num_workers, "runner": runner, "workers": workers}
 
 
 @flow(name="oar-pipeline")
-def oar_pipeline(params: SkipValidation[Params] = _form(DEFAULTS), extract_workers: int = 1, push: bool = True) -> dict:
+def oar_pipeline(params: form_param(params_form(DOCS, WHAT)) = None, extract_workers: int = 1,
+                 push: bool = True) -> dict:
     """The whole DAG: each stage of dvc.yaml in dependency order (`dvc repro <stage>`, so up-to-date stages
-    are skipped); extract_orders fans out over `extract_workers` when that is more than 1."""
+    are skipped); extract_orders fans out over `extract_workers` when that is more than 1.
+
+    Args:
+        params: params.yaml, one group per stage; empty fields keep params.yaml's values when the run starts
+        extract_workers: parallel extract_orders workers (threads); 1 = the plain stage
+        push: dvc push afterwards when a DVC remote is configured
+    """
     repo = str(repo_dir())
     stages = stage_order(Path(repo))
-    changed = apply_params({**dict.fromkeys(Params.model_fields, {}), **_set_keys(params)}, repo)
+    changed = apply_params({**dict.fromkeys(Params.model_fields, {}), **_set_keys(params or {})}, repo)
     ran: list[str] = []
     for stage in stages:
         if stage == "extract_orders" and extract_workers > 1:
@@ -428,6 +452,7 @@ def oar_pipeline(params: SkipValidation[Params] = _form(DEFAULTS), extract_worke
             ran += extract_orders_fanout({}, num_workers=extract_workers, push=False)["ran"]
         else:
             ran += repro([stage], repo)
+            publish(stage, repo)
     pushed = push_if_remote(repo) if push else False
     return {"stages": stages, "params_changed": sorted(changed), "ran": ran, "pushed": pushed}
 

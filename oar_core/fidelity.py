@@ -121,10 +121,11 @@ def fidelity_metrics(gen_NHWC: np.ndarray | Dataset, real_NHWC: np.ndarray, feat
     n = min(len(gen_NHWC), len(real_NHWC))
     subset = min(kid_subset_size, n)  # torch-fidelity rejects a KID subset larger than either set
     gen = gen_NHWC if isinstance(gen_NHWC, Dataset) else UInt8Images(gen_NHWC)
+    splits = max(1, min(10, len(gen_NHWC) // 50))  # IS over splits of at least 50 images
     kw = dict(input1=gen, input2=UInt8Images(real_NHWC), cuda=torch.cuda.is_available(),
               fid=True, kid=True, isc=True, prc=True, feature_extractor=feature_extractor,
               feature_extractor_weights_path=weights_path, kid_subset_size=subset,
-              isc_splits=max(1, min(10, len(gen_NHWC) // 50)), batch_size=batch_size, rng_seed=seed,
+              isc_splits=splits, batch_size=batch_size, rng_seed=seed,
               save_cpu_ram=True,  # no DataLoader worker processes: pointless for in-memory arrays on 2 cores
               datasets_download=False, verbose=False, cache=cache_dir is not None and real_cache_name is not None)
     if feature_extractor == INDOMAIN_NAME:
@@ -133,9 +134,11 @@ def fidelity_metrics(gen_NHWC: np.ndarray | Dataset, real_NHWC: np.ndarray, feat
     if kw["cache"]:
         kw.update(cache_root=cache_dir, input2_cache_name=real_cache_name)
     m = torch_fidelity.calculate_metrics(**kw)
+    # one split (under 100 images) has no spread: torch-fidelity's std is then 0 by construction, so none is reported
     return {"fid": m["frechet_inception_distance"], "kid": m["kernel_inception_distance_mean"],
             "kid_std": m["kernel_inception_distance_std"], "is": m["inception_score_mean"],
-            "is_std": m["inception_score_std"], "precision": m["precision"], "recall": m["recall"]}
+            **({"is_std": m["inception_score_std"]} if splits > 1 else {}), "precision": m["precision"],
+            "recall": m["recall"]}
 
 
 INCEPTION_FIX = ("point it at torch-fidelity's pt_inception-2015-12-05 weights (a .pth or .safetensors file), or set "

@@ -148,7 +148,7 @@ def save_training_curves(plots_dir, stages: list[str], path) -> list[str]:
         off = pretrain_steps[0] if stage.startswith("finetune") else 0.0
         ax1.plot([x + off for x in xs], ys, label=stage)
         ax2.plot([x + off for x in tx], ty, marker="o", ms=3, label=stage)
-    ax1.set(title="train loss (nats/token)", xlabel="step")
+    ax1.set(title="train content loss (nats/token)", xlabel="step")  # without a location policy's loss
     ax2.set(title="held-out bits/token", xlabel="step")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)

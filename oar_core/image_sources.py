@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -35,12 +36,21 @@ class ImageFormat:
     on_size_mismatch: str = "resize"  # or reject
 
 
-def normalize_image(img: Image.Image, fmt: ImageFormat) -> tuple[np.ndarray | None, str | None]:
-    """PIL image -> (H,W,C) uint8 in `fmt`, or (None, reason) when it must be skipped."""
-    img = _to_8bit(img).convert("L" if fmt.channels == 1 else "RGB")
+def normalize_image(img: Image.Image, fmt: ImageFormat, changed: Counter | None = None
+                    ) -> tuple[np.ndarray | None, str | None]:
+    """PIL image -> (H,W,C) uint8 in `fmt`, or (None, reason) when it must be skipped. `changed` counts what was
+    done to the images kept (a mode conversion, a resize, a crop to square), for the ingest report."""
+    changed = Counter() if changed is None else changed
+    mode = "L" if fmt.channels == 1 else "RGB"
+    if img.mode != mode:
+        changed[f"converted {img.mode} to {mode}" + (" (alpha dropped)" if "A" in img.mode else "")] += 1
+    img = _to_8bit(img).convert(mode)
     if img.size != (fmt.size, fmt.size):
         if fmt.on_size_mismatch == "reject":
             return None, f"size {img.size[0]}x{img.size[1]} != {fmt.size}x{fmt.size} (on_size_mismatch=reject)"
+        changed[f"resized to {fmt.size}x{fmt.size}"] += 1
+        if img.size[0] != img.size[1]:
+            changed["center-cropped to a square (not square)"] += 1
         img = _square_resize(img, fmt.size)
     arr_HWC = np.asarray(img, dtype=np.uint8).reshape(fmt.size, fmt.size, fmt.channels)
     return arr_HWC, None
@@ -90,7 +100,8 @@ def sniff(data: bytes) -> str:
         return "unknown binary data"
 
 
-def decode_image(data: bytes, fmt: ImageFormat) -> tuple[np.ndarray | None, tuple[str, str] | None]:
+def decode_image(data: bytes, fmt: ImageFormat, changed: Counter | None = None
+                 ) -> tuple[np.ndarray | None, tuple[str, str] | None]:
     """(H,W,C) uint8, or None and (kind, reason) when the file must be skipped. Reasons never carry exception
     reprs (PIL's hold memory addresses), so the report is the same bytes on every run."""
     if not data:
@@ -109,7 +120,7 @@ def decode_image(data: bytes, fmt: ImageFormat) -> tuple[np.ndarray | None, tupl
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
             return None, ("truncated", f"truncated or corrupt {img.format} data: re-download or re-export it")
         try:
-            arr_HWC, why = normalize_image(img, fmt)
+            arr_HWC, why = normalize_image(img, fmt, changed)
         except (OSError, ValueError):
             return None, ("unsupported_mode", f"unsupported pixel mode {img.mode}: convert it to RGB or grayscale")
         return arr_HWC, None if why is None else ("size", why)
@@ -260,9 +271,10 @@ def _fetch(paths: list[str]) -> dict[str, bytes | Exception]:
 
 
 def folder_samples(todo: list[tuple[int, str, str, int]], limit: int | None, skipped: list[dict], fmt: ImageFormat,
-                   chunk: int = 256) -> Iterator[tuple[np.ndarray, int, str]]:
+                   chunk: int = 256, changed: Counter | None = None) -> Iterator[tuple[np.ndarray, int, str]]:
     """(image HWC, label, id) of one split's (hash, rel, full path, label) entries, fetched and decoded a chunk at a
-    time; stops once `limit` usable images are out, so a small subset of a big bucket is cheap."""
+    time; stops once `limit` usable images are out, so a small subset of a big bucket is cheap. `changed` counts
+    the conversions and resizes of the images kept."""
     n = 0
     for start in range(0, len(todo), chunk):
         batch = todo[start:start + chunk]
@@ -275,7 +287,7 @@ def folder_samples(todo: list[tuple[int, str, str, int]], limit: int | None, ski
                 skipped.append(skip(rel, "unreadable_file", f"cannot read the file ({type(blob).__name__}); check "
                                                             "its permissions or the storage"))
                 continue
-            arr_HWC, why = decode_image(blob, fmt)
+            arr_HWC, why = decode_image(blob, fmt, changed)
             if arr_HWC is None:
                 skipped.append(skip(rel, *why))
                 continue

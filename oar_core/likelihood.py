@@ -21,6 +21,7 @@ the prefix before its step, which is what the teacher-forced parallel decode com
 from __future__ import annotations
 
 import torch
+from tqdm import tqdm
 
 from oar_core.decode import teacher_forced
 from oar_core.model import GPT
@@ -40,18 +41,20 @@ def is_deterministic(order: str, location: LocationRule | None) -> bool:
 
 def sampler_bits(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, order: str,
                  location: LocationRule | None = None, n_orders: int = 2, batch_size: int = 250, seed: int = 0,
-                 device="cpu", steps: int | None = None, schedule: str = "constant") -> float:
+                 device="cpu", steps: int | None = None, schedule: str = "constant",
+                 progress: str | None = None) -> float:
     """Mean held-out bits/token of the sampler (order + location rule, and its parallel `steps`/`schedule`): exact
-    for deterministic rules, else the mean over `n_orders` orders drawn per image from the sampler's own rule."""
+    for deterministic rules, else the mean over `n_orders` orders drawn per image from the sampler's own rule.
+    `progress`: a bar's label."""
     return sampler_bits_and_location(model, tokens_NN, labels_N, order, location, n_orders, batch_size, seed,
-                                     device, steps, schedule)[0]
+                                     device, steps, schedule, progress)[0]
 
 
 @torch.no_grad()
 def sampler_bits_and_location(model: GPT, tokens_NN: torch.Tensor, labels_N: torch.Tensor, order: str,
                               location: LocationRule | None = None, n_orders: int = 2, batch_size: int = 250,
-                              seed: int = 0, device="cpu", steps: int | None = None,
-                              schedule: str = "constant") -> tuple[float, float | None]:
+                              seed: int = 0, device="cpu", steps: int | None = None, schedule: str = "constant",
+                              progress: str | None = None) -> tuple[float, float | None]:
     """`sampler_bits`, and for a location rule or policy the mean bits per step of its location choices along the
     same drawn orders (-log2 q of each choice: an estimate of the rule's entropy per step on real prefixes; 0 for a
     greedy rule, log2 of the unfilled count for a uniform one). None for fixed and random orders."""
@@ -63,8 +66,11 @@ def sampler_bits_and_location(model: GPT, tokens_NN: torch.Tensor, labels_N: tor
     draws = 1 if is_deterministic(order, location) else n_orders
     g = torch.Generator().manual_seed(seed)
     total, loc_total = 0.0, 0.0
+    bar = tqdm(total=draws * -(-len(tokens_NN) // batch_size), desc=progress, unit="batch", disable=progress is None,
+               mininterval=5)  # a line every few seconds in a log (flows stream it into the Prefect run)
     for _ in range(draws):
         for _, tok_BN, lab_B in in_batches(tokens_NN, labels_N, batch_size, device):
+            bar.update()
             with autocast(device):
                 if order in ADAPTIVE_ORDERS or steps is not None:
                     out = teacher_forced(model, tok_BN, lab_B, order=order, location=location, generator=g,
@@ -74,12 +80,13 @@ def sampler_bits_and_location(model: GPT, tokens_NN: torch.Tensor, labels_N: tor
                 else:
                     bits_B = order_bits(model, tok_BN, lab_B, sample_orders(order, len(tok_BN), H, W, g).to(device))
             total += float(bits_B.sum())
+    bar.close()
     n = draws * len(tokens_NN)
     return total / n, (loc_total / n if order in ADAPTIVE_ORDERS else None)
 
 
 def sampler_nll(model, meta: dict, test_NN, test_labels, *, n_orders: int, batch_size: int, seed: int,
-                device) -> tuple[float, str, float | None]:
+                device, progress: str | None = None) -> tuple[float, str, float | None]:
     """Held-out bits/token of the model as it samples (its order, location rule and parallel steps): a valid
     likelihood bound of that sampler (for a parallel one, not the model's sequential NLL); how it was obtained; and
     the location rule's bits per step (sampler_bits_and_location)."""
@@ -89,7 +96,7 @@ def sampler_nll(model, meta: dict, test_NN, test_labels, *, n_orders: int, batch
     if steps is not None and steps >= model.cfg.n_tokens:
         steps = None  # one token per step: the sequential sampler
     bits, loc = sampler_bits_and_location(model, test_NN, test_labels, order, rule, n_orders, batch_size, seed,
-                                          device, steps, schedule)
+                                          device, steps, schedule, progress)
     if order in ADAPTIVE_ORDERS:
         how = ("exact: its greedy location rule, teacher-forced" if is_deterministic(order, rule) else
                f"bound: mean over {n_orders} orders drawn from its own location rule, teacher-forced")

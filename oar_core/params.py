@@ -57,7 +57,8 @@ class IngestParams(Section):
 
 
 class TokenizerParams(Section):
-    kind: Literal["oar", "diffusers_vq"] = "oar"  # our VQ-VAE (trained here), or a pretrained diffusers VQModel
+    kind: Literal["oar", "diffusers_vq"] = Field("oar", description="oar: our VQ-VAE, trained here; diffusers_vq: a "
+                                                 "pretrained diffusers VQModel (its folder in checkpoint)")
     checkpoint: Optional[str] = None  # oar: your own tokenizer .pt (skips training); diffusers_vq: the model folder
     grid: int = Field(7, ge=2, le=64)
     codebook_size: int = Field(256, ge=2, le=65536)
@@ -86,13 +87,14 @@ class TokenizeParams(Section):
 
 
 class ModelParams(Section):
-    n_layer: int = Field(4, ge=1, le=1024)
-    n_head: int = Field(4, ge=1, le=1024)
-    d_model: int = Field(128, ge=8, le=65536)
-    mlp_ratio: float = Field(4.0, gt=0, le=64)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    class_cond: bool = True
-    next_position: Literal[NEXT_POSITIONS] = "relative"  # where-next as an offset (the paper's), absolute, or both
+    n_layer: int = Field(4, ge=1, le=1024, description="transformer blocks")
+    n_head: int = Field(4, ge=1, le=1024, description="attention heads (must divide d_model)")
+    d_model: int = Field(128, ge=8, le=65536, description="width of the residual stream")
+    mlp_ratio: float = Field(4.0, gt=0, le=64, description="MLP hidden width / d_model")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout rate")
+    class_cond: bool = Field(True, description="condition on the class label (needed for guidance)")
+    next_position: Literal[NEXT_POSITIONS] = Field("relative", description="how an input says where the next token "
+                                                   "goes: the offset (the paper's), the absolute position, or both")
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -157,13 +159,15 @@ class ExtractParams(Section):
 
 
 class SampleModelParams(Section):
-    name: str  # folder name under sample.out_dir and the key in metrics/evaluate.json
-    checkpoint: str
-    order: Literal[SAMPLE_ORDERS]
-    location: LocationRule = LocationRule()
-    # parallel decoding: that many forwards for the whole grid (null: one token per step), tokens per step by schedule
-    steps: Optional[int] = Field(None, ge=1, le=MAX_BATCH)
-    schedule: Literal[STEP_SCHEDULES] = "constant"
+    name: str = Field(description="folder name under sample.out_dir and the model's name in the metrics")
+    checkpoint: str = Field(description="the model checkpoint to sample from")
+    order: Literal[SAMPLE_ORDERS] = Field(description="generation order: a fixed one, random, confidence (the "
+                                          "location rule) or policy (the learned location head)")
+    location: LocationRule = Field(LocationRule(), description="the location rule of confidence/policy orders")
+    steps: Optional[int] = Field(None, ge=1, le=MAX_BATCH, description="parallel decoding: that many forwards for "
+                                 "the whole grid (null: one token per step), tokens per step by the schedule")
+    schedule: Literal[STEP_SCHEDULES] = Field("constant", description="tokens per parallel step: constant, linear, "
+                                              "cosine or arccos (few early, many late)")
 
     @field_validator("location")
     @classmethod

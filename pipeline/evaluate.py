@@ -4,13 +4,14 @@ then pictures and reports/report.md. Metrics: dvclive/evaluate/<model>/metrics.j
 labels: reports/metrics_labels.json."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 from tqdm import tqdm
 
-from oar_core import report
+from oar_core import report, result_cache
 from oar_core.calibration import greedy_calibration
 from oar_core.completion_report import completion_metrics
 from oar_core.feature_net import INDOMAIN_NAME, load_classifier
@@ -43,7 +44,7 @@ from oar_core.order_queries import extracted_heatmaps
 from oar_core.order_table import orders_for_ids
 from oar_core.params import EvaluateParams
 from oar_core.runtime import pick_device
-from oar_core.storage import read_json, write_json
+from oar_core.storage import file_hash, read_json, write_json
 from oar_core.token_shards import load_token_split
 from oar_core.tokenizer import load_tokenizer
 from pipeline._stage import stage_main
@@ -105,16 +106,30 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
     tok = load_tokenizer(tokenizer_path)
     real = take(ingest_dir, "train", ref_idx)
     sets = {**{name: gen[name] for name, _ in models}, "real_reference": real, "reconstruction": reconstruct(tok, real)}
+    # slow results are kept by a hash of what they read (oar_core/result_cache.py): a rerun for another reason
+    # (evaluate.strip_steps: the strips) takes them back
+    results, code = result_cache.default_dir("evaluate"), result_cache.code_digest("oar_core", "pipeline")
+    real_key = {"test": result_cache.digest([test_NHWC.tobytes()]), "clf": file_hash(clf_path), "code": code,
+                "inception": file_hash(p.inception_weights) if inception is not None else None,
+                "kid_subset_size": p.kid_subset_size, "seed": p.seed}
     with temp_cache_dir() as cache:
         weights = inception_weights_file(inception, cache, p.inception_weights) if inception is not None else None
-        for name, images in tqdm(sets.items(), desc="fidelity", unit="model", disable=not progress):
-            m = fidelity_metrics(images, test_NHWC, INDOMAIN_NAME, clf_path, p.kid_subset_size, p.seed,
-                                 cache_dir=cache, real_cache_name="real-test")
-            metrics[name] = in_space(m, "indomain")
+
+        def fidelity(images) -> dict:
+            m = in_space(fidelity_metrics(images, test_NHWC, INDOMAIN_NAME, clf_path, p.kid_subset_size, p.seed,
+                                          cache_dir=cache, real_cache_name="real-test"), "indomain")
             if weights:
-                m = fidelity_metrics(images, test_NHWC, INCEPTION_NAME, weights, p.kid_subset_size, p.seed,
-                                     cache_dir=cache, real_cache_name="real-test")
-                metrics[name].update(in_space(m, "inception"))
+                m.update(in_space(fidelity_metrics(images, test_NHWC, INCEPTION_NAME, weights, p.kid_subset_size,
+                                                   p.seed, cache_dir=cache, real_cache_name="real-test"), "inception"))
+            return m
+
+        for name, images in tqdm(sets.items(), desc="fidelity", unit="model", disable=not progress):
+            these = (result_cache.files_digest(images.files) if hasattr(images, "files") else
+                     result_cache.digest([np.asarray(images).tobytes()]))
+            metrics[name], hit = result_cache.cached(results, {**real_key, "images": these},
+                                                     lambda images=images: fidelity(images))
+            if hit:
+                print(f"fidelity {name}: unchanged inputs, kept from an earlier run", file=sys.stderr, flush=True)
             labels[name] = {"feature_space": space}
 
     # held-out NLL, each model as it samples; the extracted ("oracle") orders only as a labelled diagnostic
@@ -127,9 +142,17 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
         oracle_NN = orders_for_ids(orders_dir, test_ids, test_NN.shape[1], missing_ok=True)
     calibrated, calibration = {}, {}  # per checkpoint: its models share one model and so one calibration
     for name, meta in models:
+        nll_key = {"checkpoint": file_hash(meta["checkpoint"]), "order": meta["order"], "code": code,
+                   "location": meta.get("location"), "steps": meta.get("steps"), "schedule": meta.get("schedule"),
+                   "n_orders": p.nll_orders, "batch_size": p.nll_batch_size,
+                   "seed": p.seed, "test": result_cache.digest([test_NN.numpy().tobytes(), test_tok_labels.numpy()
+                                                                .tobytes()])}
         model, _ = load_gpt(meta["checkpoint"], device)
-        bits, label, loc = sampler_nll(model, meta, test_NN, test_tok_labels, n_orders=p.nll_orders,
-                                       batch_size=p.nll_batch_size, seed=p.seed, device=device)
+        (bits, label, loc), hit = result_cache.cached(results, nll_key, lambda: sampler_nll(
+            model, meta, test_NN, test_tok_labels, n_orders=p.nll_orders, batch_size=p.nll_batch_size, seed=p.seed,
+            device=device, progress=f"likelihood {name}" if progress else None))
+        if hit:
+            print(f"likelihood {name}: unchanged inputs, kept from an earlier run", file=sys.stderr, flush=True)
         metrics[name]["nll_bits_per_token"] = bits
         if loc is not None:  # how random the location choices are (near log2 of the unfilled count = random)
             metrics[name]["location_bits_per_step"] = loc

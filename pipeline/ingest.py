@@ -32,6 +32,7 @@ def run_ingest(p: IngestParams) -> dict:
     storage.S3_TIMEOUT_S = p.s3_timeout_s
     fmt = ImageFormat(p.image_size, p.channels, p.on_size_mismatch)
     limits = {"train": p.max_train, "test": p.max_test}
+    changed: collections.Counter = collections.Counter()  # what was done to the images kept (folders/S3)
     if is_fashion_mnist(p.source):
         skipped, class_names = [], list(FASHION_MNIST_CLASSES)
         samples = {s: fashion_mnist_split(p.source, s, limits[s], fmt) for s in SPLITS}  # (image count, the images)
@@ -43,7 +44,8 @@ def run_ingest(p: IngestParams) -> dict:
             split, h = split_of(rel, p.test_fraction, p.seed)
             by_split[split].append((h, rel, full, label_of.get(c, 0)))
         samples = {s: (min(len(by_split[s]), limits[s] or len(by_split[s])),  # at most: some may be skipped
-                       folder_samples(sorted(by_split[s]), limits[s], skipped, fmt)) for s in SPLITS}
+                       folder_samples(sorted(by_split[s]), limits[s], skipped, fmt, changed=changed))
+                   for s in SPLITS}
     # the source is open and listed: only now do the old shards start to be replaced, and while they are, no
     # manifest may vouch for them (a typo'd folder or an unreachable bucket leaves the previous output readable)
     manifest_path = join(p.out_dir, "manifest.json")
@@ -60,7 +62,8 @@ def run_ingest(p: IngestParams) -> dict:
     ignored = [e for e in skipped if e["kind"] in IGNORED_KINDS]
     skipped = [e for e in skipped if e["kind"] not in IGNORED_KINDS]
     by_kind = dict(sorted(collections.Counter(e["kind"] for e in skipped + ignored).items()))
-    report = {"skipped": skipped, "n_skipped": len(skipped), "ignored": ignored, "by_kind": by_kind}
+    report = {"skipped": skipped, "n_skipped": len(skipped), "ignored": ignored, "by_kind": by_kind,
+              "changed": dict(sorted(changed.items()))}  # images kept, but converted or resized: how many of each
     write_json(join(p.out_dir, "report.json"), report)  # also when failing below: it says why files were rejected
     for s in SPLITS:
         if counts[s] == 0:
@@ -79,7 +82,8 @@ def run_ingest(p: IngestParams) -> dict:
         "shard_counts": {s: list(published[s].values()) for s in SPLITS},
     }
     write_json(manifest_path, manifest)  # written last: its presence means the shards are complete
-    return {**manifest, "n_skipped": len(skipped), "by_kind": by_kind, "out_dir": p.out_dir}
+    return {**manifest, "n_skipped": len(skipped), "by_kind": by_kind, "changed": report["changed"],
+            "out_dir": p.out_dir}
 
 
 def main(argv=None):
@@ -87,7 +91,8 @@ def main(argv=None):
         f"{r['source']} -> {r['out_dir']}: train={r['counts']['train']} test={r['counts']['test']} "
         f"{r['image_size']}x{r['image_size']}x{r['channels']} classes={r['num_classes']} skipped={r['n_skipped']}"
         + (f" (by kind: {', '.join(f'{k} {n}' for k, n in r['by_kind'].items())}; see report.json)"
-           if r["by_kind"] else "")))
+           if r["by_kind"] else "")
+        + (f"; changed: {', '.join(f'{k} {n}' for k, n in r['changed'].items())}" if r["changed"] else "")))
 
 
 if __name__ == "__main__":

@@ -246,6 +246,7 @@ def run_train(p: TrainParams, stage: str, shards: str, runs_dir: str = "runs", l
     local_B = p.batch_size // world
     bar = tqdm(range(start, p.steps), initial=start, total=p.steps, desc=stage, disable=not is_main, mininterval=2)
     t0, tokens_seen, unchecked = time.time(), 0, []  # unchecked: (step, loss) not yet checked finite
+    policy_value = None  # the location policy's last logged loss (nats/step), when it trains one
     for step in bar:
         g = torch.Generator().manual_seed(p.seed * 1_000_003 + step)
         torch.manual_seed(p.seed * 1_000_003 + step)  # dropout noise, per step
@@ -259,12 +260,13 @@ def run_train(p: TrainParams, stage: str, shards: str, runs_dir: str = "runs", l
         with autocast(device):  # through forward(), which is where DDP hooks its gradient sync
             out = ddp_model(train_NN[idx_B][mine].to(device), order_BN[mine].to(device), labels_B[mine].to(device),
                             with_policy=p.policy_weight > 0)
-            loss = content_nll(out[0], out[1], reduction="mean")
+            content = loss = content_nll(out[0], out[1], reduction="mean")
             if p.policy_weight > 0:  # learn where the extracted orders go next (random-order rows carry no signal)
                 logpi_BNN, mask_B = out[2], given_B[mine].to(device)
                 nll_BN = policy_nll(logpi_BNN, order_BN[mine].to(device))
                 rows = (mask_B.sum() * nll_BN.shape[1]).clamp_min(1)
-                loss = loss + p.policy_weight * (nll_BN * mask_B[:, None]).sum() / rows
+                policy = (nll_BN * mask_B[:, None]).sum() / rows
+                loss = content + p.policy_weight * policy
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
@@ -275,9 +277,12 @@ def run_train(p: TrainParams, stage: str, shards: str, runs_dir: str = "runs", l
             check_finite(model, unchecked, p, stage, world)  # before anything is logged or saved
             unchecked.clear()
         if (step + 1) % p.log_every == 0 or step + 1 == p.steps:
-            loss_value, rate = loss.item(), tokens_seen / (time.time() - t0)
+            # the curve is the content loss, comparable across stages; the policy's loss is on another scale
+            loss_value, rate = content.item(), tokens_seen / (time.time() - t0)
             history["loss"].append((step + 1, loss_value))
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
+            policy_value = policy.item() if p.policy_weight > 0 else None
+            bar.set_postfix(loss=f"{loss_value:.3f}", **({"policy_loss": f"{policy_value:.3f}"} if policy_value
+                                                         is not None else {}), tok_s=f"{rate:,.0f}")
         if (step + 1) % p.eval_every == 0 or step + 1 == p.steps:
             history["test_bits"].append((step + 1, heldout_bits(model, test_NN, test_labels, p, device)))
         if (step + 1) % p.ckpt_every == 0 or step + 1 == p.steps:
@@ -291,6 +296,7 @@ def run_train(p: TrainParams, stage: str, shards: str, runs_dir: str = "runs", l
         save_gpt(out, model, stage=stage, order=p.order, digest=digest, steps=p.steps)
         summary = {"steps": p.steps, "order": p.order, "params": model.num_params(),
                    "train_loss": history["loss"][-1][1] if history["loss"] else None,
+                   **({"train_policy_loss": policy_value} if p.policy_weight > 0 and policy_value is not None else {}),
                    "test_bits_per_token": history["test_bits"][-1][1] if history["test_bits"] else None,
                    "tokens_per_s": round(tokens_seen / elapsed) if tokens_seen else None}
         if given_test is not None:

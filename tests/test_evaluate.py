@@ -50,6 +50,17 @@ def test_indomain_extractor_separates_real_from_noise(fmnist_small, classifier):
     assert real["precision"] > 0.5 and real["recall"] > 0.5 and fake["recall"] < 0.1, (real, fake)
 
 
+def test_inception_score_spread_is_reported_only_when_there_are_splits(fmnist_small, classifier):
+    """torch-fidelity splits IS over groups of 50 here: at 50 samples one split, whose std is 0.00 by construction
+    (the report showed `± 0.00` in every row); no spread is reported then, a real one from 100 samples on."""
+    train_NHWC, _, _ = load_split(fmnist_small, "train")
+    test_NHWC, _, _ = load_split(fmnist_small, "test")
+    few = fidelity_metrics(train_NHWC[:50], test_NHWC, INDOMAIN_NAME, str(classifier[0]), kid_subset_size=20)
+    more = fidelity_metrics(train_NHWC[:100], test_NHWC, INDOMAIN_NAME, str(classifier[0]), kid_subset_size=20)
+    assert "is_std" not in few and few["is"] > 1
+    assert more["is_std"] > 0
+
+
 @pytest.fixture(scope="module")
 def pipeline_dir(fmnist_small, tmp_path_factory):
     """Tokenizer, shards, model checkpoints and samples of four tiny untrained models."""
@@ -103,9 +114,10 @@ def test_evaluate_writes_metrics_per_model_with_feature_space(pipeline_dir, fmni
     assert sorted(metrics) == sorted(MODELS + ["real_reference", "reconstruction", "feature_net"])
     labels = json.loads((tmp_path / "reports" / "metrics_labels.json").read_text())
     for m in MODELS + ["real_reference", "reconstruction"]:
-        for key in ("fid_indomain", "kid_indomain", "kid_indomain_std", "is_indomain", "is_indomain_std",
-                    "precision_indomain", "recall_indomain"):
+        for key in ("fid_indomain", "kid_indomain", "kid_indomain_std", "is_indomain", "precision_indomain",
+                    "recall_indomain"):
             assert isinstance(metrics[m][key], float) and math.isfinite(metrics[m][key]), (m, key)
+        assert "is_indomain_std" not in metrics[m]  # 40 samples: one IS split, no spread to report
         assert labels[m]["feature_space"].startswith("in-domain classifier")
     for m in MODELS:  # untrained models: about log2(16) = 4 bits/token
         assert 3.0 < metrics[m]["nll_bits_per_token"] < 5.0
@@ -131,6 +143,39 @@ def test_evaluate_writes_metrics_per_model_with_feature_space(pipeline_dir, fmni
         assert (tmp_path / "reports" / "figures" / f"grid_{m}.png").exists()
         assert (tmp_path / "reports" / "figures" / f"strip_{m}.png").exists()
     assert (tmp_path / "reports" / "figures" / "heat_oar.png").exists()
+
+
+@pytest.mark.slow  # three evaluate runs: about 45 s
+def test_a_rerun_for_strip_steps_recomputes_no_metric(pipeline_dir, fmnist_small, classifier, tmp_path, monkeypatch,
+                                                      capsys):
+    """Run by DVC, evaluate keeps its slow results by a hash of their inputs: a rerun that only changed
+    strip_steps redraws the strips and takes the metrics and likelihoods back, the same numbers; a changed input
+    (here nll_orders) recomputes what reads it."""
+    import pipeline.evaluate as evaluate
+    from oar_core.live import read_per_key
+
+    root, _ = pipeline_dir
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))  # as `dvc repro` sets it
+
+    def run(**kw):
+        run_evaluate(EvaluateParams(out_dir="reports", kid_subset_size=20, **kw), str(root / "samples"),
+                     str(fmnist_small), str(root / "shards"), None, str(root / "tokenizer.pt"), "dvclive",
+                     "dvclive/evaluate", classifier[0], progress=False)
+        return read_per_key("dvclive/evaluate")
+
+    first = run(strip_steps=8)
+    strip = (tmp_path / "reports/figures/strip_oar.png").read_bytes()
+    calls = []
+    real_nll = evaluate.sampler_nll
+    monkeypatch.setattr(evaluate, "fidelity_metrics", lambda *a, **k: calls.append("fidelity") or 1 / 0)
+    monkeypatch.setattr(evaluate, "sampler_nll", lambda *a, **k: calls.append("nll") or real_nll(*a, **k))
+    assert run(strip_steps=4) == first and calls == []  # nothing recomputed
+    assert (tmp_path / "reports/figures/strip_oar.png").read_bytes() != strip  # the strips are redrawn
+    assert "likelihood oar: unchanged inputs, kept from an earlier run" in capsys.readouterr().err
+    again = run(strip_steps=4, nll_orders=3)  # the likelihood bounds of stochastic samplers read nll_orders
+    assert calls == ["nll"] * len(MODELS) and again["raster"] == first["raster"]
 
 
 def _evaluate(root, fmnist_small, samples, tmp_path, classifier):

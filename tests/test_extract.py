@@ -158,6 +158,25 @@ def test_finetune_lowers_nll_under_extracted_orders_and_learns_a_policy(any_orde
     assert after["policy_bits_per_token"] < before["policy_bits_per_token"] - 0.5
 
 
+def test_train_loss_is_the_content_loss_and_the_policy_loss_is_logged_apart(any_order_model, orders_dir,
+                                                                              tiny_shards, tmp_path):
+    """The training curve is the content loss (nats/token) in every stage: with a location policy it used to add
+    policy_weight x the policy's loss (about 6 at weight 1), so finetuning looked worse than the model it started
+    from."""
+    import math
+
+    from pipeline.train import run_train
+
+    p = tiny_train_params(tmp_path / "oar", order="given", init_from=str(any_order_model[0]), steps=1, lr=1e-12,
+                          min_lr=0.0, warmup_steps=0, random_mix=0.0, eval_every=1, log_every=1, policy_weight=50.0)
+    with single_thread():
+        s = run_train(p, "finetune", str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive",
+                      orders_dir=str(orders_dir))
+    vocab = load_gpt(any_order_model[0])[0].cfg.vocab_size
+    assert 0 < s["train_loss"] < math.log(vocab) + 1  # content only: at most about a uniform guess
+    assert 1 < s["train_policy_loss"] < math.log(N)  # its own number: nats per location choice
+
+
 def test_exact_ties_for_the_best_position_are_counted(any_order_model, tiny_shards, tmp_path):
     """With a zero output layer every candidate ties at every step that has a choice (the orders_dir fixture
     checks that a trained model has none); a sampled rule has no greedy steps to count."""

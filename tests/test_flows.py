@@ -185,19 +185,66 @@ def test_last_error_prefers_the_stage_message():
     assert last_error(tb).startswith("ZeroDivisionError: division by zero [ERROR:")
 
 
-def test_deployments_are_named_for_what_they_run_and_keep_the_typed_form():
-    from prefect.utilities.callables import parameter_schema
+def schema_defaults(node):
+    """What the UI's form prefills (and so submits untouched): every `default` in a parameter schema."""
+    if isinstance(node, dict):
+        return {k: v for k, v in node.items() if k == "default"} | {
+            k: d for k, v in node.get("properties", {}).items() if (d := schema_defaults(v))} | (
+            {"items": schema_defaults(node["items"])} if isinstance(node.get("items"), dict)
+            and schema_defaults(node["items"]) else {})
+    return {}
 
-    from flows.pipeline import ALL_FLOWS, DEFAULTS, finetune
+
+def form_leaves(node: dict, path=()):
+    """(dotted key, schema) of every field a form shows."""
+    if "properties" in node:
+        for k, v in node["properties"].items():
+            yield from form_leaves(v, (*path, k))
+    else:
+        yield ".".join(path), node
+        if isinstance(node.get("items"), dict) and "properties" in node["items"]:
+            yield from form_leaves(node["items"], (*path, "[]"))
+
+
+def test_deployments_are_named_for_what_they_run_and_have_typed_documented_empty_forms():
+    from flows.pipeline import ALL_FLOWS
     from flows.serve import deployments
 
-    names = {d.flow_name: d.name for d in deployments()}
+    deps = deployments()
+    names = {d.flow_name: d.name for d in deps}
     assert set(names) == {f.name for f in ALL_FLOWS} | {"edit-images"}
     assert len(set(names.values())) == len(names) and "local" not in names.values()
     assert names["train_random"] == "train-any-order-model" and names["oar-pipeline"] == "all-stages"
-    form = parameter_schema(finetune).model_dump()["properties"]["params"]
-    assert form["properties"]["steps"]["type"] == "integer"  # typed fields ...
-    assert form["default"] == DEFAULTS.finetune.model_dump(mode="json")  # ... prefilled from params.yaml
+    for d in (d for d in deps if d.flow_name != "edit-images"):  # the stages' forms (the edit form: test_edit_flow_*)
+        schema = d._parameter_openapi_schema.model_dump()
+        params = schema["properties"]["params"]
+        assert schema_defaults(params) == {}, d.flow_name  # nothing prefilled: untouched fields are not sent
+        for key, field in form_leaves(schema):
+            assert field.get("description"), f"{d.flow_name}: {key} has no help text"
+            assert "null" not in json.dumps(field.get("anyOf", "")), f"{d.flow_name}: {key} offers a None toggle"
+        assert "Args:" not in d.description, d.description  # the parameters are documented on the form
+    form = next(d for d in deps if d.flow_name == "finetune")._parameter_openapi_schema.properties["params"]
+    assert form["properties"]["steps"] == {"type": "integer", "minimum": 1, "title": "steps",
+                                           "description": "optimizer steps"}  # typed, bounded, from params.yaml
+    evaluate = next(d for d in deps if d.flow_name == "evaluate")._parameter_openapi_schema.properties["params"]
+    assert evaluate["properties"]["inception_weights"]["type"] == "string"  # an optional path: a text field
+    whole = next(d for d in deps if d.flow_name == "oar-pipeline")._parameter_openapi_schema.properties["params"]
+    groups = whole["properties"]  # one group per stage section, described
+    assert list(groups)[:3] == ["ingest", "tokenizer", "tokenize"] and "Train (or adopt) the VQ tokenizer" in groups[
+        "tokenizer"]["description"]
+
+
+def test_help_text_is_params_yaml_comment_beside_the_key(tmp_path):
+    from flows.forms import section_form, yaml_comments
+    from oar_core.params import EvaluateParams
+
+    (tmp_path / "params.yaml").write_text("evaluate:\n  strip_steps: 8   # canvases per strip\n"
+                                          "                   # drawn left to right\n  # about seed\n  seed: 0\n")
+    docs = yaml_comments(tmp_path / "params.yaml")
+    assert docs == {("evaluate", "strip_steps"): "canvases per strip drawn left to right"}
+    form = section_form("evaluate", EvaluateParams, docs, "What it does.")
+    assert form["properties"]["strip_steps"]["description"] == "canvases per strip drawn left to right"
+    assert "description" not in form["properties"]["seed"]  # a comment above a key is not read as its help
 
 
 def test_fanout_task_runner_choice():
@@ -257,15 +304,72 @@ def test_a_moved_output_folder_takes_effect_downstream(tiny_repo, tmp_path):
 # ---------------------------------------------------------------- flows against the test server
 
 
+def artifacts(key: str) -> list:
+    """The artifacts stored under `key`, newest first."""
+    import asyncio
+
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                               sort=ArtifactSort.CREATED_DESC)
+
+    return asyncio.run(read())
+
+
+def test_evaluate_results_are_published_as_artifacts(tmp_path, prefect_api):
+    """A run of evaluate shows its metrics table (a row per model, then the reference rows; not the completions') and
+    the report's headline with its sample grids inline and where the files are."""
+    from PIL import Image
+    from prefect import flow
+
+    from flows.artifacts import publish_evaluate
+    from oar_core.params import Params
+
+    labels = {"feature_space": {"indomain": "in-domain classifier", "inception": "skipped: no local weights"},
+              "raster": {"sample_order": "raster", "nll_order": "raster order, exact"},
+              "oar": {"sample_order": "confidence", "nll_order": "confidence order, bound"},
+              "real_reference": {"feature_space": "in-domain classifier"}}
+    (tmp_path / "reports/figures").mkdir(parents=True)
+    (tmp_path / "reports/metrics_labels.json").write_text(json.dumps(labels))
+    Image.new("L", (8, 8)).save(tmp_path / "reports/figures/grid_oar.png")
+    for name, m in {"raster": {"fid_indomain": 1.5, "precision_indomain": 0.8, "recall_indomain": 0.5,
+                               "nll_bits_per_token": 4.2},
+                    "oar": {"fid_indomain": 1.25, "precision_indomain": 0.9, "recall_indomain": 0.4,
+                            "nll_bits_per_token": 4.3},
+                    "real_reference": {"fid_indomain": 0.25, "precision_indomain": 0.9, "recall_indomain": 0.9},
+                    "reconstruction": {"fid_indomain": 0.75, "precision_indomain": 0.85, "recall_indomain": 0.6},
+                    "complete_oar": {"fid_indomain_centre": 2.0}, "feature_net": {"test_accuracy": 0.9}}.items():
+        (tmp_path / "dvclive/evaluate" / name).mkdir(parents=True)
+        (tmp_path / "dvclive/evaluate" / name / "metrics.json").write_text(json.dumps(m))
+
+    @flow
+    def evaluate_run():
+        publish_evaluate(tmp_path, Params())
+
+    evaluate_run()
+    table = json.loads(artifacts("evaluate-metrics")[0].data)
+    assert [(r["model"], r["kind"], r["FID"]) for r in table] == [
+        ("raster", "model", 1.5), ("oar", "model", 1.25), ("real_reference", "reference: real vs real", 0.25),
+        ("reconstruction", "floor: tokenizer reconstructions", 0.75)]
+    assert table[0]["valid NLL (bits/token)"] == 4.2 and table[0]["NLL: how"] == "raster order, exact"
+    report = artifacts("evaluate-report")[0].data
+    assert "Lowest FID: **oar** (1.250; the tokenizer's floor is 0.750)" in report
+    assert f"`{(tmp_path / 'reports/report.md').resolve()}`" in report
+    assert "![oar](data:image/png;base64," in report and "grid_raster.png` (not written)" in report
+
+
 def test_stage_flow_reruns_only_that_stage_and_pushes(in_repo, prefect_api, s3):
-    from flows.pipeline import DEFAULTS, train_raster
+    from flows.pipeline import train_raster
     from oar_core.params import load_params
 
     dvc(in_repo, "remote", "add", "-d", "s3remote", "s3://oar-test/flows-dvcstore")
     dvc(in_repo, "remote", "modify", "s3remote", "endpointurl", s3)
     try:
         params = load_params(in_repo / "params.yaml").train_raster.model_copy(update={"steps": 12})
-        assert params != DEFAULTS.train_raster
         result = train_raster(params=params, push=True)
         assert result == {"stage": "train_raster", "params_changed": ["train_raster.steps"], "ran": ["train_raster"],
                           "pushed": True}
@@ -331,6 +435,8 @@ def test_pipeline_flow_fans_out_extraction_and_reruns_downstream_only(in_repo, p
     assert parts == ["test-000000.parquet", "train-000000.parquet", "train-000001.parquet"]
     hashes = scan(in_repo / "data/orders").select("params_hash").unique().collect()["params_hash"].to_list()
     assert hashes == [params.extract_orders.digest()]  # every part written by the workers, under the new params
+    summary = json.loads(artifacts("extracted-orders")[0].data)  # the extraction's summary, on the run's page
+    assert [(r["split"], r["images"]) for r in summary] == [("test", 64), ("train", 256)]
 
 
 @pytest.mark.slow  # two Dask clusters: `pytest -m slow`
@@ -492,3 +598,141 @@ def test_edit_flow_runs_the_edit_command_on_a_folder_with_typed_parameters(any_o
     assert f"outputs: {out}" in caplog.text and "2 variations (28 of 49 tokens generated)" in caplog.text
     with pytest.raises(Exception, match="unknown class"):  # the command's own line fails the run
         edit_images(**kw, mode="edit", class_name="Hat")
+
+
+def test_sample_and_ingest_results_are_published_as_artifacts(tmp_path, prefect_api):
+    from PIL import Image
+    from prefect import flow
+
+    from flows.artifacts import publish_ingest, publish_sample
+    from oar_core.params import Params
+
+    params = Params()
+    first = params.sample.models[0].name
+    (tmp_path / "samples" / first).mkdir(parents=True)
+    Image.new("L", (8, 8)).save(tmp_path / "samples" / first / "grid.png")
+    (tmp_path / "samples" / first / "meta.json").write_text(json.dumps({"n": 50}))
+    (tmp_path / "data/ingest").mkdir(parents=True)
+    (tmp_path / "data/ingest/manifest.json").write_text(json.dumps(
+        {"source": "/imgs", "counts": {"train": 5, "test": 2}, "image_size": 28, "channels": 1, "num_classes": 1}))
+    (tmp_path / "data/ingest/report.json").write_text(json.dumps(
+        {"n_skipped": 1, "by_kind": {"truncated": 1}, "changed": {"converted RGBA to L (alpha dropped)": 1}}))
+
+    @flow
+    def results():
+        publish_sample(tmp_path, params)
+        publish_ingest(tmp_path, params)
+
+    results()
+    samples = artifacts("samples")[0].data
+    assert f"## {first}" in samples and "50 images" in samples
+    assert f"![{first} samples](data:image/png;base64," in samples
+    assert f"`{(tmp_path / 'samples' / params.sample.models[1].name).resolve()}/grid.png` (not written)" in samples
+    ingest = artifacts("ingest")[0].data
+    assert "train 5, test 2 images" in ingest and "Skipped: 1 file(s) (truncated: 1)" in ingest
+    assert "Changed on the way in: converted RGBA to L (alpha dropped): 1." in ingest
+
+
+def test_consecutive_form_runs_compose_in_process(stub_repo, prefect_api):
+    """The fast form of the test below: two flow runs with what the form submits (its prefill + one change)."""
+    from flows.pipeline import finetune
+    from flows.serve import deployments
+    from oar_core.params import load_params
+
+    deployment = next(d for d in deployments() if d.flow_name == "finetune")
+    assert deployment.parameters == {}  # the server adds nothing to what the form sends
+    prefilled = deployment._parameter_openapi_schema.properties["params"].get("default") or {}
+    before = load_params(stub_repo / "params.yaml").finetune
+    assert finetune(params={**prefilled, "lr": before.lr * 2}, push=False)["params_changed"] == ["finetune.lr"]
+    # a text field typed in and cleared again sends "": left out like an empty field
+    assert finetune(params={**prefilled, "steps": before.steps + 1, "out_dir": ""}, push=False)["params_changed"] == [
+        "finetune.steps"]
+    assert load_params(stub_repo / "params.yaml").finetune == before.model_copy(
+        update={"lr": before.lr * 2, "steps": before.steps + 1})
+    shown = artifacts("run-parameters")[0].data  # the run's page says which keys it gave
+    assert f"| `finetune.steps` | {before.steps} | {before.steps + 1} |" in shown and "finetune.lr" not in shown
+    finetune(params={**prefilled}, push=False)  # `abc` in the only field changed: the form sent nothing
+    assert "**This run gave no key**" in artifacts("run-parameters")[0].data
+
+
+@pytest.mark.slow  # two served runs, each a subprocess: about a minute
+def test_consecutive_custom_runs_from_the_ui_compose(stub_repo, prefect_api):
+    """Two custom runs of a served deployment, one after the other, each submitting what its form holds: what the form
+    prefills plus the one field the user changed. The second run keeps the first's change (a form prefilled when
+    `flows.serve` started sent the old lr back: `finetune.lr: 0.0006 -> 0.0003`), and a hand edit made between the
+    runs survives too."""
+    import asyncio
+
+    from prefect.deployments import run_deployment
+    from prefect.runner import Runner
+
+    from flows.serve import deployments
+    from oar_core.params import load_params
+
+    deployment = next(d for d in deployments() if d.flow_name == "finetune")
+    prefilled = deployment._parameter_openapi_schema.properties["params"].get("default") or {}
+    before = load_params(stub_repo / "params.yaml").finetune
+
+    async def custom_run(runner, change: dict):
+        flow_run = await run_deployment(f"finetune/{deployment.name}", parameters={"params": {**prefilled, **change}},
+                                        timeout=0)
+        await runner.start(run_once=True)
+        from prefect import get_client
+
+        async with get_client() as client:
+            return (await client.read_flow_run(flow_run.id)).state
+
+    async def two_runs():
+        runner = Runner(limit=1, query_seconds=1)
+        await runner.add_deployment(deployment)
+        first = await custom_run(runner, {"lr": before.lr * 2})
+        set_params(stub_repo, "finetune", eval_batches=before.eval_batches + 1)  # a hand edit in between
+        second = await custom_run(runner, {"steps": before.steps + 1})
+        return first, second
+
+    first, second = asyncio.run(two_runs())
+    assert first.is_completed() and second.is_completed(), (first, second)
+    assert load_params(stub_repo / "params.yaml").finetune == before.model_copy(
+        update={"lr": before.lr * 2, "steps": before.steps + 1, "eval_batches": before.eval_batches + 1})
+
+
+@pytest.mark.slow  # a real `prefect server start`: 20-60 s
+def test_readme_prefect_commands_work_pasted_as_written(tmp_path):
+    """The README's first Prefect block, run as written (on a free port): `flows.serve` started right after the
+    server waits for it with one line instead of failing with a connection traceback, then serves."""
+    import re
+    import signal
+    import socket
+
+    section = (ROOT / "README.md").read_text().split("## Prefect", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    assert "prefect server start" in block and "python -m flows.serve" in block
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen(["bash", "-c", block.replace("4200", str(port))], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines: list[str] = []
+    try:
+        deadline = time.time() + 240
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            if "Your deployments are being served" in line or time.time() > deadline:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)  # the block's own processes: the server and flows.serve
+        proc.wait(30)
+    out = "\n".join(lines)
+    assert f"waiting for the Prefect server at http://127.0.0.1:{port}/api ..." in out, out
+    assert "Your deployments are being served" in out and "Traceback" not in out, out
+
+
+def test_serve_gives_up_with_one_line_when_no_server_answers(capsys):
+    from flows.serve import wait_for_api
+
+    with pytest.raises(SystemExit) as e:
+        wait_for_api("http://127.0.0.1:9/api", 1, 0.2)
+    assert capsys.readouterr().out == "waiting for the Prefect server at http://127.0.0.1:9/api ...\n"
+    assert str(e.value).startswith("error: no Prefect server answered at http://127.0.0.1:9/api within 1 s")
+    assert "\n" not in str(e.value)

@@ -309,3 +309,16 @@ def test_symlinks_are_followed_to_files_and_reported_otherwise(image_folder, tmp
     assert "cat/alias.png" not in why
     ids = [i for s in ("train", "test") for i in load_split(out, s)[2]]
     assert "cat/alias.png" in ids
+
+
+def test_conversions_and_resizes_are_counted_in_the_report(tmp_path):
+    """An RGBA 45x37 image among grey 28x28 ones was converted and resized with no mention anywhere."""
+    root = tmp_path / "imgs"
+    for i in range(6):
+        save_png(root / "a" / f"{i}.png")
+    rgba = np.random.default_rng(0).integers(0, 256, (37, 45, 4), dtype=np.uint8)
+    Image.fromarray(rgba, mode="RGBA").save(root / "a" / "rgba.png")
+    r = run_ingest(params(root, tmp_path / "out"))
+    expected = {"center-cropped to a square (not square)": 1, "converted RGBA to L (alpha dropped)": 1,
+                "resized to 28x28": 1}
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["changed"] == expected == r["changed"]
