@@ -241,8 +241,8 @@ class CompleteParams(Section):
     """Completions measured: every `sample.models` entry completes the same held-out test images under each mask
     (with sample's temperature / top-k, no class given; evaluate scores them)."""
     out_dir: str = "completions"
-    n_images: int = Field(200, ge=10, le=10000)  # the first test images (class-mixed)
-    batch_size: BatchSize = 200
+    n_images: int = Field(100, ge=10, le=10000)  # the first test images (class-mixed)
+    batch_size: BatchSize = 100
     masks: list[CompletionMask] = Field(DEFAULT_MASKS, min_length=1)
     seed: Seed = 0
 

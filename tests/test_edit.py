@@ -80,6 +80,19 @@ def test_edit_a_folder_end_to_end(setup, capsys):
     assert "e2e" in capsys.readouterr().out
 
 
+def test_an_unusable_file_in_a_folder_is_skipped_with_its_reason(setup, tmp_path, capsys):
+    s = setup
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((s["folder"] / "img0.png").read_bytes())
+    (folder / "broken.png").write_bytes(b"%PDF-1.4")
+    (folder / "notes.txt").write_text("x")
+    result = edit(s, folder, "--box", "8,8,20,20", n="1", out="mixed")
+    assert sorted(result["images"]) == ["a"]
+    out = capsys.readouterr().out
+    assert "broken.png: not an image: the content is a PDF" in out and "notes.txt: unsupported extension" in out
+
+
 def test_region_differs_between_seeds_and_repeats_with_one(setup):
     s = setup
     for out, seed in (("s0", 0), ("s1", 1), ("s0b", 0)):
