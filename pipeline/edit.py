@@ -242,6 +242,7 @@ def run_edit(inputs: list[str], out_dir: str, mode: str, sp: SampleParams, box=N
         todo.append((f, image_HWC, known_tokens(region_pixels(box, mask_path, f, size_wh), mode, fmt, grid, f, where)))
     if not todo:
         raise EditError(f"{', '.join(inputs)}: no usable image (see the skipped lines above)")
+    cfg_scale = sp.cfg_scale if label is not None else 1.0  # no class: guidance would compare null with null
     labels_B = torch.full((n,), model.null_class if label is None else label, dtype=torch.long, device=device)
     out, result = Path(out_dir), {"out": str(out_dir), "images": {}}
     t0, completing = time.time(), 0.0
@@ -252,7 +253,7 @@ def run_edit(inputs: list[str], out_dir: str, mode: str, sp: SampleParams, box=N
         t1 = time.time()
         with autocast(device):
             res = complete(model, labels_B, tokens_BN, known_BN, order=spec.order, location=spec.location,
-                           temperature=sp.temperature, top_k=sp.top_k, cfg_scale=sp.cfg_scale,
+                           temperature=sp.temperature, top_k=sp.top_k, cfg_scale=cfg_scale,
                            cfg_schedule=sp.cfg_schedule, generator=g, teacher_force_in=fixed,
                            candidate_chunk_mb=sp.candidate_chunk_mb)
         completing += time.time() - t1
@@ -272,7 +273,7 @@ def run_edit(inputs: list[str], out_dir: str, mode: str, sp: SampleParams, box=N
             "generated_tokens": N - K,
             "checkpoint": spec.checkpoint, "tokenizer": sp.tokenizer, "order": fixed or spec.order,
             "teacher_forced": bool(fixed), "location": spec.location.model_dump(mode="json"),
-            **{k: getattr(sp, k) for k in SAMPLE_KEYS}, "seed": sp.seed, "n": n,
+            **{k: getattr(sp, k) for k in SAMPLE_KEYS}, "cfg_scale": cfg_scale, "seed": sp.seed, "n": n,
             "tokens": res["tokens"].cpu().tolist(), "order_per_step": res["order"].cpu().tolist()})
         result["images"][name] = {"input": str(f), "folder": str(folder), "known_tokens": K, "generated_tokens": N - K}
         log(f"{f}: {n} variations ({N - K} of {N} tokens generated) -> {folder}")

@@ -74,6 +74,7 @@ def test_edit_a_folder_end_to_end(setup, capsys):
             assert (folder / f).stat().st_size > 0, f
         assert Image.open(folder / "sheet.png").size == (4 * (5 * 30 + 2), 4 * 32)  # original | masked | 3
         tokens, meta = tokens_of(folder)
+        assert meta["cfg_scale"] == 1.0  # no class given: nothing to guide towards
         assert (tokens[:, known] == original_tokens(s, name)[known]).all()  # every variation keeps the known tokens
         assert np.isin(np.asarray(meta["order_per_step"])[:, :40], np.flatnonzero(known)).all()  # known go first
         assert not (tokens[:, ~known] == tokens[0, ~known]).all()  # the variations differ in the region
@@ -107,6 +108,7 @@ def test_outpaint_and_class_edit(setup):
     edit(s, s["image"], "--box", "8,8,20,20", "--mode", "outpaint", "--class", "Trouser", out="outp")
     tokens, meta = tokens_of(s["root"] / "outp" / "img0")
     assert meta["known_tokens"] == 9 and meta["class"] == 1  # the centre is kept, its name resolved to its id
+    assert meta["cfg_scale"] == 2.5  # sample's default guidance, towards the class
     known = known_from_region(~np.pad(np.ones((12, 12), bool), 8), 7)
     assert known.sum() == 9
     assert (tokens[:, known] == original_tokens(s)[known]).all()
