@@ -37,6 +37,7 @@ def setup(fmnist_small, tiny_shards, any_order_model, tmp_path_factory) -> dict:
     save_gpt(root / "raster.pt", GPT(model.cfg), order="raster")
     save_gpt(root / "uncond.pt", GPT(GPTConfig(**{**model.cfg.__dict__, "num_classes": 0})), order="random")
     save_gpt(root / "grid4.pt", GPT(GPTConfig(**{**model.cfg.__dict__, "grid_h": 4, "grid_w": 4})), order="random")
+    save_gpt(root / "vocab32.pt", GPT(GPTConfig(**{**model.cfg.__dict__, "vocab_size": 32})), order="random")
     return {"root": root, "folder": folder, "tok": str(tok), "model": str(any_order_model[0]),
             "ingest": str(fmnist_small), "image": folder / "img0.png"}
 
@@ -145,6 +146,8 @@ def _bad(tmp: Path) -> dict:
         "unconditional edit": (["{img}", "--box", "8,8,20,20", "--mode", "edit", "--class", "1", "--model",
                                 "{dir}/uncond.pt"], "unconditional model"),
         "model/tokenizer grids": (["{img}", "--box", "8,8,20,20", "--model", "{dir}/grid4.pt"], "does not match"),
+        "model/tokenizer vocabularies": (["{img}", "--box", "8,8,20,20", "--model", "{dir}/vocab32.pt"],
+                                         "vocab 32 does not match"),
         "bad sampler option": (["{img}", "--box", "8,8,20,20", "--location-score", "gt_prob"],
                                "--location-score: "),
         "bad temperature": (["{img}", "--box", "8,8,20,20", "--temperature", "0"], "--temperature: "),
@@ -154,7 +157,7 @@ def _bad(tmp: Path) -> dict:
 
 CASES = ["unreadable image", "empty box", "box outside", "box covers all", "outpaint keeps nothing",
          "mask of another size", "empty mask", "unknown class", "edit without class", "unconditional edit",
-         "model/tokenizer grids", "bad sampler option", "bad temperature", "bad order"]
+         "model/tokenizer grids", "model/tokenizer vocabularies", "bad sampler option", "bad temperature", "bad order"]
 
 
 @pytest.mark.parametrize("case", CASES)
