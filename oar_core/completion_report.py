@@ -23,6 +23,9 @@ def completion_metrics(completions_dir, test_NHWC: np.ndarray, clf, clf_path: st
                        figures_dir, per_mask_shown: int = 8) -> tuple[dict, list[str]]:
     """({"complete_<model>": {"<mask>_<metric>": value}}, the report's markdown lines); pictures into figures_dir."""
     root = Path(completions_dir)
+    if not root.is_dir():  # evaluate run by hand before the complete stage: the rest of the report stands alone
+        return {}, ["## Completions", "", f"Skipped: no completions in `{root}`; run `dvc repro complete` (or "
+                    "python -m pipeline.complete), then evaluate again."]
     meta = read_json(root / "meta.json", "no meta.json: the completions are incomplete; run `dvc repro complete`",
                      "rerun `dvc repro complete` (or python -m pipeline.complete)")
     labels_N = np.asarray(meta["labels"])

@@ -217,10 +217,13 @@ class SampleParams(Section):
 class CompletionMask(Section):
     """One fixed mask of the `complete` stage: a box in fractions of the image (x0, y0, x1, y1), the region to
     generate (`outpaint`: the region kept), or `random`: that fraction of each image's tokens generated."""
-    name: str
-    box: Optional[tuple[float, float, float, float]] = None
-    mode: Literal["inpaint", "outpaint"] = "inpaint"
-    random: Optional[float] = Field(None, gt=0, lt=1)
+    name: str = Field(description="the mask's name in the metrics and the report")
+    box: Optional[tuple[float, float, float, float]] = Field(
+        None, description="[x0, y0, x1, y1] in fractions of the image: the region to generate (outpaint: to keep)")
+    mode: Literal["inpaint", "outpaint"] = Field("inpaint", description="inpaint: generate the box; outpaint: keep "
+                                                 "the box and generate the rest")
+    random: Optional[float] = Field(None, gt=0, lt=1, description="instead of a box: this fraction of each image's "
+                                    "tokens generated, drawn at random")
 
     @model_validator(mode="after")
     def _one_region(self):
@@ -251,8 +254,8 @@ class CompleteParams(Section):
     """Completions measured: every `sample.models` entry completes the same held-out test images under each mask
     (with sample's temperature / top-k, no class given; evaluate scores them)."""
     out_dir: str = "completions"
-    n_images: int = Field(200, ge=10, le=10000)  # the first test images (class-mixed)
-    batch_size: BatchSize = 200
+    n_images: int = Field(100, ge=10, le=10000)  # the first test images (class-mixed)
+    batch_size: BatchSize = 100
     masks: list[CompletionMask] = Field(DEFAULT_MASKS, min_length=1)
     seed: Seed = 0
 

@@ -135,7 +135,7 @@ def missing_bits_how(order: str, location, fixed: str | None, computable: bool) 
     if fixed:
         return (f"exact: {fixed} order, every known token comes first" if computable else
                 f"not computable: trained in {fixed} order only, its missing tokens cannot see the known tokens "
-                f"that come after them in that order, so it has no p(missing | known)")
+                f"that come after them in that order, so it has no p(missing given known)")
     if is_deterministic(order, location):
         return f"exact: known tokens first, then the {order} order"
     return f"bound: known tokens first, then one {order} order per image drawn by the sampler's own rule"

@@ -82,9 +82,10 @@ def parse_box(text: str) -> tuple[int, int, int, int]:
     return x0, y0, x1, y1
 
 
-def list_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    """The files to edit: those named, and a folder's images (top level); plus one line per folder entry skipped."""
-    files, skipped = [], []
+def list_images(inputs: list[str]) -> tuple[list[Path], list[str], set[Path]]:
+    """The files to edit: those named, and a folder's images (top level); one line per folder entry skipped; and
+    which files came from a folder (an unusable one is then skipped with its reason, as ingest skips it)."""
+    files, skipped, listed = [], [], set()
     for item in map(Path, inputs):
         if item.is_dir():
             for f in sorted(item.iterdir()):
@@ -92,6 +93,7 @@ def list_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
                     continue
                 if f.suffix.lower() in IMAGE_EXTS:
                     files.append(f)
+                    listed.add(f)
                 else:
                     skipped.append(f"{f}: unsupported extension (expected one of {sorted(IMAGE_EXTS)}); skipped")
             if not any(f.parent == item for f in files):
@@ -100,7 +102,7 @@ def list_images(inputs: list[str]) -> tuple[list[Path], list[str]]:
             files.append(item)
         else:
             raise EditError(f"{item}: no such file or folder; give image files or a folder of images")
-    return files, skipped
+    return files, skipped, listed
 
 
 def read_image(path: Path, fmt: ImageFormat) -> tuple[np.ndarray, tuple[int, int]]:
@@ -208,7 +210,7 @@ def run_edit(inputs: list[str], out_dir: str, mode: str, sp: SampleParams, box=N
     if n < 1:
         raise EditError(f"--n {n}: give at least 1 variation")
     spec = sp.models[0]
-    files, skipped = list_images(inputs)
+    files, skipped, listed = list_images(inputs)
     for line in skipped:
         log(line)
     mask_path = None if mask is None else Path(mask)
@@ -220,17 +222,27 @@ def run_edit(inputs: list[str], out_dir: str, mode: str, sp: SampleParams, box=N
                           f"{ingest_dir}/manifest.json")
     fixed = fixed_training_order(ckpt)
     if fixed:
-        log(f"note: {spec.checkpoint} was trained in {fixed} order only, so it completes in {fixed} order (not "
-            f"--order {spec.order}): the known tokens are teacher-forced where that order reaches them, and what it "
-            f"generates before a known token cannot see it; an any-order model conditions on all of them")
+        other = f" (not --order {spec.order})" if spec.order != fixed else ""
+        log(f"note: {spec.checkpoint} was trained in {fixed} order only, so it completes in {fixed} order{other}: the "
+            f"known tokens are teacher-forced where that order reaches them, and what it generates before a known "
+            f"token cannot see it; an any-order model conditions on all of them")
     fmt = ImageFormat(tokenizer.image_size, tokenizer.channels)
     grid, N = tokenizer.grid, tokenizer.grid ** 2
     where = f"--mask {mask}" if mask is not None else f"--box {','.join(map(str, box or ()))}"
     # everything is checked before anything is generated or written
     todo = []
     for f in files:
-        image_HWC, size_wh = read_image(f, fmt)
+        try:
+            image_HWC, size_wh = read_image(f, fmt)
+        except EditError as e:
+            if f not in listed:
+                raise
+            log(f"skipped {e}")
+            continue
         todo.append((f, image_HWC, known_tokens(region_pixels(box, mask_path, f, size_wh), mode, fmt, grid, f, where)))
+    if not todo:
+        raise EditError(f"{', '.join(inputs)}: no usable image (see the skipped lines above)")
+    cfg_scale = sp.cfg_scale if label is not None else 1.0  # no class: guidance would compare null with null
     labels_B = torch.full((n,), model.null_class if label is None else label, dtype=torch.long, device=device)
     out, result = Path(out_dir), {"out": str(out_dir), "images": {}}
     t0, completing = time.time(), 0.0
@@ -241,7 +253,7 @@ def run_edit(inputs: list[str], out_dir: str, mode: str, sp: SampleParams, box=N
         t1 = time.time()
         with autocast(device):
             res = complete(model, labels_B, tokens_BN, known_BN, order=spec.order, location=spec.location,
-                           temperature=sp.temperature, top_k=sp.top_k, cfg_scale=sp.cfg_scale,
+                           temperature=sp.temperature, top_k=sp.top_k, cfg_scale=cfg_scale,
                            cfg_schedule=sp.cfg_schedule, generator=g, teacher_force_in=fixed,
                            candidate_chunk_mb=sp.candidate_chunk_mb)
         completing += time.time() - t1
@@ -261,7 +273,7 @@ def run_edit(inputs: list[str], out_dir: str, mode: str, sp: SampleParams, box=N
             "generated_tokens": N - K,
             "checkpoint": spec.checkpoint, "tokenizer": sp.tokenizer, "order": fixed or spec.order,
             "teacher_forced": bool(fixed), "location": spec.location.model_dump(mode="json"),
-            **{k: getattr(sp, k) for k in SAMPLE_KEYS}, "seed": sp.seed, "n": n,
+            **{k: getattr(sp, k) for k in SAMPLE_KEYS}, "cfg_scale": cfg_scale, "seed": sp.seed, "n": n,
             "tokens": res["tokens"].cpu().tolist(), "order_per_step": res["order"].cpu().tolist()})
         result["images"][name] = {"input": str(f), "folder": str(folder), "known_tokens": K, "generated_tokens": N - K}
         log(f"{f}: {n} variations ({N - K} of {N} tokens generated) -> {folder}")

@@ -96,3 +96,9 @@ def test_completion_metrics_and_report_section(completed, fmnist_small, tmp_path
         assert f"![completions {mask}](figures/complete_{mask}.png)" in lines
     assert "top_half_missing_bits_per_token" not in metrics["complete_raster"]  # not computable: left out
     assert any("not computable: trained in raster order only" in line for line in lines)
+
+
+def test_evaluate_without_completions_says_so(tmp_path):
+    metrics, lines = completion_metrics(tmp_path / "none", np.zeros((10, 28, 28, 1), np.uint8), None, "x", 10, 0,
+                                        tmp_path)
+    assert metrics == {} and "Skipped: no completions in" in lines[2]

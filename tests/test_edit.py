@@ -37,6 +37,7 @@ def setup(fmnist_small, tiny_shards, any_order_model, tmp_path_factory) -> dict:
     save_gpt(root / "raster.pt", GPT(model.cfg), order="raster")
     save_gpt(root / "uncond.pt", GPT(GPTConfig(**{**model.cfg.__dict__, "num_classes": 0})), order="random")
     save_gpt(root / "grid4.pt", GPT(GPTConfig(**{**model.cfg.__dict__, "grid_h": 4, "grid_w": 4})), order="random")
+    save_gpt(root / "vocab32.pt", GPT(GPTConfig(**{**model.cfg.__dict__, "vocab_size": 32})), order="random")
     return {"root": root, "folder": folder, "tok": str(tok), "model": str(any_order_model[0]),
             "ingest": str(fmnist_small), "image": folder / "img0.png"}
 
@@ -74,10 +75,24 @@ def test_edit_a_folder_end_to_end(setup, capsys):
             assert (folder / f).stat().st_size > 0, f
         assert Image.open(folder / "sheet.png").size == (4 * (5 * 30 + 2), 4 * 32)  # original | masked | 3
         tokens, meta = tokens_of(folder)
+        assert meta["cfg_scale"] == 1.0  # no class given: nothing to guide towards
         assert (tokens[:, known] == original_tokens(s, name)[known]).all()  # every variation keeps the known tokens
         assert np.isin(np.asarray(meta["order_per_step"])[:, :40], np.flatnonzero(known)).all()  # known go first
         assert not (tokens[:, ~known] == tokens[0, ~known]).all()  # the variations differ in the region
     assert "e2e" in capsys.readouterr().out
+
+
+def test_an_unusable_file_in_a_folder_is_skipped_with_its_reason(setup, tmp_path, capsys):
+    s = setup
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.png").write_bytes((s["folder"] / "img0.png").read_bytes())
+    (folder / "broken.png").write_bytes(b"%PDF-1.4")
+    (folder / "notes.txt").write_text("x")
+    result = edit(s, folder, "--box", "8,8,20,20", n="1", out="mixed")
+    assert sorted(result["images"]) == ["a"]
+    out = capsys.readouterr().out
+    assert "broken.png: not an image: the content is a PDF" in out and "notes.txt: unsupported extension" in out
 
 
 def test_region_differs_between_seeds_and_repeats_with_one(setup):
@@ -94,6 +109,7 @@ def test_outpaint_and_class_edit(setup):
     edit(s, s["image"], "--box", "8,8,20,20", "--mode", "outpaint", "--class", "Trouser", out="outp")
     tokens, meta = tokens_of(s["root"] / "outp" / "img0")
     assert meta["known_tokens"] == 9 and meta["class"] == 1  # the centre is kept, its name resolved to its id
+    assert meta["cfg_scale"] == 2.5  # sample's default guidance, towards the class
     known = known_from_region(~np.pad(np.ones((12, 12), bool), 8), 7)
     assert known.sum() == 9
     assert (tokens[:, known] == original_tokens(s)[known]).all()
@@ -130,6 +146,8 @@ def _bad(tmp: Path) -> dict:
         "unconditional edit": (["{img}", "--box", "8,8,20,20", "--mode", "edit", "--class", "1", "--model",
                                 "{dir}/uncond.pt"], "unconditional model"),
         "model/tokenizer grids": (["{img}", "--box", "8,8,20,20", "--model", "{dir}/grid4.pt"], "does not match"),
+        "model/tokenizer vocabularies": (["{img}", "--box", "8,8,20,20", "--model", "{dir}/vocab32.pt"],
+                                         "vocab 32 does not match"),
         "bad sampler option": (["{img}", "--box", "8,8,20,20", "--location-score", "gt_prob"],
                                "--location-score: "),
         "bad temperature": (["{img}", "--box", "8,8,20,20", "--temperature", "0"], "--temperature: "),
@@ -139,7 +157,7 @@ def _bad(tmp: Path) -> dict:
 
 CASES = ["unreadable image", "empty box", "box outside", "box covers all", "outpaint keeps nothing",
          "mask of another size", "empty mask", "unknown class", "edit without class", "unconditional edit",
-         "model/tokenizer grids", "bad sampler option", "bad temperature", "bad order"]
+         "model/tokenizer grids", "model/tokenizer vocabularies", "bad sampler option", "bad temperature", "bad order"]
 
 
 @pytest.mark.parametrize("case", CASES)
