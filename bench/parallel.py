@@ -184,10 +184,11 @@ def table(rows: list[dict], a) -> str:
                          f"{own_fid} |")
         lines.append("")
         lines += targets(g, base)
-    how = sorted({r["nll_how"] for r in rows if r.get("nll_how")})
+    how = sorted({r["nll_how"].split("; of the parallel sampler")[0] for r in rows if r.get("nll_how")})
     if how:
-        lines += ["NLL (valid bounds of each sampler as it samples, on the first "
-                  f"{a.nll_images} test images, one order draw): " + "; ".join(how), ""]
+        lines += [f"NLL: valid bounds of each sampler as it samples, on the first {a.nll_images} test images, one "
+                  "order draw (" + "; ".join(how) + "); below N steps, the parallel sampler's own (each token "
+                  "conditioned on the prefix before its step), not the model's sequential NLL.", ""]
     return "\n".join(lines)
 
 

@@ -146,7 +146,7 @@ def test_chunked_candidate_scoring_equals_unchunked(model, monkeypatch, rule, cf
     labels, tokens = torch.tensor([0, 1, 2]), torch.randint(0, 32, (3, N), generator=torch.Generator().manual_seed(1))
     widths = []
     candidate_logits = model.candidate_logits
-    monkeypatch.setattr(model, "candidate_logits", lambda *a: widths.append(a[-1].shape[1]) or candidate_logits(*a))
+    monkeypatch.setattr(model, "candidate_logits", lambda *a: widths.append(a[4].shape[1]) or candidate_logits(*a))
     rows = 3 * (1 + (cfg_scale != 1.0))
 
     def run(chunk, forward=CachedForward):

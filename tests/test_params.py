@@ -87,6 +87,9 @@ def test_scripts_print_one_line_error_and_exit_1(tmp_path, capsys, module):
      "sample.models.0.location: score 'gt_prob' reads the ground truth"),  # a sampler cannot look at the answer
     ("sample:\n  models:\n  - {name: a, checkpoint: x, order: policy, location: {anneal: sideways}}\n",
      "sample.models.0.location.anneal"),
+    ("sample:\n  models:\n  - {name: a, checkpoint: x, order: policy, steps: 0}\n", "sample.models.0.steps"),
+    ("sample:\n  models:\n  - {name: a, checkpoint: x, order: raster, steps: 4, schedule: square}\n",
+     "sample.models.0.schedule"),  # parallel decoding: constant, linear, cosine or arccos
 ])
 def test_sampling_and_extraction_lists_and_rules_are_checked(tmp_path, text, key):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.").replace(r"\.*", ".*")):
