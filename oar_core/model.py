@@ -272,7 +272,7 @@ class GPT(nn.Module):
         else:
             C = cand_BC.shape[1]
             x_BCD = self.embed_tokens(last_tok_B[:, None].expand(-1, C), last_pos_B[:, None].expand(-1, C), cand_BC)
-        return self._after_chain(cache, x_BCD, chain_BcD, self.run)
+        return self.head(self._after_chain(cache, x_BCD, chain_BcD))
 
     def policy_logits(self, cache: KVCache, labels_B, last_tok_B, last_pos_B,
                       chain_BcD: torch.Tensor | None = None) -> torch.Tensor:
@@ -280,19 +280,19 @@ class GPT(nn.Module):
         The query row is never committed: the next forward replaces it."""
         x_B1D = self.embed_query(labels_B, None if last_tok_B is None else last_tok_B[:, None],
                                  None if last_pos_B is None else last_pos_B[:, None])
-        return self.policy_head(self._after_chain(cache, x_B1D, chain_BcD, self.trunk))[:, 0]
+        return self.policy_head(self._after_chain(cache, x_B1D, chain_BcD))[:, 0]
 
-    def _after_chain(self, cache: KVCache, x_BCD, chain_BcD, net) -> torch.Tensor:
-        """Candidate (or query) rows after the chain rows in one forward; the chain is committed, its outputs
-        (nothing reads them) dropped."""
+    def _after_chain(self, cache: KVCache, x_BCD, chain_BcD) -> torch.Tensor:
+        """Hidden states of candidate (or query) rows forwarded after the chain rows; the chain is committed, its
+        outputs (nothing reads them) dropped before any head."""
         if chain_BcD is None or chain_BcD.shape[1] == 0:
             cache.append(x_BCD.shape[1], candidates=True)
-            return net(x_BCD, cache)
+            return self.trunk(x_BCD, cache)
         c = chain_BcD.shape[1]
         cache.append(c + x_BCD.shape[1], candidates=True, chain=c)
-        out = net(torch.cat([chain_BcD, x_BCD], dim=1), cache)
+        h_BTD = self.trunk(torch.cat([chain_BcD, x_BCD], dim=1), cache)
         cache.settle_chain()
-        return out[:, c:]
+        return h_BTD[:, c:]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
