@@ -57,10 +57,9 @@ def check_pair(model: GPT, tokenizer, model_path, tokenizer_path) -> None:
                          f"codebook {tokenizer.codebook_size}); pass the tokenizer the model was trained with")
 
 
-def _known_or_sampled(t: int, pos_B, logits_BV, *, known_tokens_BN, known_mask_BN, temperature, top_k, generator):
-    rows = torch.arange(len(pos_B), device=pos_B.device)
-    sampled_B = sample_token(logits_BV, temperature, top_k, generator)
-    return torch.where(known_mask_BN[rows, pos_B], known_tokens_BN[rows, pos_B], sampled_B)
+def _known_or_sampled(t: int, pos_Bk, logits_BkV, *, known_tokens_BN, known_mask_BN, temperature, top_k, generator):
+    sampled_Bk = sample_token(logits_BkV.flatten(0, 1), temperature, top_k, generator).view(pos_Bk.shape)
+    return torch.where(torch.gather(known_mask_BN, 1, pos_Bk), torch.gather(known_tokens_BN, 1, pos_Bk), sampled_Bk)
 
 
 @torch.no_grad()
@@ -88,19 +87,20 @@ def known_first(order: str, known_N: np.ndarray, H: int, W: int) -> bool:
 @torch.no_grad()
 def missing_bits(model: GPT, tokens_BN: torch.Tensor, labels_B: torch.Tensor, known_mask_BN: torch.Tensor, *,
                  order: str, location: LocationRule | None = None, teacher_force_in: str | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, steps: int | None = None,
+                 schedule: str = "constant") -> torch.Tensor:
     """(B,) bits/token of the missing tokens given the known ones, under the sampler as it completes (content
     log-probs at temperature 1, no guidance): the known tokens first, then the missing ones along the sampler's own
     order or rule, teacher-forced. Exact for a deterministic order or greedy rule, else one draw of the bound
     E_q[-log p] (`oar_core.likelihood`). A fixed-order model (`teacher_force_in`) gives it only when every known
     token precedes every missing one in its order (else its missing tokens cannot see the known ones after
-    them): the caller checks `known_first`."""
+    them): the caller checks `known_first`. With parallel `steps`, the bound of that parallel sampler."""
     if teacher_force_in is not None:
-        out = teacher_forced(model, tokens_BN, labels_B, order=teacher_force_in)
+        out = teacher_forced(model, tokens_BN, labels_B, order=teacher_force_in, steps=steps, schedule=schedule)
         logp_BN = torch.zeros_like(out["logp"]).scatter_(1, out["order"], out["logp"])  # per position
         missing_BN = ~known_mask_BN
         return -(logp_BN * missing_BN).sum(1) / missing_BN.sum(1) / LN2
     out = teacher_forced(model, tokens_BN, labels_B, order=order, location=location, known_tokens_BN=tokens_BN,
-                         known_mask_BN=known_mask_BN, generator=generator)
+                         known_mask_BN=known_mask_BN, generator=generator, steps=steps, schedule=schedule)
     # the known steps come first and are not predicted: their logp stays 0
     return -out["logp"].sum(1) / (~known_mask_BN).sum(1) / LN2

@@ -109,7 +109,8 @@ def run_complete(p: CompleteParams, sp: SampleParams, ingest_dir: str, progress:
                     ib = idx[b:b + p.batch_size]
                     tok_BN = tokens_NN[ib]
                     known_BN = torch.as_tensor(known[m.name][ib], device=device)
-                    kw = dict(order=spec.order, location=spec.location, generator=g, teacher_force_in=fixed)
+                    kw = dict(order=spec.order, location=spec.location, generator=g, teacher_force_in=fixed,
+                              steps=spec.steps, schedule=spec.schedule)
                     with autocast(device):
                         res = complete(model, null_B(len(ib)), tok_BN, known_BN, temperature=sp.temperature,
                                        top_k=sp.top_k, candidate_chunk_mb=sp.candidate_chunk_mb, **kw)

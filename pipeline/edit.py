@@ -39,7 +39,7 @@ from oar_core.image_shards import load_manifest, to_float_BCHW
 from oar_core.image_sources import IMAGE_EXTS, ImageFormat, decode_image, normalize_image, sniff
 from oar_core.model import load_gpt
 from oar_core.names import LocationRule
-from oar_core.params import DEFAULT_SAMPLE_MODELS, SampleParams, problems
+from oar_core.params import DEFAULT_SAMPLE_MODELS, SampleModelParams, SampleParams, problems
 from oar_core.runtime import autocast, pick_device
 from oar_core.storage import write_json
 from oar_core.tokenizer import load_tokenizer
@@ -53,11 +53,13 @@ class EditError(ValueError):
     """A bad input: one line naming it and the fix."""
 
 
-def sampler(order: str | None, location: dict, sample_kw: dict, model: str, tokenizer: str, seed: int
-            ) -> SampleParams:
-    """The sampler as a one-model `sample` section, so the edit command obeys exactly sample's rules."""
+def sampler(order: str | None, location: dict, sample_kw: dict, model: str, tokenizer: str, seed: int,
+            parallel: dict | None = None) -> SampleParams:
+    """The sampler as a one-model `sample` section, so the edit command obeys exactly sample's rules. `parallel`:
+    the entry's `steps`/`schedule` (parallel decoding)."""
     entry = {"name": "edit", "checkpoint": model, "order": order or DEFAULT_SAMPLER.order,
-             "location": {**(DEFAULT_SAMPLER.location.model_dump() if order is None else {}), **location}}
+             "location": {**(DEFAULT_SAMPLER.location.model_dump() if order is None else {}), **location},
+             **(parallel or {})}
     try:
         return SampleParams(models=[entry], tokenizer=tokenizer, seed=seed, **sample_kw)
     except ValidationError as e:
@@ -255,7 +257,7 @@ def run_edit(inputs: list[str], out_dir: str, mode: str, sp: SampleParams, box=N
             res = complete(model, labels_B, tokens_BN, known_BN, order=spec.order, location=spec.location,
                            temperature=sp.temperature, top_k=sp.top_k, cfg_scale=cfg_scale,
                            cfg_schedule=sp.cfg_schedule, generator=g, teacher_force_in=fixed,
-                           candidate_chunk_mb=sp.candidate_chunk_mb)
+                           candidate_chunk_mb=sp.candidate_chunk_mb, steps=spec.steps, schedule=spec.schedule)
         completing += time.time() - t1
         variations = to_uint8_NHWC(tokenizer.decode(res["tokens"].view(n, grid, grid)).float())
         folder = out / name
@@ -273,6 +275,7 @@ def run_edit(inputs: list[str], out_dir: str, mode: str, sp: SampleParams, box=N
             "generated_tokens": N - K,
             "checkpoint": spec.checkpoint, "tokenizer": sp.tokenizer, "order": fixed or spec.order,
             "teacher_forced": bool(fixed), "location": spec.location.model_dump(mode="json"),
+            "steps": spec.steps, "schedule": spec.schedule,
             **{k: getattr(sp, k) for k in SAMPLE_KEYS}, "cfg_scale": cfg_scale, "seed": sp.seed, "n": n,
             "tokens": res["tokens"].cpu().tolist(), "order_per_step": res["order"].cpu().tolist()})
         result["images"][name] = {"input": str(f), "folder": str(folder), "known_tokens": K, "generated_tokens": N - K}
@@ -302,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     for k in SAMPLE_KEYS:
         default = SampleParams.model_fields[k].default
         ap.add_argument(f"--{k.replace('_', '-')}", help=f"as sample.{k} (default {default})")
+    for k in ("steps", "schedule"):  # parallel decoding, as in a sample.models entry
+        ap.add_argument(f"--{k}", help=SampleModelParams.model_fields[k].description)
     return ap
 
 
@@ -310,7 +315,8 @@ def main(argv=None) -> dict:
     try:
         location = {k: v for k in LocationRule.model_fields if (v := getattr(a, f"location_{k}")) is not None}
         sample_kw = {k: v for k in SAMPLE_KEYS if (v := getattr(a, k)) is not None}
-        sp = sampler(a.order, location, sample_kw, a.model, a.tokenizer, a.seed)
+        parallel = {k: v for k in ("steps", "schedule") if (v := getattr(a, k)) is not None}
+        sp = sampler(a.order, location, sample_kw, a.model, a.tokenizer, a.seed, parallel)
         result = run_edit(a.inputs, a.out, a.mode, sp, parse_box(a.box) if a.box else None, a.mask, a.class_, a.n,
                           a.ingest_dir)
     except (ValueError, FileNotFoundError) as e:  # EditError, and the checkpoints' own one-line errors

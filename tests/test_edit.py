@@ -216,3 +216,23 @@ def test_missing_bits():
 def test_console_script_is_declared():
     scripts = tomllib.loads(Path("pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["oar-edit"] == "pipeline.edit:main"
+
+
+def test_the_edit_command_decodes_in_parallel_steps_and_keeps_the_known_tokens(any_order_model, tiny_shards,
+                                                                                 fmnist_small, tmp_path):
+    """--steps/--schedule as in a sample.models entry: 4 forwards for the 28 unknown tokens, known ones unchanged."""
+    from oar_core.image_shards import load_split
+    from pipeline.edit import main
+
+    images, _, _ = load_split(fmnist_small, "test")
+    Image.fromarray(images[0, ..., 0]).save(tmp_path / "shoe.png")
+    out = main([str(tmp_path / "shoe.png"), "--box", "0,12,28,28", "--n", "2", "--order", "random", "--steps", "4",
+                "--schedule", "cosine", "--model", str(any_order_model[0]),
+                "--tokenizer", str(tiny_shards.parent / "tokenizer.pt"), "--out", str(tmp_path / "e")])
+    edit = json.loads((Path(out["out"]) / "shoe" / "edit.json").read_text())
+    assert (edit["steps"], edit["schedule"], edit["known_tokens"]) == (4, "cosine", 21)  # rows 0-2 of 7 known
+    tokens = np.array(edit["tokens"])
+    assert (tokens[0, :21] == tokens[1, :21]).all() and (tokens[0, 21:] != tokens[1, 21:]).any()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "shoe.png"), "--box", "0,12,28,28", "--steps", "0", "--model", str(any_order_model[0]),
+              "--tokenizer", str(tiny_shards.parent / "tokenizer.pt"), "--out", str(tmp_path / "f")])
