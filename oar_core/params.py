@@ -57,7 +57,8 @@ class IngestParams(Section):
 
 
 class TokenizerParams(Section):
-    kind: Literal["oar", "diffusers_vq"] = "oar"  # our VQ-VAE (trained here), or a pretrained diffusers VQModel
+    # our VQ-VAE (trained here), a pretrained diffusers VQModel, or glyph: the fixed Sudoku digit glyphs (exact)
+    kind: Literal["oar", "diffusers_vq", "glyph"] = "oar"
     checkpoint: Optional[str] = None  # oar: your own tokenizer .pt (skips training); diffusers_vq: the model folder
     grid: int = Field(7, ge=2, le=64)
     codebook_size: int = Field(256, ge=2, le=65536)

@@ -31,8 +31,17 @@ def metrics_table(metrics: dict, models: list[str], space: str) -> str:
     return "\n".join([head] + rows)
 
 
-def write_report(path, metrics: dict, labels: dict, models: list[str], figures: dict) -> None:
-    """`figures`: {"grids": {model: rel}, "strips": {model: rel}, "heat_samples": {model: rel},
+def checks_table(metrics: dict, models: list[str]) -> str:
+    """Markdown rows of the exact checks of a known-answer data set (oar_core.checkable), one column per check."""
+    skip = ("fid_", "kid_", "is_", "precision_", "recall_", "nll_", "oracle_")
+    keys = sorted({k for m in models for k in metrics.get(m, {}) if not k.startswith(skip)})
+    rows = [f"| {m} | " + " | ".join(_fmt(metrics.get(m, {}).get(k)) for k in keys) + " |" for m in models]
+    return "\n".join([f"| model | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|", *rows])
+
+
+def write_report(path, metrics: dict, labels: dict, models: list[str], figures: dict, checked: bool = False) -> None:
+    """`checked`: the data set is checkable (Sudoku): a table of its exact checks follows the metrics.
+    `figures`: {"grids": {model: rel}, "strips": {model: rel}, "heat_samples": {model: rel},
     "heat_extracted": rel|None, "curves": rel|None}; paths relative to the report's folder."""
     lines = ["# OAR evaluation report", ""]
     lines += ["## Metrics", "",
@@ -45,6 +54,13 @@ def write_report(path, metrics: dict, labels: dict, models: list[str], figures: 
               "not a likelihood.", "",
               metrics_table({m: {**metrics.get(m, {}), "nll_order_label": labels.get(m, {}).get("nll_order", "–")}
                              for m in models + ["real_reference"]}, models, "indomain"), ""]
+    if checked:
+        lines += ["## Exact checks (known-answer data set)", "",
+                  "Generated boards: `valid_fraction` (every row, column and box a permutation of the digits), "
+                  "`violated_units` (mean, of 3n), `copied_from_train`. Completion of held-out boards from k clues "
+                  "(the most probable digit at each step, the location by the model's sampler): `solved_k_clues` "
+                  "(valid and agreeing with every clue), `forced_cell_steps_k_clues` (fraction of non-clue steps "
+                  "whose cell had exactly one digit left by the rules).", "", checks_table(metrics, models), ""]
     lines += [f"Standard Inception metrics: **{labels['feature_space']['inception']}**", ""]
     if any("fid_inception" in metrics.get(m, {}) for m in models):
         lines += [metrics_table({m: metrics.get(m, {}) for m in models + ["real_reference"]}, models, "inception"), ""]

@@ -10,6 +10,7 @@ import polars as pl
 from tqdm import tqdm
 
 from oar_core import report
+from oar_core.checkable import checker_for
 from oar_core.feature_net import INDOMAIN_NAME, load_classifier
 from oar_core.fidelity import (
     INCEPTION_NAME,
@@ -127,6 +128,16 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
         labels[name].update(nll_order=label, sample_order=meta["order"], location=meta.get("location"),
                             checkpoint=meta["checkpoint"])
 
+    # a known-answer data set (Sudoku): exact checks of every model's samples and of its completions
+    check = checker_for(manifest["source"])
+    if check is not None:
+        train_NN = load_token_split(shards, "train")[0]
+        for name, meta in models:
+            tokens_BN = np.stack(pl.read_parquet(Path(samples_dir) / name / "orders.parquet")["tokens"].to_numpy())
+            model, _ = load_gpt(meta["checkpoint"], device)
+            metrics[name].update(**check.generated(tokens_BN, train_NN),
+                                 **check.completion(model, meta, test_NN, p.seed, device))
+
     # pictures + report
 
     tok = load_tokenizer(tokenizer_path)
@@ -152,7 +163,7 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
     if save_training_curves(plots_dir, curves, fig / "training_curves.png"):
         figures["curves"] = "figures/training_curves.png"
     names = [n for n, _ in models]
-    report.write_report(out / "report.md", metrics, labels, names, figures)
+    report.write_report(out / "report.md", metrics, labels, names, figures, checked=check is not None)
     write_json(out / "metrics_labels.json", labels)
     # one DVCLive folder per model (<metrics_dir>/<model>/metrics.json): `dvc metrics show` prints a row each
     log_per_key(metrics_dir, metrics)
