@@ -35,7 +35,8 @@ import yaml
 from bench.quality import Timer, cwd, trained
 
 SIZES = {"tiny": (2, 2, 64), "small": (3, 4, 96), "default": (4, 4, 128)}
-ARMS = ["raster", "any", "rar", "oar_gt_prob", "oar_max_prob", "oar_margin"]
+ARMS = ["raster", "any", "oar_gt_prob", "rar", "oar_max_prob", "oar_margin"]
+DEFAULT_ARMS = ["raster", "any", "oar_gt_prob", "rar", "oar_max_prob"]
 
 
 def samplers(arms: list[str]) -> list[tuple[str, str, str, dict, str]]:
@@ -110,30 +111,30 @@ def run_common(a, common: Path, timer: Timer) -> None:
                 run_tokenize(p.tokenize, "data/ingest", "models/tokenizer.pt")
 
 
-def train_jobs(a, p) -> list[tuple[str, object, str | None, str | None]]:
-    """(what, params, stage or None for an extraction, orders dir) in dependency order."""
+def train_jobs(a, p) -> list[tuple[str, object, str | None, str | None, str | None]]:
+    """(what, params, stage or None for an extraction, orders dir, the arm it completes) in dependency order."""
     jobs = []
     if "raster" in a.arms:
-        jobs.append(("train raster", p.train_raster, "train_raster", None))
-    jobs.append(("train any-order", p.train_random, "train_random", None))
+        jobs.append(("train raster", p.train_raster, "train_raster", None, "raster"))
+    jobs.append(("train any-order", p.train_random, "train_random", None, None))
     ft = p.finetune
     if "any" in a.arms:
         jobs.append(("continue any-order", ft.model_copy(update={
             "order": "random", "random_mix": 0.0, "policy_weight": 0.0, "out_dir": "models/any"}), "finetune_any",
-            None))
+            None, "any"))
     if "rar" in a.arms:
         jobs.append(("finetune any-order on raster (RAR control)", ft.model_copy(update={
             "order": "raster", "random_mix": 0.0, "policy_weight": 0.0, "out_dir": "models/rar"}), "finetune_rar",
-            None))
+            None, "rar"))
     for arm in a.arms:
         if arm.startswith("oar_"):
             score = arm[4:]
             ex = p.extract_orders.model_copy(update={"out_dir": f"data/orders_{score}",
                                                      "location": p.extract_orders.location.model_copy(
                                                          update={"score": score})})
-            jobs += [(f"extract orders ({score})", ex, None, None),
+            jobs += [(f"extract orders ({score})", ex, None, None, None),
                      (f"finetune OAR on {score} orders", ft.model_copy(update={"out_dir": f"models/{arm}"}),
-                      f"finetune_{arm}", ex.out_dir)]
+                      f"finetune_{arm}", ex.out_dir, arm)]
     return jobs
 
 
@@ -222,35 +223,38 @@ def run_seed(a, seed: int, common: Path, timer: Timer, report) -> dict:
     with cwd(root):
         Path("params.yaml").write_text(yaml.safe_dump(params_for(a, seed, common)))
         p = load_params("params.yaml")
-        for what, tp, stage, orders_dir in train_jobs(a, p):
+        test_NN = load_token_split(shards, "test")[0]
+        train_NN = load_token_split(shards, "train")[0]
+        results = {}
+        device = torch.device("cpu")
+        for what, tp, stage, orders_dir, arm in train_jobs(a, p):
             if stage is None:
                 with timer(f"seed {seed}: {what}"):
                     ex = run_extract(tp, shards)
                 if ex["images"]:
                     write_json(f"{tp.out_dir}/extract.json", ex)
-            elif not trained(f"{tp.out_dir}/model.pt", tp, shards, orders_dir):
+                write_json("results/orders.json", order_diagnostics(a, root, shards, test_NN))
+                continue
+            if not trained(f"{tp.out_dir}/model.pt", tp, shards, orders_dir):
                 with timer(f"seed {seed}: {what} ({tp.steps} steps)"):
                     run_train(tp, stage, shards, orders_dir=orders_dir)
-        test_NN = load_token_split(shards, "test")[0]
-        train_NN = load_token_split(shards, "train")[0]
-        results = {}
-        device = torch.device("cpu")
-        for name, arm, order, loc, mode in samplers(a.arms):
-            out = Path("results") / f"{name}.json"
-            made_from = {"checkpoint": file_hash(checkpoint_of(arm)), "order": order, "location": loc, "mode": mode,
-                         "n_boards": a.n_boards}
-            if out.exists() and json.loads(out.read_text()).get("made_from") == made_from:
-                results[name] = json.loads(out.read_text())
-                continue
-            with timer(f"seed {seed}: {name}"):
-                model, _ = load_gpt(checkpoint_of(arm), device)
-                m = evaluate_sampler(a, model, name, order, loc, mode, seed, test_NN, train_NN, device)
-            m["made_from"] = made_from
-            write_json(out, m)
-            results[name] = m
-            report()
-        if not Path("results/orders.json").exists() or a.rediagnose:
-            write_json("results/orders.json", order_diagnostics(a, root, shards, test_NN))
+            # this model's samplers now, so a partial run's table already compares what is trained
+            for name, s_arm, order, loc, mode in samplers(a.arms):
+                if s_arm != arm:
+                    continue
+                out = Path("results") / f"{name}.json"
+                made_from = {"checkpoint": file_hash(checkpoint_of(arm)), "order": order, "location": loc,
+                             "mode": mode, "n_boards": a.n_boards}
+                if out.exists() and json.loads(out.read_text()).get("made_from") == made_from:
+                    results[name] = json.loads(out.read_text())
+                    continue
+                with timer(f"seed {seed}: {name}"):
+                    model, _ = load_gpt(checkpoint_of(arm), device)
+                    m = evaluate_sampler(a, model, name, order, loc, mode, seed, test_NN, train_NN, device)
+                m["made_from"] = made_from
+                write_json(out, m)
+                results[name] = m
+                report()
         return results
 
 
@@ -267,28 +271,29 @@ def table(a) -> str:
     n_layer, _, d_model = SIZES[a.size]
     k1, k2 = sudoku.clue_counts(a.board)
     per_seed = {}
-    for s in a.seeds:
+    seeds = sorted(set(a.seeds) | {int(d.name[5:]) for d in Path(a.workdir).glob("seed_*")})
+    for s in seeds:
         res_dir = Path(a.workdir) / f"seed_{s}" / "results"
         per_seed[s] = {f.stem: json.loads(f.read_text()) for f in res_dir.glob("*.json")} if res_dir.is_dir() else {}
-    done = {s: sum(1 for k in per_seed[s] if k != "orders") for s in a.seeds}
+    done = {s: sum(1 for k in per_seed[s] if k != "orders") for s in seeds}
     cols = [("valid_fraction", "valid boards"), ("violated_units", f"violated units (of {3 * a.board})"),
             ("copied_from_train", "copied"), (f"solved_{k1}", f"solved, {k1} clues"),
             (f"solved_{k2}", f"solved, {k2} clues"), (f"forced_{k1}", f"forced steps, {k1} clues"),
             ("nll_bits_per_token", "NLL bits/token (valid)")]
     lines = [f"Sudoku {a.board}x{a.board} ({a.max_train} train / {a.max_test} test boards, glyph tokenizer: one token "
-             f"per cell), {n_layer}-layer d={d_model} models, next_position {a.next_position}, seeds {a.seeds}. "
+             f"per cell), {n_layer}-layer d={d_model} models, next_position {a.next_position}, seeds {seeds}. "
              f"Budget: every model {a.steps}+{a.finetune_steps} = {a.steps + a.finetune_steps} gradient steps of "
              f"batch 64 (OAR also pays an order extraction over the train boards, not counted in steps). "
              f"{a.n_boards} generated boards (temperature 1) and {a.n_boards} held-out boards completed per "
              f"sampler and clue count (the most probable digit per step). Mean ± std over the seeds done: "
-             + ", ".join(f"seed {s}: {done[s]}/{len(samplers(a.arms))} samplers" for s in a.seeds) + ".", "",
+             + ", ".join(f"seed {s}: {done[s]}/{len(samplers(a.arms))} samplers" for s in seeds) + ".", "",
              "| sampler | " + " | ".join(c[1] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, *_ in samplers(a.arms):
-        rows = [per_seed[s][name] for s in a.seeds if name in per_seed[s]]
+        rows = [per_seed[s][name] for s in seeds if name in per_seed[s]]
         if rows:
             lines.append(f"| {name} | " + " | ".join(cell([r[k] for r in rows if k in r]) for k, _ in cols)
-                         + f" |{'' if len(rows) == len(a.seeds) else f' ({len(rows)} seed(s))'}")
-    diag = [per_seed[s]["orders"] for s in a.seeds if "orders" in per_seed[s]]
+                         + f" |{'' if len(rows) == len(seeds) else f' ({len(rows)} seed(s))'}")
+    diag = [per_seed[s]["orders"] for s in seeds if "orders" in per_seed[s]]
     if diag:
         keys = [k for k in diag[0] if not k.endswith("_tau")]
         lines += ["", "Forced cells first? Fraction of steps whose cell had exactly one digit left by the rules, along "
@@ -313,11 +318,12 @@ def main(argv=None):
     ap.add_argument("--size", choices=sorted(SIZES), default="small")
     ap.add_argument("--next-position", default="both", choices=["relative", "absolute", "both"])
     ap.add_argument("--random-mix", type=float, default=0.2, help="finetune.random_mix of the OAR arms")
-    ap.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=ARMS)
     ap.add_argument("--workdir", default="/tmp/oar-bench-sudoku")
     ap.add_argument("--tag", default="default", help="results go to <workdir>/<tag> and bench/sudoku_<tag>.md")
     ap.add_argument("--table-only", action="store_true", help="only aggregate the results already on disk")
-    ap.add_argument("--rediagnose", action="store_true", help="recompute the forced-cells diagnostic")
+    ap.add_argument("--common-only", action="store_true", help="only make the boards and shards (then start one "
+                    "process per seed: they share them)")
     a = ap.parse_args(argv)
     common, timer = Path(a.workdir).resolve() / f"common{a.board}_{a.max_train}_{a.max_test}", Timer()
     a.workdir = str(Path(a.workdir).resolve() / a.tag)
@@ -328,7 +334,7 @@ def main(argv=None):
 
     if not a.table_only:
         run_common(a, common, timer)
-        for s in a.seeds:
+        for s in [] if a.common_only else a.seeds:
             run_seed(a, s, common, timer, report)
     md = table(a)
     out.write_text(md)
