@@ -303,6 +303,17 @@ def table(a) -> str:
                   + ". Kendall tau to raster: " + ", ".join(
                       f"{k[:-4]} {cell([d[k] for d in diag if k in d])}" for k in diag[0] if k.endswith("_tau"))
                   + "."]
+    for arm in [x for x in ARMS if x.startswith("oar_")]:
+        pol = [json.loads(f.read_text()) for s in seeds
+               for f in [Path(a.workdir) / f"seed_{s}/dvclive/finetune_{arm}/metrics.json"] if f.exists()]
+        pol = [m for m in pol if "policy_top1_agreement" in m]
+        if pol:
+            N = a.board * a.board
+            chance = sum(1 / (N - t) for t in range(N - 1)) / (N - 1)
+            lines += ["", f"{arm}: the location policy picks the extracted order's next cell (held-out boards, top-1) "
+                          f"{cell([m['policy_top1_agreement'] for m in pol])} of the time (uniform {chance:.3f}); "
+                          f"content along those orders {cell([m['policy_content_bits_per_token'] for m in pol])} "
+                          f"bits/token, location {cell([m['policy_location_bits_per_token'] for m in pol])}."]
     return "\n".join(lines) + "\n"
 
 

@@ -192,7 +192,8 @@ class GlyphTokenizer(nn.Module):
         self.image_size, self.channels, self.grid, self.codebook_size = image_size, channels, grid, grid
         self.cell = image_size // grid
         glyphs_KP = torch.from_numpy(glyph_bank(grid, self.cell)).float().div(255).flatten(1)
-        self.register_buffer("glyphs_KP", glyphs_KP)
+        # a frozen parameter, not a buffer: code that finds a tokenizer's device from its parameters works unchanged
+        self.glyphs_KP = nn.Parameter(glyphs_KP, requires_grad=False)
 
     def encode(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         B, C = images_BCHW.shape[:2]

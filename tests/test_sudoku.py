@@ -7,6 +7,7 @@ import torch
 
 from oar_core import sudoku
 from oar_core.checkable import SudokuCheck, checker_for, complete
+from oar_core.figures import GRAY, partial_canvases
 from oar_core.image_shards import load_split, to_float_BCHW
 from oar_core.model import GPT, GPTConfig
 from oar_core.params import IngestParams, TokenizerParams
@@ -64,6 +65,9 @@ def test_every_cell_round_trips_exactly_through_ingest_and_the_glyph_tokenizer(t
     tokens_BHW = tok.encode(to_float_BCHW(images_NHWC))
     assert torch.equal(tokens_BHW, torch.as_tensor(want - 1))  # every cell of every test board, exactly
     assert torch.equal(tok.decode(tokens_BHW), to_float_BCHW(images_NHWC))  # and back to the same pixels
+    # the report's order strips draw partial boards with it: the first 6 cells of raster order, the rest gray
+    canv = partial_canvases(tok, tokens_BHW[0].flatten().numpy(), np.arange(36), [6])[0, :, :, 0]
+    assert (canv[:8] == images_NHWC[0, :8, :, 0]).all() and (canv[8:] == GRAY).all()
 
 
 def test_bad_sudoku_settings_say_which_key(tmp_path):
