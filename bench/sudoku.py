@@ -197,9 +197,17 @@ def order_diagnostics(a, seed_dir: Path, shards: str, test_NN) -> dict:
     _, _, ids = load_token_split(shards, "test")
     tok_BN = torch.as_tensor(test_NN).long()
     B = len(tok_BN)
-    out = {"raster": float(sudoku.forced_steps(tok_BN, sample_orders("raster", B, n, n), n).float().mean()),
-           "random": float(sudoku.forced_steps(tok_BN, sample_orders("random", B, n, n, torch.Generator().manual_seed(
-               0)), n).float().mean())}
+    g = torch.Generator().manual_seed(0)
+    ref = {"raster": sample_orders("raster", B, n, n), "random": sample_orders("random", B, n, n, g),
+           "solver": sudoku.solver_orders(tok_BN, n, g)}
+    out = {k: float(sudoku.forced_steps(tok_BN, o, n).float().mean()) for k, o in ref.items()}
+    # the same with the completion's first clue count placed first: how high "forced" can go (solver) in completion
+    k = sudoku.clue_counts(n)[0]
+    clues_BN = sudoku.clue_masks(B, n * n, k, 0)
+    ref = {"raster": sudoku.clues_first(ref["raster"], clues_BN), "random": sudoku.clues_first(ref["random"], clues_BN),
+           "solver": sudoku.solver_orders(tok_BN, n, g, clues_BN)}
+    out.update({f"{name}_{k}_clues": float(sudoku.forced_steps(tok_BN, o, n)[:, k:].float().mean())
+                for name, o in ref.items()})
     for d in sorted(seed_dir.glob("data/orders_*")):
         order_BN = orders_for_ids(str(d), ids, n * n, missing_ok=True)
         if order_BN is None:

@@ -123,27 +123,61 @@ def violated_units(tokens_BN: torch.Tensor, n: int) -> torch.Tensor:
     return (torch.sort(units_BUn, -1).values != torch.arange(n)).any(-1).sum(-1)
 
 
-def forced_steps(tokens_BN: torch.Tensor, order_BN: torch.Tensor, n: int, start: int = 0) -> torch.Tensor:
-    """(B, N) bool: at step t, the chosen cell had exactly one digit left by the rules given the cells already
-    filled (by the board's own digits). Steps before `start` (clues) are False."""
+def _peers(n: int) -> torch.Tensor:
+    """(N, N) bool: cells sharing a row, column or box (a cell is not its own peer)."""
+    units_Un = unit_index(n)
+    member_UN = torch.zeros(len(units_Un), n * n, dtype=torch.bool)
+    member_UN[torch.arange(len(units_Un))[:, None], units_Un] = True
+    return (member_UN.t().float() @ member_UN.float() > 0) & ~torch.eye(n * n, dtype=torch.bool)
+
+
+def digits_left(tokens_BN: torch.Tensor, filled_BN: torch.Tensor, peers_NN: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, N) how many digits the rules still allow in each cell, given the filled cells' digits."""
+    seen_BNV = torch.einsum("nm,bm,bmv->bnv", peers_NN.float(), filled_BN.float(), F.one_hot(tokens_BN, n).float())
+    return (seen_BNV == 0).sum(-1)
+
+
+def forced_steps(tokens_BN: torch.Tensor, order_BN: torch.Tensor, n: int) -> torch.Tensor:
+    """(B, N) bool: at step t, the chosen cell had exactly one digit left by the rules given the cells filled
+    before it (with the board's own digits)."""
     tokens_BN, order_BN = torch.as_tensor(tokens_BN).long(), torch.as_tensor(order_BN).long()
     B, N = tokens_BN.shape
-    units_Un = unit_index(n)
-    # peers of each cell: every cell sharing a unit with it (itself excluded)
-    member_UN = torch.zeros(len(units_Un), N, dtype=torch.bool)
-    member_UN[torch.arange(len(units_Un))[:, None], units_Un] = True
-    peers_NN = (member_UN.t().float() @ member_UN.float() > 0) & ~torch.eye(N, dtype=torch.bool)
+    peers_NN, rows = _peers(n), torch.arange(B)
     filled_BN = torch.zeros(B, N, dtype=torch.bool)
     out = torch.zeros(B, N, dtype=torch.bool)
-    rows = torch.arange(B)
-    onehot_BNV = F.one_hot(tokens_BN, n).float()
     for t in range(N):
         pos_B = order_BN[:, t]
-        if t >= start:
-            seen_BV = torch.einsum("bn,bnv->bv", (peers_NN[pos_B] & filled_BN).float(), onehot_BNV) > 0
-            out[:, t] = (~seen_BV).sum(-1) == 1
+        out[:, t] = digits_left(tokens_BN, filled_BN, peers_NN, n)[rows, pos_B] == 1
         filled_BN[rows, pos_B] = True
     return out
+
+
+def solver_orders(tokens_BN: torch.Tensor, n: int, generator: torch.Generator | None = None,
+                  clues_BN: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, N) a solver's order on each board: the clues first (raster), then always a cell with the fewest digits
+    left (ties at random): the reference for "forced cells first"."""
+    tokens_BN = torch.as_tensor(tokens_BN).long()
+    B, N = tokens_BN.shape
+    peers_NN, rows = _peers(n), torch.arange(B)
+    filled_BN = torch.zeros(B, N, dtype=torch.bool) if clues_BN is None else clues_BN.clone()
+    K = int(filled_BN[0].sum())
+    order_BN = torch.zeros(B, N, dtype=torch.long)
+    order_BN[:, :K] = torch.sort((~filled_BN).to(torch.int8), dim=1, stable=True).indices[:, :K]
+    for t in range(K, N):
+        left_BN = digits_left(tokens_BN, filled_BN, peers_NN, n).float() + torch.rand(B, N, generator=generator) / 2
+        pos_B = left_BN.masked_fill(filled_BN, float("inf")).argmin(1)
+        order_BN[:, t] = pos_B
+        filled_BN[rows, pos_B] = True
+    return order_BN
+
+
+def clues_first(order_BN: torch.Tensor, clues_BN: torch.Tensor) -> torch.Tensor:
+    """The clue cells first (raster), then the others in `order_BN`'s sequence (as decode places known tokens)."""
+    B, N = order_BN.shape
+    K = int(clues_BN[0].sum())
+    known_BK = torch.sort((~clues_BN).to(torch.int8), dim=1, stable=True).indices[:, :K]
+    rest = order_BN[~torch.gather(clues_BN, 1, order_BN)].view(B, N - K)
+    return torch.cat([known_BK, rest], 1)
 
 
 def clue_masks(B: int, N: int, k: int, seed: int) -> torch.Tensor:
