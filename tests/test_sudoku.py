@@ -113,3 +113,12 @@ def test_a_solver_order_fills_forced_cells_more_often_than_raster_or_random():
         assert torch.equal(o[:, :13].sort(1).values, clues_BN.nonzero()[:, 1].view(40, 13))  # clues first
         forced[name] = sudoku.forced_steps(tok_BN, o, 6)[:, 13:].float().mean()
     assert forced["solver"] > forced["raster"] + 0.1 and forced["solver"] > forced["random"] + 0.1
+
+
+def test_the_report_tables_the_exact_checks_and_leaves_out_the_image_metrics():
+    from oar_core.report import checks_table
+
+    md = checks_table({"raster": {"fid_indomain": 3.0, "nll_bits_per_token": 1.0, "valid_fraction": 0.25},
+                       "oar": {"valid_fraction": 0.5, "solved_13_clues": 0.75}}, ["raster", "oar"])
+    assert md.splitlines()[0] == "| model | solved_13_clues | valid_fraction |"
+    assert "| raster | – | 0.250 |" in md and "| oar | 0.750 | 0.500 |" in md
