@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.." || exit 1
 export OMP_NUM_THREADS=1 PYTHONPATH="$PWD"
 LOGS=bench/logs
 ARGS="--board 6 --size small --steps 1500 --finetune-steps 500 --max-train 4000 --max-test 200 --n-boards 200"
-quiet() { tr '\r' '\n' | grep --line-buffered -v "it/s\]\|batch/s\]\|img/s\]\|step\]"; }
+quiet() { tr '\r' '\n' | grep --line-buffered -v "it/s[],]\|s/it[],]\|batch/s\|s/batch\|img/s\|s/step\|step/s"; }  # no progress bars
 .venv/bin/python -m bench.sudoku $ARGS --common-only 2>&1 | quiet | tee $LOGS/sudoku_common.log
 for s in 0 1 2; do
   (.venv/bin/python -m bench.sudoku $ARGS --seeds $s --tag default --arms raster 2>&1 | quiet \
