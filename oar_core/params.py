@@ -57,8 +57,9 @@ class IngestParams(Section):
 
 
 class TokenizerParams(Section):
-    kind: Literal["oar", "diffusers_vq"] = Field("oar", description="oar: our VQ-VAE, trained here; diffusers_vq: a "
-                                                 "pretrained diffusers VQModel (its folder in checkpoint)")
+    kind: Literal["oar", "diffusers_vq", "glyph"] = Field(
+        "oar", description="oar: our VQ-VAE, trained here; diffusers_vq: a pretrained diffusers VQModel (its folder in "
+        "checkpoint); glyph: the fixed Sudoku digit glyphs (exact, for builtin:sudoku sources)")
     checkpoint: Optional[str] = None  # oar: your own tokenizer .pt (skips training); diffusers_vq: the model folder
     grid: int = Field(7, ge=2, le=64)
     codebook_size: int = Field(256, ge=2, le=65536)

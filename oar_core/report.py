@@ -49,11 +49,20 @@ def at_the_floor(metrics: dict, models: list[str], space: str = "indomain") -> l
     return out
 
 
+def checks_table(metrics: dict, models: list[str]) -> str:
+    """Markdown rows of the exact checks of a known-answer data set (oar_core.checkable), one column per check."""
+    skip = ("fid_", "kid_", "is_", "precision_", "recall_", "nll_", "oracle_", "location_", "greedy_")
+    keys = sorted({k for m in models for k in metrics.get(m, {}) if not k.startswith(skip)})
+    rows = [f"| {m} | " + " | ".join(_fmt(metrics.get(m, {}).get(k)) for k in keys) + " |" for m in models]
+    return "\n".join([f"| model | {' | '.join(keys)} |", "|---" * (len(keys) + 1) + "|", *rows])
+
+
 def write_report(path, metrics: dict, labels: dict, models: list[str], figures: dict,
-                 sections: list[str] = ()) -> None:
+                 sections: list[str] = (), checked: bool = False) -> None:
     """`figures`: {"grids": {model: rel}, "strips": {model: rel}, "heat_samples": {model: rel}, "calibration": rel|None,
     "heat_extracted": rel|None, "curves": rel|None}; paths relative to the report's folder. `sections`: more
-    markdown lines, appended (the completions')."""
+    markdown lines, appended (the completions'). `checked`: the data set is checkable (Sudoku): a table of its exact
+    checks follows the metrics."""
     lines = ["# OAR evaluation report", ""]
     lines += ["## Metrics", "",
               f"Feature space: **{labels['feature_space']['indomain']}**. Not comparable with published "
@@ -74,6 +83,13 @@ def write_report(path, metrics: dict, labels: dict, models: list[str], figures: 
             f"Within the floor's spread (KID within 2 std): {', '.join(level)}; the metric cannot rank these models "
             "against each other: compare their NLL instead." if level else
             "No model is within the floor's spread (KID within 2 std)."), ""]
+    if checked:
+        lines += ["## Exact checks (known-answer data set)", "",
+                  "Generated boards: `valid_fraction` (every row, column and box a permutation of the digits), "
+                  "`violated_units` (mean, of 3n), `copied_from_train`. Completion of held-out boards from k clues "
+                  "(the most probable digit at each step, the location by the model's sampler): `solved_k_clues` "
+                  "(valid and agreeing with every clue), `forced_cell_steps_k_clues` (fraction of non-clue steps "
+                  "whose cell had exactly one digit left by the rules).", "", checks_table(metrics, models), ""]
     lines += [f"Standard Inception metrics: **{labels['feature_space']['inception']}**", ""]
     if any("fid_inception" in metrics.get(m, {}) for m in models):
         lines += [metrics_table({m: metrics.get(m, {}) for m in models + REFERENCES}, models, "inception"), ""]

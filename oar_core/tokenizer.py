@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from oar_core import vq_diffusers
 from oar_core.checkpoint import load_checkpoint, save_checkpoint
+from oar_core.sudoku import GlyphTokenizer
 
 
 def num_stages(image_size: int, grid: int) -> int:
@@ -164,16 +165,17 @@ class VQTokenizer(nn.Module):
         return self._from_internal(torch.sigmoid(self.decoder(q_BhwD.permute(0, 3, 1, 2))))
 
 
-def save_tokenizer(path, model: VQTokenizer | vq_diffusers.DiffusersVQ) -> None:
-    """Either kind load_tokenizer returns (the tokenizer stage re-saves whichever one it adopts)."""
+def save_tokenizer(path, model: VQTokenizer | vq_diffusers.DiffusersVQ | GlyphTokenizer) -> None:
+    """Any kind load_tokenizer returns (the tokenizer stage re-saves whichever one it adopts)."""
     if isinstance(model, vq_diffusers.DiffusersVQ):
         save_checkpoint(path, vq_diffusers.to_checkpoint(model))
         return
-    save_checkpoint(path, {"kind": "oar-vq-tokenizer", "config": dict(model.config),
+    kind = GlyphTokenizer.KIND if isinstance(model, GlyphTokenizer) else "oar-vq-tokenizer"
+    save_checkpoint(path, {"kind": kind, "config": dict(model.config),
                            "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}})
 
 
-def load_tokenizer(path, device: torch.device | str = "cpu") -> VQTokenizer | vq_diffusers.DiffusersVQ:
+def load_tokenizer(path, device: torch.device | str = "cpu") -> VQTokenizer | vq_diffusers.DiffusersVQ | GlyphTokenizer:
     ckpt = load_checkpoint(path, what="tokenizer checkpoint")
     if isinstance(ckpt, dict) and ckpt.get("kind") == vq_diffusers.KIND:
         try:
@@ -184,7 +186,7 @@ def load_tokenizer(path, device: torch.device | str = "cpu") -> VQTokenizer | vq
         raise ValueError(f"{path}: not a tokenizer checkpoint (expected a dict with 'config' and 'state_dict', "
                          f"as written by save_tokenizer); point tokenizer.checkpoint at one")
     try:
-        model = VQTokenizer(**ckpt["config"])
+        model = (GlyphTokenizer if ckpt.get("kind") == GlyphTokenizer.KIND else VQTokenizer)(**ckpt["config"])
         model.load_state_dict(ckpt["state_dict"])
     except (TypeError, RuntimeError) as e:
         first = str(e).strip().splitlines()

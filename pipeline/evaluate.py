@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from oar_core import report, result_cache
 from oar_core.calibration import greedy_calibration
+from oar_core.checkable import checker_for
 from oar_core.completion_report import completion_metrics
 from oar_core.feature_net import INDOMAIN_NAME, load_classifier
 from oar_core.fidelity import (
@@ -170,6 +171,16 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
             metrics[name].update(greedy_confidence=cal["confidence"], greedy_accuracy=cal["accuracy"])
             calibration.setdefault(meta["checkpoint"], (name, cal))
 
+    # a known-answer data set (Sudoku): exact checks of every model's samples and of its completions
+    check = checker_for(manifest["source"])
+    if check is not None:
+        train_NN = load_token_split(shards, "train")[0]
+        for name, meta in models:
+            tokens_BN = np.stack(pl.read_parquet(Path(samples_dir) / name / "orders.parquet")["tokens"].to_numpy())
+            model, _ = load_gpt(meta["checkpoint"], device)
+            metrics[name].update(**check.generated(tokens_BN, train_NN),
+                                 **check.completion(model, meta, test_NN, p.seed, device))
+
     # pictures + report
     class_names = manifest.get("class_names")
     fig = out / "figures"
@@ -200,7 +211,7 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
         save_calibration(dict(calibration.values()), fig / "calibration.png")
         figures["calibration"] = "figures/calibration.png"
     names = [n for n, _ in models]
-    report.write_report(out / "report.md", metrics, labels, names, figures, comp_lines)
+    report.write_report(out / "report.md", metrics, labels, names, figures, comp_lines, checked=check is not None)
     write_json(out / "metrics_labels.json", labels)
     # one DVCLive folder per model (<metrics_dir>/<model>/metrics.json): `dvc metrics show` prints a row each
     log_per_key(metrics_dir, metrics)

@@ -24,6 +24,7 @@ from oar_core.image_sources import (
 )
 from oar_core.params import IngestParams
 from oar_core.storage import join, remove_file, write_json
+from oar_core.sudoku import DEFAULT_COUNTS, board_samples, board_size_of, split_boards
 from oar_core.webds import shard_writer
 from pipeline._stage import stage_main
 
@@ -33,7 +34,12 @@ def run_ingest(p: IngestParams) -> dict:
     fmt = ImageFormat(p.image_size, p.channels, p.on_size_mismatch)
     limits = {"train": p.max_train, "test": p.max_test}
     changed: collections.Counter = collections.Counter()  # what was done to the images kept (folders/S3)
-    if is_fashion_mnist(p.source):
+    board = board_size_of(p.source)
+    if board:  # generated Sudoku solution grids, one class
+        skipped, class_names = [], ["sudoku"]
+        boards = split_boards(board, {s: limits[s] or DEFAULT_COUNTS[s] for s in SPLITS}, p.seed)
+        samples = {s: (len(boards[s]), board_samples(boards[s], s, p.image_size, p.channels)) for s in SPLITS}
+    elif is_fashion_mnist(p.source):
         skipped, class_names = [], list(FASHION_MNIST_CLASSES)
         samples = {s: fashion_mnist_split(p.source, s, limits[s], fmt) for s in SPLITS}  # (image count, the images)
     else:

@@ -15,6 +15,7 @@ from oar_core.image_shards import endless_batches, image_batches, load_manifest,
 from oar_core.live import log_stage
 from oar_core.params import TokenizerParams
 from oar_core.runtime import pick_device
+from oar_core.sudoku import GlyphTokenizer, board_size_of
 from oar_core.tokenizer import VQTokenizer, load_tokenizer, save_tokenizer
 from pipeline._stage import stage_main
 
@@ -117,6 +118,14 @@ def run_tokenizer(p: TokenizerParams, ingest_dir: str, out="models/tokenizer.pt"
                              f"have {manifest['channels']}; set ingest.channels: {model.channels}")
         save_tokenizer(out, model)  # self-contained: later stages never need the folder
         history, source = [], p.checkpoint
+    elif p.kind == "glyph":  # nothing to learn: each cell patch is one of the board's digit glyphs
+        if board_size_of(manifest["source"]) != p.grid:
+            raise ValueError(f"tokenizer.kind glyph draws the Sudoku digits of a board of tokenizer.grid ({p.grid}) "
+                             f"cells a side; ingest.source {manifest['source']!r} is not such a board: set "
+                             f"tokenizer.grid to its board size, or another tokenizer.kind")
+        model = GlyphTokenizer(manifest["image_size"], manifest["channels"], p.grid).to(device)
+        save_tokenizer(out, model)
+        history, source = [], "glyph"
     elif p.checkpoint:
         model = load_tokenizer(p.checkpoint, device)  # safetensors only: the user's file runs no code
         check_compatible(model, manifest, p, p.checkpoint)
@@ -130,7 +139,8 @@ def run_tokenizer(p: TokenizerParams, ingest_dir: str, out="models/tokenizer.pt"
         source = "trained"
     mean_HWC = mean_image(b for b, _, _ in image_batches(ingest_dir, "train", 1000))
     result = evaluate_tokenizer(model, (b for b, _, _ in image_batches(ingest_dir, "test", 1000)), mean_HWC, device)
-    result.update(train_seconds=round(time.time() - t0, 2), steps=0 if p.checkpoint else p.steps, kind=p.kind)
+    result.update(train_seconds=round(time.time() - t0, 2), kind=p.kind,
+                  steps=0 if p.checkpoint or p.kind == "glyph" else p.steps)
     log_stage(metrics, result)
     return {**result, "source": source, "out": str(out), "metrics": str(metrics), "history": history,
             "threads": torch.get_num_threads()}
