@@ -12,7 +12,7 @@ import pytest
 pytest_plugins = ["tests.fixtures_pipeline"]
 
 # every `dvc` command a test runs would otherwise fork an analytics daemon that spins trying to reach the network
-# (measured: ~80% of a core each on the 2-core machine while the suite ran)
+# (seen: one at 79% of a core in `ps` while the suite ran on the 2-core machine)
 os.environ["DVC_NO_ANALYTICS"] = "1"
 
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
