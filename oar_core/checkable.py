@@ -32,11 +32,12 @@ def complete(model, truth_BN: torch.Tensor, clues_BN: torch.Tensor, order: str, 
     digit forced where there is one: how a model trained in raster order alone can use clues (the ones ahead
     of it stay unseen). Returns decode's dict (tokens, order, ...)."""
     truth_BN, clues_BN = truth_BN.long(), clues_BN.bool()
-    rows = torch.arange(len(truth_BN), device=truth_BN.device)
 
-    def pick(t, pos_B, logits_BV):
-        best_B = logits_BV.argmax(-1)
-        return torch.where(clues_BN[rows, pos_B], truth_BN[rows, pos_B], best_B) if clue_forced else best_B
+    def pick(t, pos_Bk, logits_BkV):
+        best_Bk = logits_BkV.argmax(-1)
+        if not clue_forced:
+            return best_Bk
+        return torch.where(torch.gather(clues_BN, 1, pos_Bk), torch.gather(truth_BN, 1, pos_Bk), best_Bk)
 
     labels_B = torch.zeros(len(truth_BN), dtype=torch.long, device=truth_BN.device)
     known = {} if clue_forced else {"known_tokens_BN": truth_BN, "known_mask_BN": clues_BN}
