@@ -117,21 +117,16 @@ class Timer:
         print(f"[bench] {name}: {self.rows[-1][1]:.0f}s", flush=True)
 
 
-def run_common(a, common: Path, timer: Timer) -> None:
-    """Data, tokenizer, shards, the independent feature space and the reference rows, once for all seeds."""
-    from oar_core.feature_net import classifier_accuracy, save_classifier
-    from oar_core.fidelity import reconstruct
-    from oar_core.image_shards import SPLITS
-    from oar_core.image_sources import ImageFormat, fashion_mnist_split
+def prepare_data(params: dict, common: Path, timer: Timer):
+    """Ingest, tokenizer and token shards under `common` from a seed's params dict, each once (kept across runs);
+    returns the validated params."""
     from oar_core.params import load_params
-    from oar_core.tokenizer import load_tokenizer
-    from pipeline.feature_net import train_classifier
     from pipeline.ingest import run_ingest
     from pipeline.tokenize import run_tokenize
     from pipeline.tokenizer import run_tokenizer
 
     with cwd(common):
-        Path("params.yaml").write_text(yaml.safe_dump(params_for(a, 0, common)))
+        Path("params.yaml").write_text(yaml.safe_dump(params))
         p = load_params("params.yaml")
         if not Path("data/ingest/manifest.json").exists():
             with timer("ingest"):
@@ -142,6 +137,20 @@ def run_common(a, common: Path, timer: Timer) -> None:
         if not Path("data/shards/meta.json").exists():
             with timer("tokenize"):
                 run_tokenize(p.tokenize, "data/ingest", "models/tokenizer.pt")
+    return p
+
+
+def run_common(a, common: Path, timer: Timer) -> None:
+    """Data, tokenizer, shards, the independent feature space and the reference rows, once for all seeds."""
+    from oar_core.feature_net import classifier_accuracy, save_classifier
+    from oar_core.fidelity import reconstruct
+    from oar_core.image_shards import SPLITS
+    from oar_core.image_sources import ImageFormat, fashion_mnist_split
+    from oar_core.tokenizer import load_tokenizer
+    from pipeline.feature_net import train_classifier
+
+    p = prepare_data(params_for(a, 0, common), common, timer)
+    with cwd(common):
         if Path("reference.npz").exists():
             return
         with timer("independent feature space + reference rows"):

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from bench.quality import Timer, cwd, trained
+from bench.quality import Timer, cwd, prepare_data, trained
 
 SIZES = {"tiny": (2, 2, 64), "small": (3, 4, 96), "default": (4, 4, 128)}
 ARMS = ["raster", "any", "oar_gt_prob", "rar", "oar_max_prob", "oar_margin"]
@@ -92,23 +92,7 @@ def params_for(a, seed: int, common: Path) -> dict:
 
 
 def run_common(a, common: Path, timer: Timer) -> None:
-    from oar_core.params import load_params
-    from pipeline.ingest import run_ingest
-    from pipeline.tokenize import run_tokenize
-    from pipeline.tokenizer import run_tokenizer
-
-    with cwd(common):
-        Path("params.yaml").write_text(yaml.safe_dump(params_for(a, 0, common)))
-        p = load_params("params.yaml")
-        if not Path("data/ingest/manifest.json").exists():
-            with timer("ingest (generate and draw the boards)"):
-                run_ingest(p.ingest)
-        if not Path("models/tokenizer.pt").exists():
-            with timer("tokenizer"):
-                run_tokenizer(p.tokenizer, "data/ingest", "models/tokenizer.pt", "dvclive/tokenizer")
-        if not Path("data/shards/meta.json").exists():
-            with timer("tokenize"):
-                run_tokenize(p.tokenize, "data/ingest", "models/tokenizer.pt")
+    prepare_data(params_for(a, 0, common), common, timer)  # the boards, the glyph tokenizer, the token shards
 
 
 def train_jobs(a, p) -> list[tuple[str, object, str | None, str | None, str | None]]:
