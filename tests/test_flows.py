@@ -271,6 +271,7 @@ def test_fanout_task_runner_choice():
             fanout_task_runner(*args, **kwargs)
 
 
+@pytest.mark.slow  # a whole dvc run or a kill-and-resume; the default run keeps the lighter tests of this
 def test_cli_param_change_reruns_the_stage_and_only_its_downstream(tiny_repo):
     assert_clean(tiny_repo)
     set_params(tiny_repo, "train_random", seed=101)
@@ -282,6 +283,7 @@ def test_cli_param_change_reruns_the_stage_and_only_its_downstream(tiny_repo):
     assert_clean(tiny_repo)
 
 
+@pytest.mark.slow  # a whole dvc run or a kill-and-resume; the default run keeps the lighter tests of this
 def test_a_moved_output_folder_takes_effect_downstream(tiny_repo, tmp_path):
     """Output folders are set once, in params.yaml: moving the orders or the shards reruns what reads them and they
     read the new place (extract_orders.out_dir used to be written while dvc.lock kept the old folder and finetune
@@ -362,6 +364,7 @@ def test_evaluate_results_are_published_as_artifacts(tmp_path, prefect_api):
     assert "![oar](data:image/png;base64," in report and "grid_raster.png` (not written)" in report
 
 
+@pytest.mark.slow  # a whole dvc run or a kill-and-resume; the default run keeps the lighter tests of this
 def test_stage_flow_reruns_only_that_stage_and_pushes(in_repo, prefect_api, s3):
     from flows.pipeline import train_raster
     from oar_core.params import load_params
@@ -419,6 +422,7 @@ def test_a_run_param_of_the_wrong_type_fails_the_run_naming_the_key(stub_repo, p
     assert (stub_repo / "params.yaml").read_text() == before
 
 
+@pytest.mark.slow  # a whole dvc run or a kill-and-resume; the default run keeps the lighter tests of this
 def test_pipeline_flow_fans_out_extraction_and_reruns_downstream_only(in_repo, prefect_api):
     from flows.pipeline import oar_pipeline
     from oar_core.names import LocationRule

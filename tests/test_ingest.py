@@ -207,6 +207,7 @@ def test_ingest_script_summary(image_folder, tmp_path, capsys):
     assert out.startswith("ingest:") and "skipped=3" in out and "\n" not in out
 
 
+@pytest.mark.slow  # a whole dvc run or a kill-and-resume; the default run keeps the lighter tests of this
 def test_the_image_source_is_a_dvc_dependency(image_folder, tmp_path):
     """dvc.yaml tracks `ingest.source` itself: adding an image makes ingest (and what it feeds) stale."""
     import shutil

@@ -32,6 +32,7 @@ def new_repo(path: Path, endpoint: str, url: str) -> Path:
     return path
 
 
+@pytest.mark.slow  # a whole dvc run or a kill-and-resume; the default run keeps the lighter tests of this
 def test_dvc_s3_remote_push_pull_round_trip(tmp_path, s3, s3_prefix):
     import s3fs
 

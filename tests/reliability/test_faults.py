@@ -95,6 +95,7 @@ main(["--shards", sys.argv[1]])
 """
 
 
+@pytest.mark.slow  # a whole dvc run or a kill-and-resume; the default run keeps the lighter tests of this
 def test_extract_orders_killed_while_writing_a_part_leaves_no_visible_part(reference_orders, tiny_shards, tmp_path):
     ref_dir, p = reference_orders
     write_params(tmp_path / "params.yaml", extract_orders=p)
@@ -117,6 +118,7 @@ def test_extract_orders_killed_while_writing_a_part_leaves_no_visible_part(refer
     assert _part_bytes(out) == _part_bytes(ref_dir)
 
 
+@pytest.mark.slow  # a whole dvc run or a kill-and-resume; the default run keeps the lighter tests of this
 def test_finetune_killed_mid_run_resumes_to_identical_weights(reference_orders, any_order_model, tiny_shards, tmp_path):
     ref_dir, _ = reference_orders
     p = tiny_train_params("models/oar", order="given", init_from=str(any_order_model[0]),
@@ -527,6 +529,7 @@ def _assert_content_addressed(objects: dict[str, bytes]) -> None:
         assert hashlib.md5(data).hexdigest() == m[1] + m[2], f"{key}: its bytes do not hash to its name (partial?)"
 
 
+@pytest.mark.slow  # a whole dvc run or a kill-and-resume; the default run keeps the lighter tests of this
 def test_dvc_push_killed_mid_push_reruns_to_an_intact_remote(tmp_path, s3, s3_prefix):
     import boto3
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from oar_core.feature_net import INDOMAIN_NAME, save_classifier
@@ -30,6 +31,7 @@ def _digests(root) -> dict[str, str]:
     return {f: hashlib.sha256((root / f).read_bytes()).hexdigest() for f in sorted(files_under(root))}
 
 
+@pytest.mark.slow  # a whole dvc run or a kill-and-resume; the default run keeps the lighter tests of this
 def test_ingest_tokenizer_tokenize_twice_give_identical_tokens(fmnist_small, tmp_path):
     runs = []
     for k in ("a", "b"):
@@ -56,6 +58,7 @@ def test_ingest_tokenizer_tokenize_twice_give_identical_tokens(fmnist_small, tmp
     assert _digests(a / "shards") == _digests(b / "shards") and len(files_under(a / "shards")) == 4
 
 
+@pytest.mark.slow  # a whole dvc run or a kill-and-resume; the default run keeps the lighter tests of this
 def test_extract_twice_gives_identical_parquet(reference_orders, tiny_shards, tmp_path, monkeypatch):
     """The reference ran as a stage subprocess (OMP_NUM_THREADS=1); this one in-process on one thread, with the
     very same params (out_dir is relative, and part of the params hash stored in every part)."""

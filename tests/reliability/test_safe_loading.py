@@ -185,6 +185,7 @@ def _old_run_checkpoint() -> tuple[dict, torch.optim.Optimizer]:
             "history": {"loss": [(1, 4.1)], "test_bits": [(1, float("nan"))]}}, opt
 
 
+@pytest.mark.slow  # a whole dvc run or a kill-and-resume; the default run keeps the lighter tests of this
 def test_old_checkpoints_are_refused_with_a_conversion_command_that_works(tmp_path):
     folder = tmp_path / "old ckpts"  # a space: the command in the message must be quoted
     folder.mkdir()
