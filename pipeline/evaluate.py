@@ -141,13 +141,13 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
     if has_orders:
 
         oracle_NN = orders_for_ids(orders_dir, test_ids, test_NN.shape[1], missing_ok=True)
-    calibrated, calibration = {}, {}  # per checkpoint: its models share one model and so one calibration
+    test_digest = result_cache.digest([test_NN.numpy().tobytes(), test_tok_labels.numpy().tobytes()])
+    calibration = {}  # per checkpoint, (the first model name, its calibration): models sharing a checkpoint share it
     for name, meta in models:
-        nll_key = {"checkpoint": file_hash(meta["checkpoint"]), "order": meta["order"], "code": code,
+        ckpt_hash = file_hash(meta["checkpoint"])
+        nll_key = {"checkpoint": ckpt_hash, "order": meta["order"], "code": code,
                    "location": meta.get("location"), "steps": meta.get("steps"), "schedule": meta.get("schedule"),
-                   "n_orders": p.nll_orders, "batch_size": p.nll_batch_size,
-                   "seed": p.seed, "test": result_cache.digest([test_NN.numpy().tobytes(), test_tok_labels.numpy()
-                                                                .tobytes()])}
+                   "n_orders": p.nll_orders, "batch_size": p.nll_batch_size, "seed": p.seed, "test": test_digest}
         model, _ = load_gpt(meta["checkpoint"], device)
         (bits, label, loc), hit = result_cache.cached(results, nll_key, lambda: sampler_nll(
             model, meta, test_NN, test_tok_labels, n_orders=p.nll_orders, batch_size=p.nll_batch_size, seed=p.seed,
@@ -163,13 +163,15 @@ def run_evaluate(p: EvaluateParams, samples_dir: str, ingest_dir: str, shards: s
         labels[name].update(nll_order=label, sample_order=meta["order"], location=meta.get("location"),
                             checkpoint=meta["checkpoint"])
         if meta["order"] != "raster":  # a model that chooses where to go: is its confidence along its orders true?
-            n = min(len(test_NN), p.calibration_images)
-            if meta["checkpoint"] not in calibrated:
-                calibrated[meta["checkpoint"]] = greedy_calibration(model, test_NN[:n], test_tok_labels[:n],
-                                                                    p.nll_batch_size, device)
-            cal = calibrated[meta["checkpoint"]]
+            if meta["checkpoint"] not in calibration:
+                n = min(len(test_NN), p.calibration_images)
+                cal_key = {"calibration": ckpt_hash, "n": n, "batch_size": p.nll_batch_size, "code": code,
+                           "test": test_digest}
+                cal = result_cache.cached(results, cal_key, lambda: greedy_calibration(
+                    model, test_NN[:n], test_tok_labels[:n], p.nll_batch_size, device))[0]
+                calibration[meta["checkpoint"]] = (name, cal)
+            cal = calibration[meta["checkpoint"]][1]
             metrics[name].update(greedy_confidence=cal["confidence"], greedy_accuracy=cal["accuracy"])
-            calibration.setdefault(meta["checkpoint"], (name, cal))
 
     # a known-answer data set (Sudoku): exact checks of every model's samples and of its completions
     check = checker_for(manifest["source"])
