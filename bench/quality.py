@@ -95,7 +95,8 @@ def params_for(a, seed: int, common: Path) -> dict:
                            "location": {"score": a.score}},
         "finetune": train_section(a, "given", "models/oar", F, seed,
                                   init_from="models/random/model.pt", random_mix=a.random_mix,
-                                  random_mix_end=a.random_mix_end, policy_weight=a.policy_weight, **ft),
+                                  random_mix_end=a.random_mix_end, policy_weight=a.policy_weight,
+                                  policy_head=a.policy_head, **ft),
         "sample": {"tokenizer": str(common / "models/tokenizer.pt"), "n_per_model": a.n_samples,
                    "batch_size": min(a.n_samples, 250), "seed": seed, "cfg_scale": a.cfg_scale},
         "evaluate": {"nll_orders": 2, "seed": seed},
@@ -301,7 +302,8 @@ def table(per_seed: dict[int, dict], a, clf_acc, extract: dict) -> str:
              f"next_position {a.next_position}, seeds {seeds}, {a.steps}+{a.finetune_steps} steps per model "
              f"(batch 64), "
              f"oar orders by {a.score} (oar-gt: gt_prob), "
-             f"finetune random_mix {a.random_mix}->{a.random_mix_end}, policy_weight {a.policy_weight}, "
+             f"finetune random_mix {a.random_mix}->{a.random_mix_end}, "
+             f"policy_weight {a.policy_weight} ({a.policy_head} head), "
              f"{a.rounds} extract+finetune round(s), "
              f"cfg_scale {a.cfg_scale}, {a.n_samples} samples per model. Feature space: CNN trained on all 60k "
              f"train images (test acc {clf_acc:.3f}); reference: the 10k test images. Mean ± std over seeds.", "",
@@ -352,6 +354,7 @@ def main(argv=None):
     ap.add_argument("--random-mix", type=float, default=0.2, help="finetune.random_mix")
     ap.add_argument("--random-mix-end", type=float, default=None, help="finetune.random_mix_end (annealing)")
     ap.add_argument("--policy-weight", type=float, default=1.0, help="finetune.policy_weight")
+    ap.add_argument("--policy-head", default="shared", choices=["shared", "own"], help="finetune.policy_head")
     ap.add_argument("--cfg-scale", type=float, default=2.5)
     ap.add_argument("--rounds", type=int, default=1, help="extract+finetune rounds (finetune steps split evenly)")
     ap.add_argument("-S", "--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from oar_core.checkpoint import load_checkpoint, save_checkpoint
-from oar_core.names import NEXT_POSITIONS
+from oar_core.names import NEXT_POSITIONS, POLICY_HEADS
 from oar_core.orders import step_of_position
 
 
@@ -36,6 +36,8 @@ class GPTConfig:
     dropout: float = 0.0
     policy: bool = False  # a location-policy head: where to generate next, from the prefix alone
     next_position: str = "relative"  # relative (the (dy, dx) offset) | absolute | both: how an input says where next
+    policy_head: str = "shared"  # shared: a linear head whose loss also trains the trunk | own: an MLP of its own on
+    # the trunk's output behind a stop-gradient, so learning where to go costs the content nothing
 
     @property
     def n_tokens(self) -> int:
@@ -150,6 +152,8 @@ class GPT(nn.Module):
         self.pos_row, self.pos_col = nn.Embedding(H, D), nn.Embedding(W, D)  # where this token is
         if cfg.next_position not in NEXT_POSITIONS:
             raise ValueError(f"next_position must be one of {', '.join(NEXT_POSITIONS)}, got {cfg.next_position!r}")
+        if cfg.policy_head not in POLICY_HEADS:
+            raise ValueError(f"policy_head must be one of {', '.join(POLICY_HEADS)}, got {cfg.policy_head!r}")
         if cfg.next_position != "absolute":  # where next is, relative
             self.off_row, self.off_col = nn.Embedding(2 * H - 1, D), nn.Embedding(2 * W - 1, D)
         # where next is, absolute: for the start input (the first position) and, unless relative only, every input
@@ -163,7 +167,8 @@ class GPT(nn.Module):
             # query inputs: row 0 stands in for the unknown offset to the next position, row 1 for the unknown
             # first position; the policy head reads a query's output as logits over the N grid positions
             self.query_emb = nn.Embedding(2, D)
-            self.policy_head = nn.Linear(D, cfg.n_tokens)
+            self.policy_head = (nn.Linear(D, cfg.n_tokens) if cfg.policy_head == "shared" else
+                                nn.Sequential(nn.Linear(D, D), nn.GELU(), nn.Linear(D, cfg.n_tokens)))
         self.apply(self._init)
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
             if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
@@ -250,7 +255,8 @@ class GPT(nn.Module):
         mask = torch.cat([torch.cat([ones.tril(), ~ones], 1), torch.cat([ones.tril(-1), eye], 1)], 0)
         h_B2ND = self.trunk(x_B2ND, mask_TT=mask)
         filled_BNN = step_of_position(order_BN)[:, None, :] < torch.arange(N, device=order_BN.device)[None, :, None]
-        policy_BNN = self.policy_head(h_B2ND[:, N:]).float().masked_fill(filled_BNN, float("-inf"))
+        h_BND = h_B2ND[:, N:].detach() if self.cfg.policy_head == "own" else h_B2ND[:, N:]
+        policy_BNN = self.policy_head(h_BND).float().masked_fill(filled_BNN, float("-inf"))
         return self.head(h_B2ND[:, :N]), tok_ord_BN, F.log_softmax(policy_BNN, dim=-1)
 
     def new_cache(self, batch: int) -> KVCache:

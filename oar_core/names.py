@@ -22,6 +22,7 @@ STEP_SCHEDULES = ("constant", "linear", "cosine", "arccos")
 # how an input tells the model where the next token goes (oar_core.model): the (dy, dx) offset from this token (the
 # paper's), the next position itself, or both
 NEXT_POSITIONS = ("relative", "absolute", "both")
+POLICY_HEADS = ("shared", "own")  # see GPTConfig.policy_head
 
 Score = Literal["max_prob", "margin", "neg_entropy", "gt_prob"]
 SCORES = Score.__args__

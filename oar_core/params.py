@@ -14,7 +14,15 @@ from typing import Annotated, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from oar_core.dag import read_params_yaml
-from oar_core.names import NEXT_POSITIONS, ORACLE_SCORES, SAMPLE_ORDERS, STEP_SCHEDULES, TRAIN_ORDERS, LocationRule
+from oar_core.names import (
+    NEXT_POSITIONS,
+    ORACLE_SCORES,
+    POLICY_HEADS,
+    SAMPLE_ORDERS,
+    STEP_SCHEDULES,
+    TRAIN_ORDERS,
+    LocationRule,
+)
 
 MAX_SEED = 2**32 - 1  # numpy's legacy RandomState (torch-fidelity) takes seeds in [0, 2**32); torch in 64 bits
 MAX_BATCH = 65536  # images per batch or forward: a generous ceiling (the defaults use 64-500)
@@ -111,6 +119,8 @@ class TrainParams(Section):
     random_mix: float = Field(0.0, ge=0, le=1)  # fraction of random orders mixed into "given" training
     random_mix_end: Optional[float] = Field(None, ge=0, le=1)  # anneal random_mix linearly to this (RAR-style)
     policy_weight: float = Field(0.0, ge=0)  # >0: train a location-policy head on the given orders, loss weight
+    # shared: a linear head whose loss trains the trunk too; own: an MLP of its own behind a stop-gradient
+    policy_head: Literal[POLICY_HEADS] = "shared"
     out_dir: str = "models/random"
     steps: int = Field(1200, ge=1)
     batch_size: BatchSize = 64

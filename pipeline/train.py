@@ -52,6 +52,8 @@ def input_hashes(p: TrainParams, shards: str, orders_dir: str | None) -> dict[st
 def run_digest(p: TrainParams, inputs: dict[str, str]) -> str:
     """What a run's weights are a function of: its result-relevant params and the content of its inputs."""
     d = {k: v for k, v in p.model_dump(mode="json").items() if k not in RESULT_NEUTRAL}
+    if d["policy_head"] == "shared":  # the head every run had before the key existed: their digests stay valid
+        del d["policy_head"]
     return hashlib.sha256(json.dumps([d, inputs], sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -112,8 +114,12 @@ def build_model(p: TrainParams, meta: dict) -> GPT:
                 raise ValueError(f"model ({', '.join(diff)} in {p.init_from}) differs from the init_from checkpoint, "
                                  f"whose architecture is what trains; remove `model` from this section or make it "
                                  f"match")
+        if p.policy_weight > 0 and c.policy and c.policy_head != p.policy_head:
+            raise ValueError(f"{p.init_from} has a {c.policy_head!r} policy head, this section asks for "
+                             f"policy_head: {p.policy_head}; set it to {c.policy_head!r} or start from a checkpoint "
+                             f"without a policy head")
         if p.policy_weight > 0 and not c.policy:  # add a fresh policy head to the pretrained trunk
-            with_head = GPT(GPTConfig(**{**asdict(c), "policy": True}))
+            with_head = GPT(GPTConfig(**{**asdict(c), "policy": True, "policy_head": p.policy_head}))
             missing, _ = with_head.load_state_dict(model.state_dict(), strict=False)
             assert all(k.startswith(("query_emb", "policy_head")) for k in missing), missing
             model = with_head
@@ -122,7 +128,7 @@ def build_model(p: TrainParams, meta: dict) -> GPT:
     return GPT(GPTConfig(grid_h=meta["grid_h"], grid_w=meta["grid_w"], vocab_size=meta["codebook_size"],
                          num_classes=meta["num_classes"] if m.class_cond else 0, n_layer=m.n_layer, n_head=m.n_head,
                          d_model=m.d_model, mlp_ratio=m.mlp_ratio, dropout=m.dropout, policy=p.policy_weight > 0,
-                         next_position=m.next_position))
+                         policy_head=p.policy_head, next_position=m.next_position))
 
 
 def heldout_bits(model: GPT, tokens_NN, labels_N, p: TrainParams, device) -> float:

@@ -136,12 +136,13 @@ def test_orders_table_checks_grid_and_coverage(orders_dir, tiny_shards):
         orders_for_ids(orders_dir, ids + ["not-an-image"], N)
 
 
+@pytest.mark.parametrize("head", ["shared", "own"])
 def test_finetune_lowers_nll_under_extracted_orders_and_learns_a_policy(any_order_model, orders_dir, tiny_shards,
-                                                                         tmp_path):
+                                                                         tmp_path, head):
     from pipeline.train import run_train
 
-    p = tiny_train_params(tmp_path / "oar", order="given", init_from=str(any_order_model[0]),
-                          steps=60, lr=3e-3, warmup_steps=5, random_mix=0.0, eval_every=60, policy_weight=1.0)
+    p = tiny_train_params(tmp_path / "oar", order="given", init_from=str(any_order_model[0]), steps=60, lr=3e-3,
+                          warmup_steps=5, random_mix=0.0, eval_every=60, policy_weight=1.0, policy_head=head)
     with single_thread():
         before = run_train(p.model_copy(update={"steps": 1, "lr": 1e-12, "min_lr": 0.0, "warmup_steps": 0}),
                            "before", str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive",
@@ -247,3 +248,20 @@ def test_greedy_calibration_equals_the_teacher_forced_forward_along_the_orders_i
     assert cal["accuracy"] == pytest.approx(correct_BN.mean().item(), abs=1e-6)
     assert cal["accuracy_per_step"] == pytest.approx(correct_BN.mean(0).tolist(), abs=1e-6)
     assert 0.05 < cal["accuracy"] < 1.0  # a trained model: neither chance (1/64) nor perfect
+
+
+def test_continuing_a_policy_checkpoint_with_another_head_kind_says_which(any_order_model, orders_dir, tiny_shards,
+                                                                          tmp_path):
+    import json
+
+    from pipeline.train import build_model, run_train
+
+    p = tiny_train_params(tmp_path / "oar", order="given", init_from=str(any_order_model[0]), steps=1,
+                          warmup_steps=0, random_mix=0.0, eval_every=1, policy_weight=1.0)
+    with single_thread():
+        run_train(p, "finetune", str(tiny_shards), tmp_path / "runs", tmp_path / "dvclive", orders_dir=str(orders_dir))
+    meta = json.loads((tiny_shards / "meta.json").read_text())
+    again = p.model_copy(update={"init_from": str(tmp_path / "oar/model.pt")})
+    assert build_model(again, meta).cfg.policy_head == "shared"
+    with pytest.raises(ValueError, match=r"oar/model.pt has a 'shared' policy head.*policy_head: own"):
+        build_model(again.model_copy(update={"policy_head": "own"}), meta)

@@ -226,3 +226,33 @@ def test_next_position_is_a_model_option_and_old_checkpoints_keep_the_offset(tmp
     assert not hasattr(absolute, "off_row") and absolute.num_params() < old.num_params()
     with pytest.raises(ValueError, match="next_position must be one of relative, absolute, both"):
         GPT(GPTConfig(next_position="offset"))
+
+
+@pytest.mark.parametrize("head", ["shared", "own"])
+def test_an_own_policy_head_leaves_the_trunk_to_the_content(head):
+    """The policy loss reaches the trunk only through a shared head: with its own head it trains the head alone, so
+    learning where to go costs the content nothing; the content loss still trains everything it did."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(grid_h=4, grid_w=4, vocab_size=32, num_classes=3, n_layer=2, n_head=2, d_model=32,
+                      policy=True, next_position="both", policy_head=head))
+    tokens, order = torch.randint(0, 32, (2, N)), sample_orders("random", 2, 4, 4, torch.Generator().manual_seed(0))
+    _, _, logpi_BNN = m(tokens, order, torch.tensor([0, 1]), with_policy=True)
+    torch.gather(logpi_BNN[:, :-1], 2, order[:, 1:, None]).sum().neg().backward()
+    trunk = [p.grad for n, p in m.named_parameters() if n.startswith("blocks.")]
+    policy = [p.grad for n, p in m.named_parameters() if n.startswith("policy_head")]
+    assert all(g is not None and g.abs().sum() > 0 for g in policy)
+    if head == "own":
+        assert all(g is None for g in trunk)
+    else:
+        assert all(g is not None for g in trunk) and sum(g.abs().sum() for g in trunk) > 0
+
+
+def test_a_checkpoint_without_policy_head_kind_loads_as_shared(tmp_path):
+    """Checkpoints written before `policy_head` existed had a linear, shared head: they load as exactly that."""
+    m = GPT(GPTConfig(grid_h=4, grid_w=4, vocab_size=32, num_classes=3, n_layer=1, n_head=2, d_model=32,
+                      policy=True))
+    cfg = asdict(m.cfg)
+    del cfg["policy_head"]
+    save_checkpoint(tmp_path / "old.pt", {"config": cfg, "state_dict": m.state_dict()})
+    loaded, _ = load_gpt(tmp_path / "old.pt")
+    assert loaded.cfg.policy_head == "shared" and isinstance(loaded.policy_head, torch.nn.Linear)
