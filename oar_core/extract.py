@@ -4,8 +4,8 @@ order in which the any-order model is most confident.
 Teacher-forced: at step t every unfilled position is scored in KV-cached forwards of as many candidates as
 `candidate_chunk_mb` allows (see `decode.decode`), the best is appended and its ground-truth token fed;
 exact ties for the best are broken at random and counted in the summary. Scores (`oar_core.location`):
-log-probability of the ground-truth token (`gt_prob`, default: an oracle that looks at the answer),
-`max_prob`, `margin` or `neg_entropy`; greedy or sampled, as the `LocationRule` says."""
+`max_prob` (default), `margin`, `neg_entropy`, or the log-probability of the ground-truth token (`gt_prob`: an
+oracle that looks at the answer); greedy or sampled, as the `LocationRule` says."""
 from __future__ import annotations
 
 import math
@@ -22,8 +22,9 @@ from oar_core.nll import order_bits
 def extract_batch(model: GPT, tokens_BN: torch.Tensor, labels_B: torch.Tensor, rule: LocationRule,
                   generator: torch.Generator | None = None, **decode_kw) -> dict[str, torch.Tensor]:
     """Extracted order_BN, step scores_BN (log-domain) and the content NLL (bits/token) along that order. With
-    the default `gt_prob` score the order is chosen by looking at the answer, so that NLL is an "oracle order"
-    diagnostic, not a likelihood (see oar_core.likelihood)."""
+    the `gt_prob` score the order is chosen by looking at the answer, so that NLL is an "oracle order"
+    diagnostic, not a likelihood (see oar_core.likelihood); with a rule that reads only the model's predictions
+    (max_prob, margin, neg_entropy) the order is one the model itself could have chosen."""
     out = teacher_forced(model, tokens_BN, labels_B, order="confidence", location=rule, generator=generator,
                          **decode_kw)
     out["nll_bits"] = -out["logp"].sum(1) / tokens_BN.shape[1] / math.log(2)

