@@ -138,7 +138,8 @@ def test_orders_table_checks_grid_and_coverage(orders_dir, tiny_shards):
         orders_for_ids(orders_dir, ids + ["not-an-image"], N)
 
 
-@pytest.mark.parametrize("head", ["shared", "own"])
+# the own head's stop-gradient has a fast unit test in test_model; that it learns from the orders is the slow part
+@pytest.mark.parametrize("head", ["shared", pytest.param("own", marks=pytest.mark.slow)])
 def test_finetune_lowers_nll_under_extracted_orders_and_learns_a_policy(any_order_model, orders_dir, tiny_shards,
                                                                          tmp_path, head):
     from pipeline.train import run_train
