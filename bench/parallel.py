@@ -41,11 +41,14 @@ QUICK = dict(max_train=300, max_test=60, tokenizer_steps=60, classifier_steps=60
 
 def quality_args(a, grid: int, workdir: Path) -> argparse.Namespace:
     """bench.quality's settings for one grid's models (its defaults but what this bench sets)."""
-    return argparse.Namespace(
-        seeds=[a.seed], steps=a.steps, finetune_steps=a.finetune_steps, n_samples=a.n_samples, max_train=a.max_train,
-        max_test=a.max_test, tokenizer_steps=a.tokenizer_steps, classifier_steps=a.classifier_steps, size=a.size,
-        score="gt_prob", random_mix=0.2, random_mix_end=None, policy_weight=1.0, cfg_scale=a.cfg_scale, rounds=1,
-        workdir=str(workdir), tag=f"g{grid}", samplers=["(train only)"], baselines_from=None, grid=grid)
+    from bench import quality
+
+    qa = quality.parser().parse_args([])
+    vars(qa).update(seeds=[a.seed], steps=a.steps, finetune_steps=a.finetune_steps, n_samples=a.n_samples,
+                    max_train=a.max_train, max_test=a.max_test, tokenizer_steps=a.tokenizer_steps,
+                    classifier_steps=a.classifier_steps, size=a.size, cfg_scale=a.cfg_scale, workdir=str(workdir),
+                    tag=f"g{grid}", samplers=["(train only)"], grid=grid)
+    return qa
 
 
 def train_models(a, grid: int, root: Path) -> tuple[Path, dict[str, str]]:
@@ -56,7 +59,7 @@ def train_models(a, grid: int, root: Path) -> tuple[Path, dict[str, str]]:
     qa = quality_args(a, grid, root)
     common, timer = root / "common", quality.Timer()
     quality.run_common(qa, common, timer)
-    quality.run_seed(qa, a.seed, common, timer, {}, "")  # no sampler matches: trains only
+    quality.run_seed(qa, a.seed, common, timer, {}, "", train=("raster", "any", "oar"))  # no sampler matches
     seed_dir = root / f"seed_{a.seed}"
     return common, {"raster": str(seed_dir / "models/raster/model.pt"),
                     "any": str(seed_dir / "models/random_ft/model.pt"), "oar": str(seed_dir / "models/oar/model.pt")}

@@ -186,7 +186,9 @@ def trained(path: str, p, shards: str, orders_dir: str | None = None) -> bool:
     return load_checkpoint(path).get("digest") == run_digest(p, input_hashes(p, shards, orders_dir))
 
 
-def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) -> dict:
+def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str, train: tuple[str, ...] = ()) -> dict:
+    """One seed: trains the models its samplers need (and those named in `train`: raster, any, rar, oar, oar-gt),
+    then samples and scores each sampler."""
     import torch
 
     from bench.helpers import sample_model
@@ -229,7 +231,7 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str) ->
             ft_p = ft_p.model_copy(update={"init_from": f"{ft_p.out_dir}/model.pt",
                                            "out_dir": f"models/oar_r{r + 1}"})
         samplers = [s for s in SAMPLERS if not a.samplers or s[0] in a.samplers]
-        needed = {key for _, key, _, _ in samplers}
+        needed = {key for _, key, _, _ in samplers} | set(train)
         todo = [("train any-order", p.train_random, "train_random", None)] if needed - {"raster"} else []
         for key, steps in jobs.items():
             todo += steps if key in needed else []
@@ -335,7 +337,7 @@ def table(per_seed: dict[int, dict], a, clf_acc, extract: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.quality", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -349,7 +351,7 @@ def main(argv=None):
     ap.add_argument("--size", choices=sorted(SIZES), default="default", help="model size (layers, heads, width)")
     ap.add_argument("--score", default="max_prob", choices=["gt_prob", "max_prob", "margin", "neg_entropy"],
                     help="the oar model's extraction score (the oar-gt model always uses gt_prob)")
-    ap.add_argument("--next-position", default="relative", choices=["relative", "absolute", "both"],
+    ap.add_argument("--next-position", default="both", choices=["relative", "absolute", "both"],
                     help="model.next_position of every model")
     ap.add_argument("--random-mix", type=float, default=0.2, help="finetune.random_mix")
     ap.add_argument("--random-mix-end", type=float, default=None, help="finetune.random_mix_end (annealing)")
@@ -366,7 +368,11 @@ def main(argv=None):
     ap.add_argument("--samplers", nargs="*", default=None, help="only these samplers (default: all)")
     ap.add_argument("--baselines-from", default=None,
                     help="tag whose raster/any-order models and first orders table to reuse when their params match")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None):
+    a = parser().parse_args(argv)
     common, timer, t0 = Path(a.workdir).resolve() / "common", Timer(), time.time()
     a.workdir = str(Path(a.workdir).resolve() / a.tag)
     out = Path(f"bench/quality_{a.tag}.md").resolve()

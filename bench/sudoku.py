@@ -1,7 +1,7 @@
 """The known-answer benchmark: Sudoku boards as images, where the generation order is known to matter.
 
     python -m bench.sudoku                                   # 3 seeds, 6x6 boards, the full comparison
-    python -m bench.sudoku --next-position relative --tag relative --arms raster any oar_gt_prob
+    python -m bench.sudoku --next-position relative --tag relative --arms raster any oar_max_prob
     python -m bench.sudoku --seeds 0 --steps 60 --finetune-steps 20 --n-boards 20 --max-train 300 --tag smoke
 
 Data: `builtin:sudoku6` (or --board 9) through the pipeline's own stages: ingest draws the boards as images, the

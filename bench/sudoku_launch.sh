@@ -12,9 +12,9 @@ quiet() { tr '\r' '\n' | grep --line-buffered -v "it/s[],]\|s/it[],]\|batch/s\|s
 for s in 0 1 2; do
   (.venv/bin/python -m bench.sudoku $ARGS --seeds $s --tag default --arms raster 2>&1 | quiet \
     | tee $LOGS/sudoku_default_seed${s}_raster.log) &
-  (.venv/bin/python -m bench.sudoku $ARGS --seeds $s --tag default --arms any oar_gt_prob rar oar_max_prob 2>&1 | quiet \
+  (.venv/bin/python -m bench.sudoku $ARGS --seeds $s --tag default --arms any oar_gt_prob rar oar_max_prob oar_margin 2>&1 | quiet \
     | tee $LOGS/sudoku_default_seed${s}.log) &
 done
 (nice -n 10 .venv/bin/python -m bench.sudoku $ARGS --seeds 0 1 2 --tag relative --next-position relative \
-  --arms raster any oar_gt_prob 2>&1 | quiet | tee $LOGS/sudoku_relative.log) &
+  --arms raster any oar_max_prob 2>&1 | quiet | tee $LOGS/sudoku_relative.log) &
 wait
