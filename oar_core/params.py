@@ -308,7 +308,7 @@ class Params(Section):
     extract_orders: ExtractParams = ExtractParams()
     finetune: TrainParams = TrainParams(
         order="given", init_from="models/random/model.pt", out_dir="models/oar",
-        random_mix=0.2, policy_weight=1.0, steps=400, lr=3e-4, min_lr=3e-5, warmup_steps=50,
+        random_mix=0.2, policy_weight=0.3, steps=400, lr=3e-4, min_lr=3e-5, warmup_steps=50,
     )
     sample: SampleParams = SampleParams()
     complete: CompleteParams = CompleteParams()
