@@ -284,8 +284,8 @@ def table(a) -> str:
     for name, *_ in samplers(ARMS):  # every arm with results: one process per arm group may share a tag
         rows = [per_seed[s][name] for s in seeds if name in per_seed[s]]
         if rows:
-            lines.append(f"| {name} | " + " | ".join(cell([r[k] for r in rows if k in r]) for k, _ in cols)
-                         + f" |{'' if len(rows) == len(seeds) else f' ({len(rows)} seed(s))'}")
+            label = name if len(rows) == len(seeds) else f"{name} ({len(rows)} of {len(seeds)} seeds)"
+            lines.append(f"| {label} | " + " | ".join(cell([r[k] for r in rows if k in r]) for k, _ in cols) + " |")
     diag = [per_seed[s]["orders"] for s in seeds if "orders" in per_seed[s]]
     if diag:
         keys = [k for k in diag[0] if not k.endswith("_tau")]
