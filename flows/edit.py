@@ -12,19 +12,21 @@ from prefect import flow, get_run_logger
 from pydantic import Field
 
 from flows.pipeline import repo_dir, stream
-from oar_core.names import SAMPLE_ORDERS, LocationRule
+from oar_core.names import SAMPLE_ORDERS, STEP_SCHEDULES, LocationRule
 
 MODES = ("inpaint", "outpaint", "edit")  # oar_core.completion.MODES (not imported: it would load torch here)
 
 
 def edit_command(folder: str, out: str, mode: str, box: str | None, mask: str | None, class_name: str | None,
                  n: int, order: str, location: LocationRule, temperature: float, top_k: int | None, cfg_scale: float,
-                 cfg_schedule: str, seed: int, model: str, tokenizer: str) -> list[str]:
+                 cfg_schedule: str, seed: int, model: str, tokenizer: str, steps: int | None = None,
+                 schedule: str = "constant") -> list[str]:
     """The command line a run executes: every option the form sets, none it leaves empty."""
     cmd = [sys.executable, "-m", "pipeline.edit", folder, "--out", out, "--mode", mode, "--n", str(n), "--order",
            order, "--temperature", str(temperature), "--cfg-scale", str(cfg_scale), "--cfg-schedule", cfg_schedule,
            "--seed", str(seed), "--model", model, "--tokenizer", tokenizer]
-    for flag, value in (("--box", box), ("--mask", mask), ("--class", class_name), ("--top-k", top_k)):
+    for flag, value in (("--box", box), ("--mask", mask), ("--class", class_name), ("--top-k", top_k),
+                        ("--steps", steps), ("--schedule", schedule if steps else None)):
         if value not in (None, ""):
             cmd += [flag, str(value)]
     for k, v in location.model_dump().items():
@@ -43,6 +45,7 @@ def edit_images(folder: str, box: Optional[str] = None, mask: Optional[str] = No
                 cfg_scale: Annotated[float, Field(ge=0, le=100)] = 2.5,
                 cfg_schedule: Literal["constant", "linear"] = "constant", seed: Annotated[int, Field(ge=0)] = 0,
                 model: str = "models/oar/model.pt", tokenizer: str = "models/tokenizer.pt",
+                steps: Optional[Annotated[int, Field(ge=1)]] = None, schedule: Literal[STEP_SCHEDULES] = "constant",
                 out_dir: Optional[str] = None) -> dict:
     """Inpaint / outpaint / class-edit every image of a folder with a trained model (`python -m pipeline.edit`).
 
@@ -62,6 +65,8 @@ def edit_images(folder: str, box: Optional[str] = None, mask: Optional[str] = No
         seed: the same seed gives the same variations
         model: the model checkpoint
         tokenizer: the tokenizer checkpoint the model was trained with
+        steps: parallel decoding, as in a sample.models entry (empty: one token per step)
+        schedule: tokens per parallel step: constant, linear, cosine or arccos (few early, many late)
         out_dir: where the outputs go (default edits/<this flow run's name>)
     """
     from prefect.runtime import flow_run
@@ -71,6 +76,6 @@ def edit_images(folder: str, box: Optional[str] = None, mask: Optional[str] = No
     out = out if out.is_absolute() else repo / out
     get_run_logger().info("outputs: %s", out)
     stream(edit_command(folder, str(out), mode, box, mask, class_name, n, order, location, temperature, top_k,
-                        cfg_scale, cfg_schedule, seed, model, tokenizer), repo)
+                        cfg_scale, cfg_schedule, seed, model, tokenizer, steps, schedule), repo)
     get_run_logger().info("outputs written to %s (per image: variation_NN.png, sheet.png, order_strip.png)", out)
     return {"out": str(out), "images": sorted(p.name for p in out.iterdir() if p.is_dir()) if out.is_dir() else []}

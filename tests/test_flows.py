@@ -567,6 +567,11 @@ def test_edit_flow_command_line_carries_every_set_option():
     assert pairs["--box"] == "1,2,3,4" and pairs["--class"] == "Dress" and pairs["--order"] == "policy"
     assert pairs["--location-temperature"] == "0.5" and "--mask" not in pairs and "--top-k" not in pairs
     assert pairs["--cfg-schedule"] == "linear" and pairs["--seed"] == "3" and pairs["--n"] == "4"
+    assert "--steps" not in pairs and "--schedule" not in pairs  # one token per step unless the form asks
+    parallel = edit_command("in", "/o", "inpaint", "1,2,3,4", None, None, 4, "policy", LocationRule(), 1.0, None, 2.0,
+                            "constant", 0, "m.pt", "t.pt", 6, "arccos")
+    pairs = dict(zip(parallel[4::2], parallel[5::2]))
+    assert pairs["--steps"] == "6" and pairs["--schedule"] == "arccos"
 
 
 @pytest.mark.slow  # two edit subprocesses: ~100 s measured while other jobs shared the 2 cores
