@@ -58,6 +58,7 @@ def _part_bytes(folder: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(folder.glob("*.parquet"))}
 
 
+@pytest.mark.slow  # a kill-and-resume (27 s); tests/test_extract.py resumes from a missing part in the default run
 def test_extract_orders_killed_between_parts_resumes_to_identical_rows(reference_orders, tiny_shards, tmp_path):
     ref_dir, p = reference_orders
     write_params(tmp_path / "params.yaml", extract_orders=p)
