@@ -38,12 +38,7 @@ def collect(workdir: Path, mults, seeds) -> dict:
 
 
 def report(res: dict, a) -> str:
-    def cell(vals, d):
-        if not vals:
-            return "–"
-        if len(vals) == 1:
-            return f"{vals[0]:.{d}f}"
-        return f"{statistics.mean(vals):.{d}f} ± {statistics.stdev(vals):.{d}f}"
+    from bench.quality import cell
 
     steps = {m: (a.steps + a.finetune_steps) * m for m in a.mults}
     lines = [f"Budget sweep: {a.steps}+{a.finetune_steps} steps per model at 1x (batch 64; OAR also pays its order "

@@ -290,13 +290,16 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str, tr
         return results
 
 
+def cell(vals, digits: int) -> str:
+    """A table cell: the value of one seed, mean ± std of several, – of none."""
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
+
+
 def table(per_seed: dict[int, dict], a, clf_acc, extract: dict) -> str:
-    def cell(vals, digits):
-        if not vals:
-            return "–"
-        if len(vals) == 1:
-            return f"{vals[0]:.{digits}f}"
-        return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
     seeds = sorted(per_seed)
     n_layer, _, d_model = SIZES[a.size]
