@@ -290,7 +290,7 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str, tr
         return results
 
 
-def cell(vals, digits: int) -> str:
+def cell(vals, digits: int = 3) -> str:
     """A table cell: the value of one seed, mean ± std of several, – of none."""
     if not vals:
         return "–"

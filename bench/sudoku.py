@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import yaml
 
-from bench.quality import Timer, cwd, prepare_data, trained
+from bench.quality import Timer, cell, cwd, prepare_data, trained
 
 SIZES = {"tiny": (2, 2, 64), "small": (3, 4, 96), "default": (4, 4, 128)}
 ARMS = ["raster", "any", "oar_gt_prob", "rar", "oar_max_prob", "oar_margin"]
@@ -252,13 +251,6 @@ def run_seed(a, seed: int, common: Path, timer: Timer, report) -> dict:
 
 
 def table(a) -> str:
-    def cell(vals, digits=3):
-        if not vals:
-            return "–"
-        if len(vals) == 1:
-            return f"{vals[0]:.{digits}f}"
-        return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
-
     from oar_core import sudoku
 
     n_layer, _, d_model = SIZES[a.size]
