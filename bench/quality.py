@@ -300,7 +300,6 @@ def cell(vals, digits: int = 3) -> str:
 
 
 def table(per_seed: dict[int, dict], a, clf_acc, extract: dict) -> str:
-
     seeds = sorted(per_seed)
     n_layer, _, d_model = SIZES[a.size]
     lines = [f"Fashion-MNIST, {a.max_train} train / {a.max_test} test images, {n_layer}-layer d={d_model} models, "
