@@ -47,7 +47,7 @@ def quality_args(a, grid: int, workdir: Path) -> argparse.Namespace:
     vars(qa).update(seeds=[a.seed], steps=a.steps, finetune_steps=a.finetune_steps, n_samples=a.n_samples,
                     max_train=a.max_train, max_test=a.max_test, tokenizer_steps=a.tokenizer_steps,
                     classifier_steps=a.classifier_steps, size=a.size, cfg_scale=a.cfg_scale, workdir=str(workdir),
-                    tag=f"g{grid}", samplers=["(train only)"], grid=grid)
+                    tag=f"g{grid}", samplers=[], grid=grid)
     return qa
 
 
@@ -59,7 +59,7 @@ def train_models(a, grid: int, root: Path) -> tuple[Path, dict[str, str]]:
     qa = quality_args(a, grid, root)
     common, timer = root / "common", quality.Timer()
     quality.run_common(qa, common, timer)
-    quality.run_seed(qa, a.seed, common, timer, {}, "", train=("raster", "any", "oar"))  # no sampler matches
+    quality.run_seed(qa, a.seed, common, timer, {}, "", train=("raster", "any", "oar"))
     seed_dir = root / f"seed_{a.seed}"
     return common, {"raster": str(seed_dir / "models/raster/model.pt"),
                     "any": str(seed_dir / "models/random_ft/model.pt"), "oar": str(seed_dir / "models/oar/model.pt")}

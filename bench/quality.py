@@ -230,7 +230,7 @@ def run_seed(a, seed: int, common: Path, timer: Timer, ref: dict, cache: str, tr
                                            "out_dir": f"data/orders_r{r + 1}"})
             ft_p = ft_p.model_copy(update={"init_from": f"{ft_p.out_dir}/model.pt",
                                            "out_dir": f"models/oar_r{r + 1}"})
-        samplers = [s for s in SAMPLERS if not a.samplers or s[0] in a.samplers]
+        samplers = [s for s in SAMPLERS if a.samplers is None or s[0] in a.samplers]  # []: none (train only)
         needed = {key for _, key, _, _ in samplers} | set(train)
         todo = [("train any-order", p.train_random, "train_random", None)] if needed - {"raster"} else []
         for key, steps in jobs.items():
