@@ -2,13 +2,12 @@
 study's training budget (bench.quality's recipe: any-order pretraining `steps`, then `finetune_steps` of continuing,
 of raster (RAR) or of OAR; raster from scratch gets their sum), valid held-out NLL and FID against total steps.
 
-    python -m bench.budget --workdir /work/bench-runs/tok_s1500_cb256 --seeds 0        # 1x reuses tag `study`
-    python -m bench.budget --workdir W --seeds 0 --table-only                           # figure + table only
+    python -m bench.budget --workdir /tmp/oar-budget --seeds 0       # train what is missing, then table + figure
+    python -m bench.budget --workdir W --seeds 0 --table-only        # table + figure from the results on disk
 
-1x is the controlled study's own results (tag `study`: run it first, README); every other multiple is one
-bench.quality run (tag `budget-<m>x`) in the same workdir, so the data, tokenizer and feature space are shared and
-every finished model or sampler is reused: resumable. Writes
-bench/budget.md and bench/budget.png."""
+Every multiple is one bench.quality run (tag `budget-<m>x`) in the same workdir, so the data, tokenizer and feature
+space are shared and the multiples differ by their steps alone; every finished model or sampler is reused:
+resumable. Writes bench/budget.md and bench/budget.png."""
 from __future__ import annotations
 
 import argparse
@@ -21,7 +20,7 @@ SAMPLERS = {"raster": "raster", "any-order": "any-order, random order",
 
 
 def tag_for(m: int) -> str:
-    return "study" if m == 1 else f"budget-{m}x"
+    return f"budget-{m}x"
 
 
 def collect(workdir: Path, mults, seeds) -> dict:
@@ -80,7 +79,7 @@ def figure(res: dict, a, path: Path) -> None:
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench.budget", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workdir", required=True, help="bench.quality's workdir (holding the `study` tag for 1x)")
+    ap.add_argument("--workdir", required=True, help="bench.quality's workdir, one for all multiples")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--mults", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--steps", type=int, default=600, help="any-order pretraining steps at 1x")
@@ -92,7 +91,7 @@ def main(argv=None):
     if not a.table_only:
         from bench import quality
 
-        for m in (m for m in a.mults if m != 1):  # 1x is the study itself (rerunning it here would rewrite its table)
+        for m in a.mults:
             for seed in a.seeds:
                 quality.main(["--workdir", str(workdir), "--tokenizer-steps", str(a.tokenizer_steps),
                               "--tag", tag_for(m), "--next-position", "both", "--seeds", str(seed),

@@ -6,7 +6,7 @@ from bench import budget
 
 def test_budget_table_and_figure_from_results_on_disk(tmp_path, monkeypatch):
     work = tmp_path / "w"
-    for m, tag in ((1, "study"), (2, "budget-2x")):
+    for m, tag in ((1, "budget-1x"), (2, "budget-2x")):
         for seed in (0, 1):
             res = work / tag / f"seed_{seed}" / "results"
             res.mkdir(parents=True)
