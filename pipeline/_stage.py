@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from oar_core.dag import dag_stages, declared
+from oar_core.dag import dag_stages, declared, remote_outputs
 from oar_core.params import Params, load_params, upstream_paths
 from oar_core.storage import remove_stale_temps
 
@@ -44,6 +44,19 @@ def own_roots(stage: str, params: Params, params_file: str = "params.yaml", dag:
     if not mine or mine == theirs:
         return pipeline
     return Path(mine[0]) / "dvclive", Path(mine[0]) / "runs"
+
+
+def refuse_remote_outputs_under_dvc(stage: str, params: dict, dag: str = "dvc.yaml") -> None:
+    """Under `dvc repro` / `dvc exp run`, an output params put in S3 is refused before any work: DVC 3 would let the
+    stage write it and then fail without recording it."""
+    if "DVC_STAGE" not in os.environ or not Path(dag).exists():
+        return
+    for key, url in remote_outputs(stage, params, dag):
+        cmd = dag_stages(dag, params)[stage].get("cmd", "")
+        raise ValueError(f"{key}: {url[:80]} is an output of this stage, and DVC 3 cannot record an output outside "
+                         f"the repository; under dvc keep {key} a local path and keep it in S3 with a DVC remote "
+                         f"(dvc remote add -d store s3://bucket/dvc && dvc push), or run `{cmd}` without dvc to "
+                         f"write there")
 
 
 def die_with_dvc() -> None:
@@ -102,6 +115,7 @@ def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args
     params = None
     try:
         params = load_params(args.params)
+        refuse_remote_outputs_under_dvc(name, params.model_dump(mode="json"))
         sweep_temps(name, params.model_dump(mode="json"))
         args.live_root, args.runs_root = own_roots(name, params, args.params)
         for key, path in upstream_paths(params).items():  # an --option given on the command line wins
