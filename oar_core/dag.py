@@ -119,15 +119,13 @@ def declared(spec: dict, *keys: str) -> list[str]:
     return [next(iter(e)) if isinstance(e, dict) else e for key in keys for e in spec.get(key) or []]
 
 
-def remote_outputs(stage: str, params: dict, dvc_yaml: str | Path = "dvc.yaml") -> list[tuple[str, str]]:
-    """(params key, URL) of each output of `stage` that `params` put outside the repository (`s3://...`): DVC 3
-    runs such a stage and only then refuses to record its output ("Saving cached external output ... is not
-    supported since DVC 3.0")."""
+
+def output_values(stage: str, params: dict, dvc_yaml: str | Path = "dvc.yaml") -> list[tuple[str, str]]:
+    """(what dvc.yaml writes: the params key of a `${section.key}` entry or the path itself, the path it names) for
+    each output of `stage`: for messages that must name the key a user sets."""
     stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages") or {}
     found = []
     for entry in declared(stages.get(stage) or {}, "outs", "metrics", "plots"):
         m = _VAR.fullmatch(entry)
-        value = str(_lookup(params, m.group(1), Path(dvc_yaml))) if m else entry
-        if "://" in value:
-            found.append((m.group(1) if m else entry, value))
+        found.append((m.group(1), str(_lookup(params, m.group(1), Path(dvc_yaml)))) if m else (entry, entry))
     return found

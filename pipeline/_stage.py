@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from oar_core.dag import dag_stages, declared, remote_outputs
+from oar_core.dag import dag_stages, declared, output_values
 from oar_core.params import Params, load_params, upstream_paths
-from oar_core.storage import remove_stale_temps
+from oar_core.storage import is_remote, remove_stale_temps
 
 
 def sweep_temps(stage: str, params: dict, dag: str = "dvc.yaml") -> None:
@@ -48,10 +48,12 @@ def own_roots(stage: str, params: Params, params_file: str = "params.yaml", dag:
 
 def refuse_remote_outputs_under_dvc(stage: str, params: dict, dag: str = "dvc.yaml") -> None:
     """Under `dvc repro` / `dvc exp run`, an output params put in S3 is refused before any work: DVC 3 would let the
-    stage write it and then fail without recording it."""
+    stage write it and then fail without recording it ("Saving cached external output ... is not supported")."""
     if "DVC_STAGE" not in os.environ or not Path(dag).exists():
         return
-    for key, url in remote_outputs(stage, params, dag):
+    for key, url in output_values(stage, params, dag):
+        if not is_remote(url):
+            continue
         cmd = dag_stages(dag, params)[stage].get("cmd", "")
         raise ValueError(f"{key}: {url[:80]} is an output of this stage, and DVC 3 cannot record an output outside "
                          f"the repository; under dvc keep {key} a local path and keep it in S3 with a DVC remote "
@@ -115,8 +117,9 @@ def stage_main(doc: str, section: str | None, run: Callable, argv=None, add_args
     params = None
     try:
         params = load_params(args.params)
-        refuse_remote_outputs_under_dvc(name, params.model_dump(mode="json"))
-        sweep_temps(name, params.model_dump(mode="json"))
+        plain = params.model_dump(mode="json")
+        refuse_remote_outputs_under_dvc(name, plain)
+        sweep_temps(name, plain)
         args.live_root, args.runs_root = own_roots(name, params, args.params)
         for key, path in upstream_paths(params).items():  # an --option given on the command line wins
             if getattr(args, key, False) is None:

@@ -25,13 +25,18 @@ from tests.reliability.test_bad_input import _s3_env, silent_endpoint  # noqa: F
 REPO = Path(__file__).parents[2]
 
 
+def _pipeline_copy(root: Path, **sections) -> None:
+    for name in ("dvc.yaml", "pipeline", "oar_core"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, root / name)
+    params = Params().model_dump(mode="json")
+    for section, values in sections.items():
+        params[section].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
 @pytest.mark.slow  # about 40 s: botocore's own read timeout, twice
 def test_dvc_repro_with_a_silent_s3_source_fails_in_dvcs_own_words(tmp_path, silent_endpoint):  # noqa: F811
-    for name in ("dvc.yaml", "pipeline", "oar_core"):
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, tmp_path / name)
-    params = Params().model_dump(mode="json")
-    params["ingest"].update(source="s3://oar-data/images", s3_timeout_s=1)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    _pipeline_copy(tmp_path, ingest={"source": "s3://oar-data/images", "s3_timeout_s": 1})
     env = {**os.environ, **_s3_env(silent_endpoint), "OMP_NUM_THREADS": "1"}
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=tmp_path, check=True, env=env)
@@ -44,16 +49,6 @@ def test_dvc_repro_with_a_silent_s3_source_fails_in_dvcs_own_words(tmp_path, sil
     assert says in r.stderr, r.stderr[-2000:]
     assert "Running stage 'ingest'" not in r.stdout + r.stderr  # the stage never started: its own line never comes
     assert took < 120, took  # AWS_MAX_ATTEMPTS=2 bounds DVC's wait too (ingest.s3_timeout_s does not reach DVC)
-
-
-def _pipeline_copy(root: Path, **sections) -> dict:
-    for name in ("dvc.yaml", "pipeline", "oar_core"):
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, root / name)
-    params = Params().model_dump(mode="json")
-    for section, values in sections.items():
-        params[section].update(values)
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return params
 
 
 def test_an_s3_output_is_refused_under_dvc_before_any_work(tmp_path):
